@@ -1,0 +1,34 @@
+# One command each: `make test` runs the tests, `make train` the training driver. Both create the
+# virtual environment and install everything first (torch pinned: override TORCH_SPEC, e.g. with a
+# CUDA build, and TORCH_INDEX for its index).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kdkernels-installed
+
+.PHONY: install test train bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml csrc/distill.cpp
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q numpy triton tqdm pytest hypothesis scikit-learn matplotlib setuptools wheel ninja
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import kdkernels; print(kdkernels.backends())"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+train: install
+	$(VENV)/bin/kdkernels-train $(ARGS)
+
+bench: install
+	$(PY) -m benchmarks.run --quick $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info kdkernels/_C*.so

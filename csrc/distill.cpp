@@ -1,0 +1,405 @@
+// Fused distillation loss on the CPU: per row, the temperature (given or DTD), the teacher
+// correction, T^2-scaled KL, cross-entropy and the gradient wrt the student, in one sweep over a
+// row held in cache. Rows run in parallel (at::parallel_for), the passes are vectorised with ATen's
+// Vectorized at the capability this file was built for. Semantics: METHODS.md; the Python side has
+// validated every argument (kernels trust their inputs).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#ifndef KDK_CPU_CAPABILITY
+#define KDK_CPU_CAPABILITY "DEFAULT"
+#endif
+
+namespace {
+
+using at::vec::Vectorized;
+
+enum TempMode { kTempScalar = 0, kTempRows = 1, kTempCosine = 2, kTempMaxProb = 3 };
+enum Correction { kNone = 0, kSwap = 1, kSmooth = 2, kRectify = 3 };
+constexpr int8_t kFlagTeacherCorrect = 1, kFlagStillWrong = 2;
+
+struct Options {
+  int64_t temp_mode;
+  double temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight;
+  int64_t correction;
+  double smooth_eps, virtual_teacher;
+  bool t2_scale;
+  int64_t ignore_index;
+};
+
+// ---- row loading: any input dtype into the accumulation type ------------------------------
+
+template <typename acc_t>
+void widen(const at::BFloat16* src, acc_t* dst, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using VB = Vectorized<at::BFloat16>;
+    for (; j + VB::size() <= n; j += VB::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<at::BFloat16>(VB::loadu(src + j));
+      lo.store(dst + j);
+      hi.store(dst + j + Vectorized<float>::size());
+    }
+  }
+  for (; j < n; ++j) dst[j] = static_cast<acc_t>(static_cast<float>(src[j]));
+}
+
+template <typename acc_t>
+void widen(const at::Half* src, acc_t* dst, int64_t n) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using VH = Vectorized<at::Half>;
+    for (; j + VH::size() <= n; j += VH::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<at::Half>(VH::loadu(src + j));
+      lo.store(dst + j);
+      hi.store(dst + j + Vectorized<float>::size());
+    }
+  }
+  for (; j < n; ++j) dst[j] = static_cast<acc_t>(static_cast<float>(src[j]));
+}
+
+template <typename acc_t, typename in_t>
+void widen(const in_t* src, acc_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
+}
+
+// A row as acc_t: the input itself when it already is, else converted into buf.
+template <typename acc_t>
+const acc_t* load_row(const at::Tensor& x, int64_t row, int64_t C, acc_t* buf) {
+  const char* base = static_cast<const char*>(x.const_data_ptr()) +
+                     row * x.stride(0) * static_cast<int64_t>(x.element_size());
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      if constexpr (std::is_same_v<acc_t, float>) return reinterpret_cast<const float*>(base);
+      widen(reinterpret_cast<const float*>(base), buf, C);
+      return buf;
+    case at::kDouble:
+      if constexpr (std::is_same_v<acc_t, double>) return reinterpret_cast<const double*>(base);
+      widen(reinterpret_cast<const double*>(base), buf, C);
+      return buf;
+    case at::kBFloat16:
+      widen(reinterpret_cast<const at::BFloat16*>(base), buf, C);
+      return buf;
+    case at::kHalf:
+      widen(reinterpret_cast<const at::Half*>(base), buf, C);
+      return buf;
+    default:
+      TORCH_CHECK(false, "kdkernels: unsupported dtype ", x.scalar_type());
+  }
+}
+
+template <typename acc_t>
+void store_row(const acc_t* src, at::Tensor& out, int64_t row, int64_t C) {
+  switch (out.scalar_type()) {
+    case at::kFloat: at::vec::convert(src, out.data_ptr<float>() + row * C, C); break;
+    case at::kDouble: at::vec::convert(src, out.data_ptr<double>() + row * C, C); break;
+    case at::kBFloat16: at::vec::convert(src, out.data_ptr<at::BFloat16>() + row * C, C); break;
+    case at::kHalf: at::vec::convert(src, out.data_ptr<at::Half>() + row * C, C); break;
+    default: TORCH_CHECK(false, "kdkernels: unsupported dtype ", out.scalar_type());
+  }
+}
+
+// ---- vector loops -----------------------------------------------------------------------
+
+// Calls body(j, n) over [0, C) in vector steps; n < lanes only on the tail. load() and keep()
+// below read and mask the tail so that every pass handles it with the same code.
+template <typename acc_t, typename Body>
+inline void for_vectors(int64_t C, Body body) {
+  constexpr int64_t L = Vectorized<acc_t>::size();
+  int64_t j = 0;
+  for (; j + L <= C; j += L) body(j, L);
+  if (j < C) body(j, C - j);
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> load(const acc_t* p, int64_t n) {
+  return n == Vectorized<acc_t>::size() ? Vectorized<acc_t>::loadu(p)
+                                        : Vectorized<acc_t>::loadu(p, n);
+}
+
+// v on the first n lanes, fill on the others.
+template <typename acc_t>
+inline Vectorized<acc_t> keep(const Vectorized<acc_t>& v, int64_t n, acc_t fill) {
+  return n == Vectorized<acc_t>::size() ? v : Vectorized<acc_t>::set(Vectorized<acc_t>(fill), v, n);
+}
+
+template <typename acc_t>
+inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<acc_t, float>) return x.exp_u20();
+  else return x.exp();
+}
+
+template <typename acc_t>
+inline acc_t hmax(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
+}
+
+template <typename acc_t>
+inline acc_t xlogy_self(acc_t x) { return x > 0 ? x * std::log(x) : acc_t(0); }
+
+// x * (log x - log p) with 0 * log 0 = 0; log_x given to keep precision for tiny x.
+template <typename acc_t>
+inline acc_t kl_term(acc_t x, acc_t log_x, acc_t log_p) { return x > 0 ? x * (log_x - log_p) : acc_t(0); }
+
+struct RowOut {
+  double loss, temperature;
+  int8_t flags;
+};
+
+// One row. s, t: C values (t already built for the virtual teacher). g: C outputs (acc_t).
+// bp, bq, b1: scratch of C values each.
+template <typename acc_t>
+RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool labelled,
+                   bool ignored, acc_t T, const Options& o, acc_t* g, acc_t* bp, acc_t* bq,
+                   acc_t* b1) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const bool dtd = o.temp_mode == kTempCosine || o.temp_mode == kTempMaxProb;
+  const bool need_z1 = o.ce_weight != 0 || o.temp_mode == kTempMaxProb;
+  if (ignored && !dtd) {
+    std::fill(g, g + C, acc_t(0));
+    return {0.0, static_cast<double>(T), 0};
+  }
+
+  // Pass 1: maxima (and the cosine's dot products) at T = 1.
+  Vec vms(-inf), vmt(-inf), vss(0), vtt(0), vst(0);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec vs = load(s + j, n), vt = load(t + j, n);
+    vms = at::vec::maximum(vms, keep(vs, n, -inf));
+    vmt = at::vec::maximum(vmt, keep(vt, n, -inf));
+    if (o.temp_mode == kTempCosine) {  // finite pairs only: x - x is 0 exactly when x is finite
+      Vec finite = ((vs - vs) == Vec(0)) & ((vt - vt) == Vec(0));
+      Vec fs = Vec::blendv(Vec(0), vs, finite), ft = Vec::blendv(Vec(0), vt, finite);
+      vss = vss + keep(fs * fs, n, acc_t(0));
+      vtt = vtt + keep(ft * ft, n, acc_t(0));
+      vst = vst + keep(fs * ft, n, acc_t(0));
+    }
+  });
+  const acc_t ms = hmax(vms), mt = hmax(vmt);
+
+  acc_t z1 = 0;
+  if (need_z1) {  // softmax(s) at T = 1, for the CE term and the max_prob weight
+    Vec vz(0);
+    for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+      Vec e = vexp(load(s + j, n) - Vec(ms));
+      e.store(b1 + j, n);
+      vz = vz + keep(e, n, acc_t(0));
+    });
+    z1 = hsum(vz);
+  }
+  if (o.temp_mode == kTempCosine) {
+    const acc_t norms = std::max(std::sqrt(hsum(vss)), acc_t(1e-12)) *
+                        std::max(std::sqrt(hsum(vtt)), acc_t(1e-12));
+    const acc_t c = 1 - hsum(vst) / norms;
+    const acc_t raw = acc_t(o.tau0) - acc_t(o.beta) * c * c;
+    T = raw < acc_t(o.tau_min) ? acc_t(o.tau_min) : raw;
+  } else if (o.temp_mode == kTempMaxProb) {
+    const acc_t raw = acc_t(o.tau0) - acc_t(o.beta) * z1;
+    T = raw < acc_t(o.tau_min) ? acc_t(o.tau_min) : raw;
+  }
+  if (ignored) {
+    std::fill(g, g + C, acc_t(0));
+    return {0.0, static_cast<double>(T), 0};
+  }
+  if (!(T > 0) || (labelled && (y < 0 || y >= C))) {  // bad value: this row only is poisoned
+    std::fill(g, g + C, nan);
+    return {static_cast<double>(nan), static_cast<double>(T), 0};
+  }
+
+  // Pass 2: tempered softmax sums, the KL cross term, and (smooth) the sum of shifted logits.
+  const acc_t inv_t = 1 / T;
+  const bool smooth = o.correction == kSmooth;
+  Vec vzs(0), vzt(0), vcross(0), vsd(0);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec ds = load(s + j, n) - Vec(ms), dt = load(t + j, n) - Vec(mt);
+    Vec es = vexp(ds * Vec(inv_t)), et = vexp(dt * Vec(inv_t));
+    es.store(bp + j, n);
+    et.store(bq + j, n);
+    vzs = vzs + keep(es, n, acc_t(0));
+    vzt = vzt + keep(et, n, acc_t(0));
+    // q_j (d_t - d_s): masked where q_j = 0 so that 0 * inf (a masked class) adds nothing
+    vcross = vcross + keep(Vec::blendv(Vec(0), et * (dt - ds), et > Vec(0)), n, acc_t(0));
+    if (smooth) vsd = vsd + keep(ds, n, acc_t(0));
+  });
+  const acc_t zs = hsum(vzs), zt = hsum(vzt);
+  const acc_t log_zs = std::log(zs), log_zt = std::log(zt);
+  acc_t kl = hsum(vcross) * inv_t / zt + log_zs - log_zt;
+
+  // Is the teacher wrong? A tie with the label counts as correct.
+  const acc_t t_y = labelled ? t[y] : acc_t(0);
+  const bool wrong = labelled && t_y < mt;
+  const acc_t kd_w = acc_t(wrong ? o.wrong_kd_weight : o.kd_weight);
+  const acc_t grad_scale = kd_w * (o.t2_scale ? T : inv_t);
+  bool still_wrong = wrong;
+  acc_t q_coef = grad_scale / zt, const_term = 0;  // gradient: grad_scale p - q_coef e_t + ...
+  acc_t fix_y = 0, fix_b = 0;
+  int64_t b = 0;
+  if (wrong && o.correction != kNone) {
+    auto log_p = [&](int64_t j) { return (s[j] - ms) * inv_t - log_zs; };
+    if (smooth) {
+      const acc_t eps = acc_t(o.smooth_eps), ec = eps / acc_t(C);
+      const acc_t sum_log_p = hsum(vsd) * inv_t - acc_t(C) * log_zs;
+      kl = xlogy_self(1 - eps + ec) + acc_t(C - 1) * xlogy_self(ec) - (1 - eps) * log_p(y) -
+           ec * sum_log_p;
+      q_coef = 0;
+      const_term = -grad_scale * ec;
+      fix_y = -grad_scale * (1 - eps);
+      still_wrong = false;
+    } else {
+      while (b < C && !(t[b] == mt)) ++b;  // first maximum
+      const acc_t q_y = bq[y] / zt, q_b = bq[b] / zt;
+      const acc_t lq_y = (t_y - mt) * inv_t - log_zt, lq_b = (t[b] - mt) * inv_t - log_zt;
+      acc_t r_y, r_b, lr_y, lr_b;
+      if (o.correction == kSwap) {
+        r_y = q_b; lr_y = lq_b; r_b = q_y; lr_b = lq_y;
+        still_wrong = false;
+      } else {  // rectify
+        const acc_t new_y = (q_y + 1) / 2, new_b = q_b / 2, k = (q_y + q_b) / (new_y + new_b);
+        r_y = new_y * k; r_b = new_b * k;
+        lr_y = std::log(r_y); lr_b = std::log(r_b);
+        acc_t other = -inf;  // largest teacher logit away from the label and the argmax
+        for (int64_t j = 0; j < C; ++j)
+          if (j != y && j != b && t[j] > other) other = t[j];
+        const acc_t q_other = other == -inf ? acc_t(0) : std::exp((other - mt) * inv_t) / zt;
+        still_wrong = std::max(r_b, q_other) > r_y;
+      }
+      const acc_t lp_y = log_p(y), lp_b = log_p(b);
+      kl += kl_term(r_y, lr_y, lp_y) + kl_term(r_b, lr_b, lp_b) - kl_term(q_y, lq_y, lp_y) -
+            kl_term(q_b, lq_b, lp_b);
+      fix_y = grad_scale * (q_y - r_y);
+      fix_b = grad_scale * (q_b - r_b);
+    }
+  }
+  double loss = static_cast<double>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * kl);
+  const acc_t ce_w = acc_t(o.ce_weight);
+  if (ce_w != 0) loss += static_cast<double>(ce_w * (std::log(z1) + ms - s[y]));
+
+  // Pass 3: the gradient, grad_scale (p - target) + ce_w (softmax(s) - onehot(y)).
+  const acc_t p_coef = grad_scale / zs, c1 = ce_w != 0 ? ce_w / z1 : acc_t(0);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec gv = Vec(p_coef) * load(bp + j, n) - Vec(q_coef) * load(bq + j, n) + Vec(const_term);
+    if (ce_w != 0) gv = gv + Vec(c1) * load(b1 + j, n);
+    gv.store(g + j, n);
+  });
+  if (labelled) {
+    g[y] += fix_y - ce_w;
+    g[b] += fix_b;
+  }
+  int8_t flags = 0;
+  if (labelled) flags = (wrong ? 0 : kFlagTeacherCorrect) | (still_wrong ? kFlagStillWrong : 0);
+  return {loss, static_cast<double>(T), flags};
+}
+
+template <typename acc_t>
+void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+              const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& temps,
+              const Options& o, at::Tensor& loss, at::Tensor& grad, at::Tensor& temperature,
+              at::Tensor& flags) {
+  const int64_t N = student.size(0), C = student.size(1);
+  const bool labelled = target.has_value();
+  const bool virtual_teacher = o.virtual_teacher > 0;
+  const int64_t* y_ptr = labelled ? target->const_data_ptr<int64_t>() : nullptr;
+  const float* temp_ptr = o.temp_mode == kTempRows ? temps->const_data_ptr<float>() : nullptr;
+  acc_t* loss_ptr = loss.data_ptr<acc_t>();
+  acc_t* temp_out = temperature.data_ptr<acc_t>();
+  int8_t* flag_ptr = flags.data_ptr<int8_t>();
+  const bool grad_is_acc = grad.scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
+  const acc_t log_a = virtual_teacher ? std::log(acc_t(o.virtual_teacher)) : 0;
+  const acc_t log_rest = virtual_teacher
+      ? std::log((1 - acc_t(o.virtual_teacher)) / acc_t(std::max<int64_t>(C - 1, 1))) : 0;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(6 * C);  // s, t, g, p, q, softmax(s) at T=1
+    acc_t *sbuf = scratch.data(), *tbuf = sbuf + C, *gbuf = tbuf + C, *bp = gbuf + C,
+          *bq = bp + C, *b1 = bq + C;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = labelled ? y_ptr[i] : -1;
+      const bool ignored = labelled && y == o.ignore_index;
+      const acc_t* s = load_row<acc_t>(student, i, C, sbuf);
+      const acc_t* t;
+      if (virtual_teacher) {
+        std::fill(tbuf, tbuf + C, log_rest);
+        if (!ignored && y >= 0 && y < C) tbuf[y] = log_a;
+        t = tbuf;
+      } else {
+        t = load_row<acc_t>(*teacher, i, C, tbuf);
+      }
+      const acc_t T = temp_ptr ? acc_t(temp_ptr[i]) : acc_t(o.temp_value);
+      acc_t* g = grad_is_acc ? grad.data_ptr<acc_t>() + i * C : gbuf;
+      RowOut r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1);
+      if (!grad_is_acc) store_row<acc_t>(gbuf, grad, i, C);
+      loss_ptr[i] = static_cast<acc_t>(r.loss);
+      temp_out[i] = static_cast<acc_t>(r.temperature);
+      flag_ptr[i] = r.flags;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
+    const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& temperature,
+    double temp_value, int64_t temp_mode, double tau0, double beta, double tau_min,
+    double kd_weight, double wrong_kd_weight, double ce_weight, int64_t correction,
+    double smooth_eps, double virtual_teacher, bool t2_scale, int64_t ignore_index) {
+  TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1,
+              "kdkernels: student must be [N, C] with unit class stride");
+  TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() && teacher->stride(1) == 1),
+              "kdkernels: teacher must match the student, with unit class stride");
+  TORCH_CHECK(!target.has_value() || (target->scalar_type() == at::kLong && target->is_contiguous()),
+              "kdkernels: target must be contiguous int64");
+  TORCH_CHECK(temp_mode != kTempRows || (temperature.has_value() &&
+              temperature->scalar_type() == at::kFloat && temperature->is_contiguous()),
+              "kdkernels: per-row temperature must be contiguous float32");
+  TORCH_CHECK(teacher.has_value() || virtual_teacher > 0, "kdkernels: no teacher");
+  const Options o{temp_mode, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
+                  ce_weight, correction, smooth_eps, virtual_teacher, t2_scale, ignore_index};
+  const int64_t N = student.size(0);
+  const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({N}, student.options().dtype(acc));
+  auto grad = at::empty(student.sizes(), student.options());
+  auto temps_out = at::empty({N}, student.options().dtype(acc));
+  auto flags = at::empty({N}, student.options().dtype(at::kChar));
+  if (acc == at::kDouble) {
+    run_rows<double>(student, teacher, target, temperature, o, loss, grad, temps_out, flags);
+  } else {
+    run_rows<float>(student, teacher, target, temperature, o, loss, grad, temps_out, flags);
+  }
+  return {loss, grad, temps_out, flags};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kdkernels, m) {
+  m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor? temperature, "
+        "float temp_value, int temp_mode, float tau0, float beta, float tau_min, "
+        "float kd_weight, float wrong_kd_weight, float ce_weight, int correction, "
+        "float smooth_eps, float virtual_teacher, bool t2_scale, int ignore_index) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("distill_cpu", &distill_cpu); }
+
+// A plain Python module, so that `import kdkernels._C` loads the library and registers the op.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&def);
+  if (module != nullptr) PyModule_AddStringConstant(module, "CPU_CAPABILITY", KDK_CPU_CAPABILITY);
+  return module;
+}

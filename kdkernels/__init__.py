@@ -1,0 +1,20 @@
+"""kdkernels: fused knowledge-distillation losses (Triton on CUDA, C++ on CPU, pure torch anywhere).
+
+    import kdkernels
+    loss_fn = kdkernels.KDLoss(temperature=4.0)
+    loss = loss_fn(student_logits, teacher_logits, labels)
+
+``kdkernels.functional`` holds the functions, ``kdkernels.nn`` the modules (also exported here),
+``kdkernels.backends()`` says which fused kernels run here and why not.
+"""
+from . import functional, nn
+from ._core import DistillStats, distillation_loss
+from ._options import DynamicTemperature
+from .backends import backends
+from .nn import (DistillationLoss, KDLoss, PreparingLessonsLoss, TeacherBiasLoss, TfKDRegLoss,
+                 TopScoreDifferenceLoss)
+
+__version__ = "0.1.0"
+__all__ = ["functional", "nn", "backends", "distillation_loss", "DistillStats",
+           "DynamicTemperature", "DistillationLoss", "KDLoss", "TfKDRegLoss",
+           "PreparingLessonsLoss", "TeacherBiasLoss", "TopScoreDifferenceLoss"]

@@ -1,0 +1,260 @@
+"""The one general primitive: validate once, pick a backend, run it under one autograd Function."""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import backends as _backends
+from ._dtd import dtd_weights, temperature_from_weights
+from ._options import (CORRECTIONS, FLAG_STILL_WRONG, FLAG_TEACHER_CORRECT, REDUCTIONS,
+                       TEMP_COSINE, TEMP_MAX_PROB, TEMP_ROWS, TEMP_SCALAR, WEIGHTINGS,
+                       DynamicTemperature, FusedOptions)
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class DistillStats(NamedTuple):
+    """Per-row statistics for logging, shaped like the labels (all detached).
+
+    teacher_correct: bool, the teacher's argmax is the label (a tie counts as correct); False on
+        ignored rows; None without labels.
+    temperature: the temperature used for each row (fixed, given, or dynamic).
+    still_wrong: bool, a row the teacher got wrong whose corrected target still puts more mass on
+        another class than on the label (only "rectify" can leave such rows); None without labels.
+    """
+    teacher_correct: Optional[torch.Tensor]
+    temperature: torch.Tensor
+    still_wrong: Optional[torch.Tensor]
+
+
+class _FusedDistill(torch.autograd.Function):
+    """Forward runs the backend, which writes the per-row loss and the gradient in one pass; the
+    backward only scales that gradient (in place: backward runs once per forward)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, target, temp_rows, count, backend, options, reduction):
+        loss_rows, grad, temperature, flags = backend.forward(student, teacher, target, temp_rows,
+                                                              options)
+        ctx.reduction = reduction
+        ctx.save_for_backward(grad, count)
+        if reduction == "none":
+            loss = loss_rows
+        elif reduction == "sum":
+            loss = loss_rows.sum()
+        else:
+            loss = loss_rows.sum() / count
+        ctx.mark_non_differentiable(temperature, flags)
+        return loss, temperature, flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_temperature, _grad_flags):
+        grad, count = ctx.saved_tensors
+        if ctx.reduction == "none":
+            scale = grad_loss[:, None]
+        elif ctx.reduction == "sum":
+            scale = grad_loss
+        else:
+            scale = grad_loss / count
+        return grad.mul_(scale), None, None, None, None, None, None, None
+
+
+def _check_number(name, value, low=None, low_inclusive=True, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+
+
+def _checking_values(tensor):
+    """Checks of tensor values run only where they cost no device sync and no graph break."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def distillation_loss(student_logits, teacher_logits=None, target=None, *, temperature=4.0,
+                      kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None, correction=None,
+                      smooth_eps=0.1, virtual_teacher=None, t2_scale=True, ignore_index=-100,
+                      reduction="mean", return_stats=False, backend="auto"):
+    r"""The general distillation primitive every method of kdkernels is built on.
+
+    Per row i (the last dimension holds the C classes; leading dimensions are rows)::
+
+        l_i = w_i * T_i^2 * KL(A(q_i) || p_i) + ce_weight * CE(s_i, y_i)
+        p_i = softmax(s_i / T_i),  q_i = softmax(t_i / T_i)
+
+    with ``w_i = kd_weight`` where the teacher is right (or without labels) and ``wrong_kd_weight``
+    where it is wrong (its argmax is not the label), and ``A`` the teacher correction.
+
+    Args:
+        student_logits: [..., C] float16 / bfloat16 / float32 / float64; receives the gradient.
+        teacher_logits: [..., C] logits, any of those dtypes (may differ from the student's);
+            ``-inf`` marks a masked class. No gradient flows to the teacher. Omit it only with
+            ``virtual_teacher``.
+        target: [...] integer labels in [0, C) or ``ignore_index``. Needed by ``ce_weight != 0``,
+            a correction, ``wrong_kd_weight`` and ``virtual_teacher``.
+        temperature: a float > 0, a [...] tensor of per-row temperatures > 0, a
+            :class:`DynamicTemperature`, or ``"cosine"`` / ``"max_prob"`` for a default one.
+            No gradient flows through it.
+        kd_weight, ce_weight: weights of the KD and cross-entropy (at T=1) terms.
+        wrong_kd_weight: KD weight on rows the teacher gets wrong (default: ``kd_weight``).
+        correction: None, ``"swap"`` (exchange the teacher's values at the label and its argmax),
+            ``"smooth"`` (the target of a wrong row becomes ``(1-eps) onehot(y) + eps/C``) or
+            ``"rectify"`` (the teacher's-bias rectification of q_T). Applied to wrong rows only.
+        smooth_eps: eps of ``"smooth"``, in [0, 1].
+        virtual_teacher: ``a`` in (0, 1]: Tf-KD reg's teacher built from the labels
+            (``pd_y = a``, ``(1-a)/(C-1)`` elsewhere), softened at T; no teacher tensor is read.
+        t2_scale: multiply the KD term by T^2 (default True).
+        ignore_index: label of rows that count for nothing (loss 0, gradient 0).
+        reduction: ``"mean"`` (over rows whose label is not ignored; every row without labels),
+            ``"sum"``, or ``"none"`` (shape [...], 0 on ignored rows).
+        return_stats: also return a :class:`DistillStats`.
+        backend: ``"auto"`` (Triton on CUDA, C++ on CPU when built, else pure torch), ``"triton"``,
+            ``"cpp"`` or ``"torch"``. See :func:`kdkernels.backends`.
+
+    Returns the loss (float32, or float64 for float64 inputs), and the stats if asked.
+
+    Values inside tensors (label range, temperatures > 0) are checked for CPU tensors; on CUDA the
+    check would cost a device sync, and a bad value instead makes its row's loss NaN.
+    """
+    s = student_logits
+    if not isinstance(s, torch.Tensor) or s.dtype not in _FLOATS:
+        raise TypeError("student_logits must be a floating-point tensor (float16, bfloat16, "
+                        f"float32 or float64), got {getattr(s, 'dtype', type(s))}")
+    if s.dim() < 1 or s.shape[-1] < 1:
+        raise ValueError(f"student_logits must have shape [..., C] with C >= 1, got {tuple(s.shape)}")
+    lead, C = s.shape[:-1], s.shape[-1]
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {tuple(CORRECTIONS)}, got {correction!r}")
+    for name, value in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
+        _check_number(name, value)
+    if wrong_kd_weight is not None:
+        _check_number("wrong_kd_weight", wrong_kd_weight)
+    _check_number("smooth_eps", smooth_eps, low=0, high=1)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+    if target is not None:
+        if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point \
+                or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target must be an integer tensor of labels, got "
+                            f"{getattr(target, 'dtype', type(target))}")
+        if target.shape != lead:
+            raise ValueError(f"target must have shape {tuple(lead)} (student_logits without its "
+                             f"class dimension), got {tuple(target.shape)}")
+        if target.device != s.device:
+            raise ValueError(f"target is on {target.device} but student_logits on {s.device}")
+        if _checking_values(target):
+            bad = (target != ignore_index) & ((target < 0) | (target >= C))
+            if bool(bad.any()):
+                raise ValueError(f"target holds labels outside [0, {C}) that are not "
+                                 f"ignore_index={ignore_index}: e.g. {int(target[bad][0])}")
+    needs_labels = [name for name, needed in (
+        ("ce_weight != 0", ce_weight != 0), (f"correction={correction!r}", correction is not None),
+        ("wrong_kd_weight", wrong_kd_weight is not None),
+        ("virtual_teacher", virtual_teacher is not None)) if needed]
+    if target is None and needs_labels:
+        raise ValueError(f"target labels are required by {', '.join(needs_labels)}")
+
+    if virtual_teacher is not None:
+        _check_number("virtual_teacher", virtual_teacher, low=0, low_inclusive=False, high=1)
+        if teacher_logits is not None:
+            raise ValueError("give either teacher_logits or virtual_teacher, not both")
+    elif teacher_logits is None:
+        raise ValueError("teacher_logits is required (or virtual_teacher for Tf-KD reg)")
+    else:
+        if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dtype not in _FLOATS:
+            raise TypeError("teacher_logits must be a floating-point tensor, got "
+                            f"{getattr(teacher_logits, 'dtype', type(teacher_logits))}")
+        if teacher_logits.shape != s.shape:
+            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} does not match "
+                             f"student_logits shape {tuple(s.shape)}")
+        if teacher_logits.device != s.device:
+            raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits "
+                             f"on {s.device}")
+
+    if isinstance(temperature, str):
+        if temperature not in WEIGHTINGS:
+            raise ValueError(f"temperature as a string must be one of {WEIGHTINGS} (a dynamic "
+                             f"temperature), got {temperature!r}")
+        temperature = DynamicTemperature(weighting=temperature)
+    temp_mode, temp_value, temp_rows, dyn = TEMP_SCALAR, 4.0, None, None
+    if isinstance(temperature, DynamicTemperature):
+        if teacher_logits is None:
+            raise ValueError("a dynamic temperature needs teacher_logits")
+        dyn = temperature
+        temp_mode = TEMP_COSINE if dyn.weighting == "cosine" else TEMP_MAX_PROB
+    elif isinstance(temperature, torch.Tensor):
+        if not temperature.dtype.is_floating_point:
+            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+        if temperature.shape != lead:
+            raise ValueError(f"temperature tensor must have one value per row, shape "
+                             f"{tuple(lead)}, got {tuple(temperature.shape)}")
+        if temperature.device != s.device:
+            raise ValueError(f"temperature is on {temperature.device} but student_logits on "
+                             f"{s.device}")
+        if _checking_values(temperature) and not bool((temperature > 0).all()):
+            raise ValueError("temperature values must all be > 0")
+        temp_mode, temp_rows = TEMP_ROWS, temperature.detach().reshape(-1).float()
+    else:
+        _check_number("temperature", temperature, low=0, low_inclusive=False)
+        temp_value = float(temperature)
+
+    _t2 = bool(t2_scale)
+    module = _backends.resolve(backend, s.device)
+
+    # Rows: views of the inputs; a copy only when the class dimension itself is strided.
+    s2 = s.reshape(-1, C)
+    if s2.stride(-1) != 1:
+        s2 = s2.contiguous()
+    t2 = None
+    if teacher_logits is not None:
+        t2 = teacher_logits.detach().reshape(-1, C)
+        if t2.stride(-1) != 1:
+            t2 = t2.contiguous()
+    y2 = target.reshape(-1).long() if target is not None else None
+    N = s2.shape[0]
+
+    if dyn is not None and dyn.center:  # the batch mean needs a pre-pass over all rows
+        valid = y2 != ignore_index if y2 is not None else None
+        w = dtd_weights(s2, t2, dyn.weighting)
+        temp_rows = temperature_from_weights(w, dyn.tau0, dyn.beta, True, dyn.tau_min, valid)
+        temp_mode = TEMP_ROWS
+
+    options = FusedOptions(
+        temp_mode=temp_mode, temperature=temp_value,
+        tau0=dyn.tau0 if dyn else 4.0, beta=dyn.beta if dyn else 1.0,
+        tau_min=dyn.tau_min if dyn else 1.0,
+        kd_weight=float(kd_weight),
+        wrong_kd_weight=float(kd_weight if wrong_kd_weight is None else wrong_kd_weight),
+        ce_weight=float(ce_weight), correction=CORRECTIONS[correction],
+        smooth_eps=float(smooth_eps),
+        virtual_teacher=float(virtual_teacher) if virtual_teacher is not None else 0.0,
+        t2_scale=_t2, ignore_index=ignore_index)
+
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    if N == 0:  # nothing to run: a zero loss that still carries a (zero) gradient
+        loss_rows = s.sum(-1).to(acc) * 0
+        loss = loss_rows if reduction == "none" else loss_rows.sum()
+        temperature_used = torch.zeros(lead, dtype=acc, device=s.device)
+        flags = torch.zeros(lead, dtype=torch.int8, device=s.device)
+    else:
+        if y2 is None:
+            count = torch.tensor(float(N), dtype=acc, device=s.device)
+        else:
+            count = (y2 != ignore_index).sum().clamp(min=1).to(acc)
+        loss, temperature_used, flags = _FusedDistill.apply(
+            s2, t2, y2, temp_rows, count, module, options, reduction)
+        if reduction == "none":
+            loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    flags = flags.reshape(lead)
+    labelled = target is not None
+    stats = DistillStats(
+        teacher_correct=(flags & FLAG_TEACHER_CORRECT).bool() if labelled else None,
+        temperature=temperature_used.reshape(lead),
+        still_wrong=(flags & FLAG_STILL_WRONG).bool() if labelled else None)
+    return loss, stats

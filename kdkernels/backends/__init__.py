@@ -1,0 +1,42 @@
+"""Backends of the fused primitive. Each module exposes NAME, ``availability(device)`` -> (ok, why)
+and ``forward(student, teacher, target, temp_rows, options)`` -> (loss_rows, grad, temperature,
+flags), with one contract: ``grad`` is d loss_rows[i] / d student[i] (rows independent), in the
+student's dtype; ignored rows have loss 0 and gradient 0."""
+from collections import namedtuple
+import importlib
+
+import torch
+
+BackendInfo = namedtuple("BackendInfo", "available reason")
+NAMES = ("triton", "cpp", "torch")
+_MODULES = {"triton": ".triton_impl", "cpp": ".cpp_impl", "torch": ".torch_impl"}
+
+
+def _module(name):
+    return importlib.import_module(_MODULES[name], __name__)
+
+
+def backends():
+    """What each backend can do here, and why not: {name: BackendInfo(available, reason)}."""
+    return {name: BackendInfo(*_module(name).availability()) for name in NAMES}
+
+
+def resolve(name, device):
+    """The backend module for ``name`` ("auto" or one of NAMES) on ``device``; a clear error when
+    the named backend cannot run there."""
+    if name == "auto":
+        preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+        if preferred is not None and _module(preferred).availability(device)[0]:
+            return _module(preferred)
+        return _module("torch")
+    if name not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
+    module = _module(name)
+    ok, why = module.availability(device)
+    if not ok:
+        raise RuntimeError(f"backend={name!r} is not available for {device.type} tensors: {why}")
+    return module
+
+
+def device_of(tensor):
+    return tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")

@@ -1,0 +1,3 @@
+NAME = "triton"
+def availability(device=None):
+    return False, "not built yet"

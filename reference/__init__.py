@@ -1,0 +1,15 @@
+"""Pure-PyTorch reference implementations of every method in METHODS.md: the oracle.
+
+Written for clarity, not speed: each function follows the specification line by line and lets
+autograd differentiate it. Generic over device and dtype; the tests run it in float64.
+"""
+from .losses import (  # noqa: F401
+    distillation_loss,
+    dtd_temperature,
+    kd_loss,
+    preparing_lessons_loss,
+    reduce_rows,
+    teacher_bias_loss,
+    tfkd_reg_loss,
+    top_score_difference_loss,
+)

@@ -1,0 +1,216 @@
+"""The oracle. Notation as in METHODS.md: s student logits [N, C], t teacher logits [N, C],
+y labels [N] (or None), T temperature (float or [N]). Every function returns per-row values
+before reduction unless it says otherwise."""
+import torch
+
+
+def _valid_rows(s, y, ignore_index):
+    if y is None:
+        return torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    return y != ignore_index
+
+
+def reduce_rows(rows, valid, reduction):
+    """mean over rows that count (torch's batchmean), sum, or the rows themselves (0 on ignored)."""
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum().clamp(min=1)
+
+
+def _kl(target, log_p):
+    """KL(target || p) per row with 0 * log 0 = 0."""
+    safe_log_p = torch.where(target > 0, log_p, torch.zeros_like(log_p))
+    return (torch.xlogy(target, target) - target * safe_log_p).sum(-1)
+
+
+def _ce(s, y, valid):
+    y_safe = torch.where(valid, y, torch.zeros_like(y))
+    return -torch.log_softmax(s, -1).gather(1, y_safe[:, None])[:, 0]
+
+
+def dtd_temperature(s, t, tau0=4.0, beta=1.0, weighting="cosine", center=False, tau_min=1.0,
+                    valid=None):
+    """Dynamic Temperature Distillation (METHODS.md section 3), from detached logits.
+
+    cosine: w = (1 - v.u)^2 with v, u the L2-normalised rows (non-finite entries left out).
+    max_prob: w = 1 / max_j softmax(s)_j.
+    tau = tau0 - beta * w, or with center=True tau0 + beta * (mean(w) - w); clamp at tau_min."""
+    s, t = s.detach(), t.detach()
+    if weighting == "cosine":
+        finite = torch.isfinite(s) & torch.isfinite(t)
+        s0 = torch.where(finite, s, torch.zeros_like(s))
+        t0 = torch.where(finite, t, torch.zeros_like(t))
+        v = s0 / s0.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        u = t0 / t0.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        w = (1 - (v * u).sum(-1)) ** 2
+    elif weighting == "max_prob":
+        w = 1 / torch.softmax(s, -1).max(-1).values
+    else:
+        raise ValueError(weighting)
+    if center:
+        if valid is None:
+            valid = torch.ones_like(w, dtype=torch.bool)
+        mean_w = torch.where(valid, w, torch.zeros_like(w)).sum() / valid.sum().clamp(min=1)
+        tau = tau0 + beta * (mean_w - w)
+    else:
+        tau = tau0 - beta * w
+    return tau.clamp(min=tau_min)
+
+
+def virtual_teacher_logits(y, num_classes, a, dtype):
+    """Tf-KD reg: log of pd, pd_y = a and (1 - a) / (C - 1) elsewhere."""
+    rest = (1 - a) / max(num_classes - 1, 1)
+    pd = torch.full((y.shape[0], num_classes), rest, dtype=dtype, device=y.device)
+    pd.scatter_(1, y[:, None].clamp(min=0), a)
+    return torch.log(pd)
+
+
+def distillation_loss(s, t, y=None, temperature=4.0, kd_weight=0.9, ce_weight=0.1,
+                      wrong_kd_weight=None, correction=None, smooth_eps=0.1, virtual_teacher=None,
+                      t2_scale=True, ignore_index=-100, reduction="mean"):
+    """The general loss every method maps onto. Returns (loss, stats) where stats holds the
+    per-row teacher_correct mask, temperature and still_wrong mask.
+
+    l_i = w_i * T_i^2 * KL(A(q_T) || p_T) + ce_weight * CE(s, y), w_i = kd_weight on rows the
+    teacher gets right (or with no labels), wrong_kd_weight on the rows it gets wrong."""
+    N, C = s.shape
+    valid = _valid_rows(s, y, ignore_index)
+    if wrong_kd_weight is None:
+        wrong_kd_weight = kd_weight
+    if virtual_teacher is not None:
+        t = virtual_teacher_logits(torch.where(valid, y, torch.zeros_like(y)), C, virtual_teacher,
+                                   s.dtype)
+    t = t.detach().to(s.dtype)
+
+    if isinstance(temperature, torch.Tensor):
+        T = temperature.detach().to(s.dtype)
+    else:
+        T = torch.full((N,), float(temperature), dtype=s.dtype, device=s.device)
+
+    log_p = torch.log_softmax(s / T[:, None], -1)
+    q = torch.softmax(t / T[:, None], -1)
+
+    if y is not None:
+        y_safe = torch.where(valid, y, torch.zeros_like(y))
+        b = t.argmax(-1)  # first maximum: a tie with the label counts as correct
+        wrong = valid & (b != y_safe) & (t.gather(1, y_safe[:, None])[:, 0] < t.max(-1).values)
+    else:
+        y_safe = None
+        wrong = torch.zeros(N, dtype=torch.bool, device=s.device)
+
+    target = q
+    if correction == "swap":  # Probability Shift: exchange the values at y and b on wrong rows
+        rows = torch.arange(N, device=s.device)
+        swapped = q.clone()
+        swapped[rows, y_safe] = q[rows, b]
+        swapped[rows, b] = q[rows, y_safe]
+        target = torch.where(wrong[:, None], swapped, q)
+    elif correction == "smooth":  # (1 - eps) onehot(y) + eps / C, not tempered
+        onehot = torch.nn.functional.one_hot(y_safe, C).to(s.dtype)
+        smooth = (1 - smooth_eps) * onehot + smooth_eps / C
+        target = torch.where(wrong[:, None], smooth, q)
+    elif correction == "rectify":  # Teacher's bias, applied to q_T with a = y
+        rows = torch.arange(N, device=s.device)
+        q_a, q_b = q[rows, y_safe], q[rows, b]
+        new_a, new_b = (q_a + 1) / 2, q_b / 2
+        scale = (q_a + q_b) / (new_a + new_b)
+        rect = q.clone()
+        rect[rows, y_safe] = new_a * scale
+        rect[rows, b] = new_b * scale
+        target = torch.where(wrong[:, None], rect, q)
+
+    kl = _kl(target, log_p)
+    T_pow = T ** 2 if t2_scale else torch.ones_like(T)
+    w = torch.where(wrong, torch.full_like(T, wrong_kd_weight), torch.full_like(T, kd_weight))
+    rows_loss = w * T_pow * kl
+    if ce_weight != 0:
+        rows_loss = rows_loss + ce_weight * _ce(s, y, valid)
+
+    if y is not None:
+        # still wrong: some other class keeps more target mass than the label
+        others = target.clone()
+        others[torch.arange(N, device=s.device), y_safe] = -1
+        still_wrong = wrong & (others.max(-1).values > target.gather(1, y_safe[:, None])[:, 0])
+        teacher_correct = valid & ~wrong
+    else:
+        still_wrong, teacher_correct = None, None
+    stats = {"teacher_correct": teacher_correct, "temperature": T, "still_wrong": still_wrong}
+    return reduce_rows(rows_loss, valid, reduction), stats
+
+
+def kd_loss(s, t, y=None, temperature=4.0, kd_weight=0.9, ce_weight=0.1, t2_scale=True,
+            ignore_index=-100, reduction="mean"):
+    """Hinton KD: kd_weight * T^2 * KL(q_T || p_T) + ce_weight * CE(s, y)."""
+    valid = _valid_rows(s, y, ignore_index)
+    T = temperature
+    log_p = torch.log_softmax(s / T, -1)
+    q = torch.softmax(t.detach().to(s.dtype) / T, -1)
+    rows = kd_weight * (T ** 2 if t2_scale else 1.0) * _kl(q, log_p)
+    if ce_weight != 0:
+        rows = rows + ce_weight * _ce(s, y, valid)
+    return reduce_rows(rows, valid, reduction)
+
+
+def tfkd_reg_loss(s, y, a=0.99, temperature=20.0, kd_weight=0.9, ce_weight=0.1,
+                  ignore_index=-100, reduction="mean"):
+    """Tf-KD reg, paper form: the virtual teacher pd softened at T, student at the same T."""
+    valid = _valid_rows(s, y, ignore_index)
+    C = s.shape[-1]
+    pd = torch.exp(virtual_teacher_logits(torch.where(valid, y, torch.zeros_like(y)), C, a, s.dtype))
+    q = torch.softmax(torch.log(pd) / temperature, -1)
+    log_p = torch.log_softmax(s / temperature, -1)
+    rows = kd_weight * temperature ** 2 * _kl(q, log_p) + ce_weight * _ce(s, y, valid)
+    return reduce_rows(rows, valid, reduction)
+
+
+def preparing_lessons_loss(s, t, y, correction="swap", temperature=4.0, smooth_eps=0.1,
+                           kd_weight=0.9, ce_weight=0.1, ignore_index=-100, reduction="mean"):
+    """kd_weight * tau_i^2 * KL(A(q_tau) || p_tau) + ce_weight * CE. temperature is a float, an
+    [N] tensor, or a dict of dtd_temperature arguments (computed here from the raw logits)."""
+    if isinstance(temperature, dict):
+        valid = _valid_rows(s, y, ignore_index)
+        temperature = dtd_temperature(s, t, valid=valid, **temperature)
+    return distillation_loss(s, t, y, temperature, kd_weight, ce_weight, correction=correction,
+                             smooth_eps=smooth_eps, ignore_index=ignore_index,
+                             reduction=reduction)[0]
+
+
+def teacher_bias_loss(s, t, y, gamma, temperature=4.0, ignore_index=-100, reduction="mean"):
+    """(1 - gamma) CE + w_i T^2 KL(q'_T || p_T), w = 1 - gamma on easy rows, gamma on hard ones,
+    both KL parts averaged over the same valid rows."""
+    valid = _valid_rows(s, y, ignore_index)
+    y_safe = torch.where(valid, y, torch.zeros_like(y))
+    T = temperature
+    log_p = torch.log_softmax(s / T, -1)
+    q = torch.softmax(t.detach().to(s.dtype) / T, -1)
+    tt = t.detach().to(s.dtype)
+    b = tt.argmax(-1)
+    hard = valid & (tt.gather(1, y_safe[:, None])[:, 0] < tt.max(-1).values)
+    rows = torch.arange(s.shape[0], device=s.device)
+    q_a, q_b = q[rows, y_safe], q[rows, b]
+    new_a, new_b = (q_a + 1) / 2, q_b / 2
+    k = (q_a + q_b) / (new_a + new_b)
+    q_rect = q.clone()
+    q_rect[rows, y_safe] = new_a * k
+    q_rect[rows, b] = new_b * k
+    q_used = torch.where(hard[:, None], q_rect, q)
+    kl = _kl(q_used, log_p)
+    easy_part = torch.where(hard, torch.zeros_like(kl), kl)
+    hard_part = torch.where(hard, kl, torch.zeros_like(kl))
+    rows_loss = ((1 - gamma) * _ce(s, y, valid)
+                 + (1 - gamma) * T ** 2 * easy_part + gamma * T ** 2 * hard_part)
+    return reduce_rows(rows_loss, valid, reduction)
+
+
+def top_score_difference_loss(logits, y, eta=0.6, k=5, ignore_index=-100, reduction="mean"):
+    """Tolerant teacher: eta * CE + (1 - eta) * (f_(1) - mean(f_(2..K))), f = softmax(logits)."""
+    valid = _valid_rows(logits, y, ignore_index)
+    f = torch.softmax(logits, -1)
+    k = min(k, logits.shape[-1])
+    top = f.topk(k, -1).values
+    gap = top[:, 0] - (top[:, 1:].mean(-1) if k > 1 else torch.zeros_like(top[:, 0]))
+    rows = eta * _ce(logits, y, valid) + (1 - eta) * gap
+    return reduce_rows(rows, valid, reduction)
