@@ -315,7 +315,7 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
   const bool labelled = target.has_value();
   const bool virtual_teacher = o.virtual_teacher > 0;
   const int64_t* y_ptr = labelled ? target->const_data_ptr<int64_t>() : nullptr;
-  const float* temp_ptr = o.temp_mode == kTempRows ? temps->const_data_ptr<float>() : nullptr;
+  const acc_t* temp_ptr = o.temp_mode == kTempRows ? temps->const_data_ptr<acc_t>() : nullptr;
   acc_t* loss_ptr = loss.data_ptr<acc_t>();
   acc_t* temp_out = temperature.data_ptr<acc_t>();
   int8_t* flag_ptr = flags.data_ptr<int8_t>();
@@ -341,7 +341,7 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
       } else {
         t = load_row<acc_t>(*teacher, i, C, tbuf);
       }
-      const acc_t T = temp_ptr ? acc_t(temp_ptr[i]) : acc_t(o.temp_value);
+      const acc_t T = temp_ptr ? temp_ptr[i] : acc_t(o.temp_value);
       acc_t* g = grad_is_acc ? grad.data_ptr<acc_t>() + i * C : gbuf;
       RowOut r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1);
       if (!grad_is_acc) store_row<acc_t>(gbuf, grad, i, C);
@@ -365,8 +365,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
   TORCH_CHECK(!target.has_value() || (target->scalar_type() == at::kLong && target->is_contiguous()),
               "kdkernels: target must be contiguous int64");
   TORCH_CHECK(temp_mode != kTempRows || (temperature.has_value() &&
-              temperature->scalar_type() == at::kFloat && temperature->is_contiguous()),
-              "kdkernels: per-row temperature must be contiguous float32");
+              temperature->scalar_type() == (student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) &&
+              temperature->is_contiguous()),
+              "kdkernels: per-row temperature must be contiguous, float64 for float64 logits else float32");
   TORCH_CHECK(teacher.has_value() || virtual_teacher > 0, "kdkernels: no teacher");
   const Options o{temp_mode, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
                   ce_weight, correction, smooth_eps, virtual_teacher, t2_scale, ignore_index};

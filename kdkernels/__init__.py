@@ -10,7 +10,7 @@
 from . import functional, nn
 from ._core import DistillStats, distillation_loss
 from ._options import DynamicTemperature
-from .backends import backends
+from .ops import backends
 from .nn import (DistillationLoss, KDLoss, PreparingLessonsLoss, TeacherBiasLoss, TfKDRegLoss,
                  TopScoreDifferenceLoss)
 

@@ -4,7 +4,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import backends as _backends
+from . import ops as _ops
 from ._dtd import dtd_weights, temperature_from_weights
 from ._options import (CORRECTIONS, FLAG_STILL_WRONG, FLAG_TEACHER_CORRECT, REDUCTIONS,
                        TEMP_COSINE, TEMP_MAX_PROB, TEMP_ROWS, TEMP_SCALAR, WEIGHTINGS,
@@ -197,13 +197,13 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                              f"{s.device}")
         if _checking_values(temperature) and not bool((temperature > 0).all()):
             raise ValueError("temperature values must all be > 0")
-        temp_mode, temp_rows = TEMP_ROWS, temperature.detach().reshape(-1).float()
+        temp_mode, temp_rows = TEMP_ROWS, temperature.detach().reshape(-1)
     else:
         _check_number("temperature", temperature, low=0, low_inclusive=False)
         temp_value = float(temperature)
 
     _t2 = bool(t2_scale)
-    module = _backends.resolve(backend, s.device)
+    module = _ops.resolve(backend, s.device)
 
     # Rows: views of the inputs; a copy only when the class dimension itself is strided.
     s2 = s.reshape(-1, C)
@@ -235,6 +235,8 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         t2_scale=_t2, ignore_index=ignore_index)
 
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    if temp_rows is not None:  # backends read per-row temperatures in the accumulation dtype
+        temp_rows = temp_rows.to(acc).contiguous()
     if N == 0:  # nothing to run: a zero loss that still carries a (zero) gradient
         loss_rows = s.sum(-1).to(acc) * 0
         loss = loss_rows if reduction == "none" else loss_rows.sum()

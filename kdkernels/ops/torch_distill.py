@@ -31,7 +31,8 @@ def forward(student, teacher, target, temp_rows, o):
         y = None
     else:
         valid = target != o.ignore_index
-        y = torch.where(valid, target, 0)[:, None]
+        in_range = (target >= 0) & (target < C)
+        y = torch.where(valid & in_range, target, 0)[:, None]
     t = virtual_teacher(y[:, 0], C, o.virtual_teacher, acc) if o.virtual_teacher > 0 else teacher.to(acc)
 
     if o.temp_mode == TEMP_SCALAR:
@@ -78,7 +79,12 @@ def forward(student, teacher, target, temp_rows, o):
         loss = loss - o.ce_weight * log_p1.gather(1, y)[:, 0]
         grad = grad + o.ce_weight * (log_p1.exp() - torch.zeros_like(s).scatter_(1, y, 1.0))
     loss = torch.where(valid, loss, 0.0)
-    grad = torch.where(valid[:, None], grad, 0.0).to(student.dtype)
+    grad = torch.where(valid[:, None], grad, 0.0)
+    bad = ~(T > 0)  # values the Python side checks only on CPU: poison the row, as the kernels do
+    if target is not None:
+        bad = bad | (valid & ~in_range)
+    loss = torch.where(bad, torch.nan, loss)
+    grad = torch.where(bad[:, None], torch.nan, grad).to(student.dtype)
 
     flags = torch.zeros(N, dtype=torch.int8, device=s.device)
     if y is not None:

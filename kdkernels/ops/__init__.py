@@ -9,7 +9,7 @@ import torch
 
 BackendInfo = namedtuple("BackendInfo", "available reason")
 NAMES = ("triton", "cpp", "torch")
-_MODULES = {"triton": ".triton_impl", "cpp": ".cpp_impl", "torch": ".torch_impl"}
+_MODULES = {"triton": ".triton_distill", "cpp": ".cpp_distill", "torch": ".torch_distill"}
 
 
 def _module(name):
@@ -38,5 +38,3 @@ def resolve(name, device):
     return module
 
 
-def device_of(tensor):
-    return tensor.device if isinstance(tensor, torch.Tensor) else torch.device("cpu")

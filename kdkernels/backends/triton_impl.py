@@ -1,3 +1,0 @@
-NAME = "triton"
-def availability(device=None):
-    return False, "not built yet"
