@@ -29,7 +29,7 @@ class DistillStats(NamedTuple):
 
 class _FusedDistill(torch.autograd.Function):
     """Forward runs the backend, which writes the per-row loss and the gradient in one pass; the
-    backward only scales that gradient (in place: backward runs once per forward)."""
+    backward only scales that gradient, in place unless the graph is retained."""
 
     @staticmethod
     def forward(ctx, student, teacher, target, temp_rows, count, backend, options, reduction):
@@ -55,7 +55,11 @@ class _FusedDistill(torch.autograd.Function):
             scale = grad_loss
         else:
             scale = grad_loss / count
-        return grad.mul_(scale), None, None, None, None, None, None, None
+        if torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph():
+            grad = grad * scale  # the graph lives on (retain_graph, gradcheck): keep the saved one
+        else:
+            grad = grad.mul_(scale)  # last use of the saved gradient: no second N x C buffer
+        return grad, None, None, None, None, None, None, None
 
 
 def _check_number(name, value, low=None, low_inclusive=True, high=None):

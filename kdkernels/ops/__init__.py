@@ -3,17 +3,17 @@ and ``forward(student, teacher, target, temp_rows, options)`` -> (loss_rows, gra
 flags), with one contract: ``grad`` is d loss_rows[i] / d student[i] (rows independent), in the
 student's dtype; ignored rows have loss 0 and gradient 0."""
 from collections import namedtuple
-import importlib
+import functools
 
-import torch
+from . import cpp_distill, torch_distill, triton_distill
 
 BackendInfo = namedtuple("BackendInfo", "available reason")
 NAMES = ("triton", "cpp", "torch")
-_MODULES = {"triton": ".triton_distill", "cpp": ".cpp_distill", "torch": ".torch_distill"}
+_MODULES = {"triton": triton_distill, "cpp": cpp_distill, "torch": torch_distill}
 
 
 def _module(name):
-    return importlib.import_module(_MODULES[name], __name__)
+    return _MODULES[name]
 
 
 def backends():
@@ -21,9 +21,11 @@ def backends():
     return {name: BackendInfo(*_module(name).availability()) for name in NAMES}
 
 
+@functools.lru_cache(maxsize=None)
 def resolve(name, device):
     """The backend module for ``name`` ("auto" or one of NAMES) on ``device``; a clear error when
-    the named backend cannot run there."""
+    the named backend cannot run there. Cached: availability does not change within a process
+    (``resolve.cache_clear()`` after changing it by hand)."""
     if name == "auto":
         preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
         if preferred is not None and _module(preferred).availability(device)[0]:

@@ -17,16 +17,19 @@ def _runtime_capability():
     return "AVX512" if cap.startswith("AVX512") else cap if cap in _ORDER else "DEFAULT"
 
 
+_HERE = _runtime_capability()  # once: availability must stay plain Python for torch.compile
+
+
 def availability(device=None):
     if device is not None and device.type != "cpu":
         return False, f"the C++ kernel runs on CPU tensors only, not {device.type}"
     if _C is None:
         return False, (f"the extension kdkernels._C is not built ({_IMPORT_ERROR}); reinstall with "
                        "a C++ compiler: pip install --no-build-isolation -e .")
-    built, here = _C.CPU_CAPABILITY, _runtime_capability()
-    if _ORDER.index(built) > _ORDER.index(here):
-        return False, f"built for {built} but this CPU supports {here}; rebuild it here"
-    return True, f"C++ kernel built for {built}, {torch.get_num_threads()} threads"
+    built = _C.CPU_CAPABILITY
+    if _ORDER.index(built) > _ORDER.index(_HERE):
+        return False, f"built for {built} but this CPU supports {_HERE}; rebuild it here"
+    return True, f"C++ kernel built for {built} (this CPU: {_HERE})"
 
 
 if _C is not None:
