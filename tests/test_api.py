@@ -229,15 +229,7 @@ def test_torch_compile_fullgraph_with_cpp_backend(temperature):
     torch.testing.assert_close(model.weight.grad, eager_grad)
 
 
-@pytest.fixture
-def fresh_resolution():
-    from kdkernels.ops import resolve
-    resolve.cache_clear()
-    yield
-    resolve.cache_clear()
-
-
-def test_fallback_when_extension_absent(monkeypatch, fresh_resolution):
+def test_fallback_when_extension_absent(monkeypatch):
     monkeypatch.setattr(cpp_distill, "_C", None)
     monkeypatch.setattr(cpp_distill, "_IMPORT_ERROR", ImportError("simulated"))
     info = kdkernels.backends()["cpp"]

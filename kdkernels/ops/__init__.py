@@ -3,7 +3,6 @@ and ``forward(student, teacher, target, temp_rows, options)`` -> (loss_rows, gra
 flags), with one contract: ``grad`` is d loss_rows[i] / d student[i] (rows independent), in the
 student's dtype; ignored rows have loss 0 and gradient 0."""
 from collections import namedtuple
-import functools
 
 from . import cpp_distill, torch_distill, triton_distill
 
@@ -21,11 +20,9 @@ def backends():
     return {name: BackendInfo(*_module(name).availability()) for name in NAMES}
 
 
-@functools.lru_cache(maxsize=None)
 def resolve(name, device):
     """The backend module for ``name`` ("auto" or one of NAMES) on ``device``; a clear error when
-    the named backend cannot run there. Cached: availability does not change within a process
-    (``resolve.cache_clear()`` after changing it by hand)."""
+    the named backend cannot run there. Plain Python, so that torch.compile traces through it."""
     if name == "auto":
         preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
         if preferred is not None and _module(preferred).availability(device)[0]:

@@ -1,0 +1,1 @@
+"""The training driver: ``kdkernels-train`` / ``python -m kdkernels.train`` (see cli.py)."""
