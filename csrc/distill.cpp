@@ -34,6 +34,7 @@ struct Options {
   double smooth_eps, virtual_teacher;
   bool t2_scale;
   int64_t ignore_index;
+  bool compute_grad;
 };
 
 // ---- row loading: any input dtype into the accumulation type ------------------------------
@@ -173,7 +174,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   const bool dtd = o.temp_mode == kTempCosine || o.temp_mode == kTempMaxProb;
   const bool need_z1 = o.ce_weight != 0 || o.temp_mode == kTempMaxProb;
   if (ignored && !dtd) {
-    std::fill(g, g + C, acc_t(0));
+    if (o.compute_grad) std::fill(g, g + C, acc_t(0));
     return {0.0, static_cast<double>(T), 0};
   }
 
@@ -214,11 +215,11 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     T = raw < acc_t(o.tau_min) ? acc_t(o.tau_min) : raw;
   }
   if (ignored) {
-    std::fill(g, g + C, acc_t(0));
+    if (o.compute_grad) std::fill(g, g + C, acc_t(0));
     return {0.0, static_cast<double>(T), 0};
   }
   if (!(T > 0) || (labelled && (y < 0 || y >= C))) {  // bad value: this row only is poisoned
-    std::fill(g, g + C, nan);
+    if (o.compute_grad) std::fill(g, g + C, nan);
     return {static_cast<double>(nan), static_cast<double>(T), 0};
   }
 
@@ -290,6 +291,10 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   const acc_t ce_w = acc_t(o.ce_weight);
   if (ce_w != 0) loss += static_cast<double>(ce_w * (std::log(z1) + ms - s[y]));
 
+  int8_t flags = 0;
+  if (labelled) flags = (wrong ? 0 : kFlagTeacherCorrect) | (still_wrong ? kFlagStillWrong : 0);
+  if (!o.compute_grad) return {loss, static_cast<double>(T), flags};
+
   // Pass 3: the gradient, grad_scale (p - target) + ce_w (softmax(s) - onehot(y)).
   const acc_t p_coef = grad_scale / zs, c1 = ce_w != 0 ? ce_w / z1 : acc_t(0);
   for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
@@ -301,8 +306,6 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     g[y] += fix_y - ce_w;
     g[b] += fix_b;
   }
-  int8_t flags = 0;
-  if (labelled) flags = (wrong ? 0 : kFlagTeacherCorrect) | (still_wrong ? kFlagStillWrong : 0);
   return {loss, static_cast<double>(T), flags};
 }
 
@@ -320,6 +323,7 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
   acc_t* temp_out = temperature.data_ptr<acc_t>();
   int8_t* flag_ptr = flags.data_ptr<int8_t>();
   const bool grad_is_acc = grad.scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
+  const bool write_grad = o.compute_grad;
   const acc_t log_a = virtual_teacher ? std::log(acc_t(o.virtual_teacher)) : 0;
   const acc_t log_rest = virtual_teacher
       ? std::log((1 - acc_t(o.virtual_teacher)) / acc_t(std::max<int64_t>(C - 1, 1))) : 0;
@@ -342,9 +346,9 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
         t = load_row<acc_t>(*teacher, i, C, tbuf);
       }
       const acc_t T = temp_ptr ? temp_ptr[i] : acc_t(o.temp_value);
-      acc_t* g = grad_is_acc ? grad.data_ptr<acc_t>() + i * C : gbuf;
+      acc_t* g = write_grad && grad_is_acc ? grad.data_ptr<acc_t>() + i * C : gbuf;
       RowOut r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1);
-      if (!grad_is_acc) store_row<acc_t>(gbuf, grad, i, C);
+      if (write_grad && !grad_is_acc) store_row<acc_t>(gbuf, grad, i, C);
       loss_ptr[i] = static_cast<acc_t>(r.loss);
       temp_out[i] = static_cast<acc_t>(r.temperature);
       flag_ptr[i] = r.flags;
@@ -357,7 +361,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
     const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& temperature,
     double temp_value, int64_t temp_mode, double tau0, double beta, double tau_min,
     double kd_weight, double wrong_kd_weight, double ce_weight, int64_t correction,
-    double smooth_eps, double virtual_teacher, bool t2_scale, int64_t ignore_index) {
+    double smooth_eps, double virtual_teacher, bool t2_scale, int64_t ignore_index,
+    bool compute_grad) {
   TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1,
               "kdkernels: student must be [N, C] with unit class stride");
   TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() && teacher->stride(1) == 1),
@@ -370,11 +375,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
               "kdkernels: per-row temperature must be contiguous, float64 for float64 logits else float32");
   TORCH_CHECK(teacher.has_value() || virtual_teacher > 0, "kdkernels: no teacher");
   const Options o{temp_mode, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
-                  ce_weight, correction, smooth_eps, virtual_teacher, t2_scale, ignore_index};
+                  ce_weight, correction, smooth_eps, virtual_teacher, t2_scale, ignore_index,
+                  compute_grad};
   const int64_t N = student.size(0);
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({N}, student.options().dtype(acc));
-  auto grad = at::empty(student.sizes(), student.options());
+  auto grad = compute_grad ? at::empty(student.sizes(), student.options())
+                           : at::empty({0}, student.options());
   auto temps_out = at::empty({N}, student.options().dtype(acc));
   auto flags = at::empty({N}, student.options().dtype(at::kChar));
   if (acc == at::kDouble) {
@@ -391,7 +398,8 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor? temperature, "
         "float temp_value, int temp_mode, float tau0, float beta, float tau_min, "
         "float kd_weight, float wrong_kd_weight, float ce_weight, int correction, "
-        "float smooth_eps, float virtual_teacher, bool t2_scale, int ignore_index) "
+        "float smooth_eps, float virtual_teacher, bool t2_scale, int ignore_index, "
+        "bool compute_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -236,7 +236,8 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         ce_weight=float(ce_weight), correction=CORRECTIONS[correction],
         smooth_eps=float(smooth_eps),
         virtual_teacher=float(virtual_teacher) if virtual_teacher is not None else 0.0,
-        t2_scale=_t2, ignore_index=ignore_index)
+        t2_scale=_t2, ignore_index=ignore_index,
+        compute_grad=torch.is_grad_enabled() and s.requires_grad)
 
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     if temp_rows is not None:  # backends read per-row temperatures in the accumulation dtype
@@ -251,8 +252,13 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
             count = torch.tensor(float(N), dtype=acc, device=s.device)
         else:
             count = (y2 != ignore_index).sum().clamp(min=1).to(acc)
-        loss, temperature_used, flags = _FusedDistill.apply(
-            s2, t2, y2, temp_rows, count, module, options, reduction)
+        if options.compute_grad:
+            loss, temperature_used, flags = _FusedDistill.apply(
+                s2, t2, y2, temp_rows, count, module, options, reduction)
+        else:  # evaluation: the loss alone, no gradient written, no graph
+            loss_rows, _, temperature_used, flags = module.forward(s2, t2, y2, temp_rows, options)
+            loss = (loss_rows if reduction == "none" else loss_rows.sum() if reduction == "sum"
+                    else loss_rows.sum() / count)
         if reduction == "none":
             loss = loss.reshape(lead)
     if not return_stats:

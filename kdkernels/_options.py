@@ -58,3 +58,4 @@ class FusedOptions:
     virtual_teacher: float = 0.0  # 0: read the teacher tensor; a in (0, 1]: build pd from labels
     t2_scale: bool = True
     ignore_index: int = -100
+    compute_grad: bool = True  # False: loss only (no_grad / evaluation), no N x C gradient written

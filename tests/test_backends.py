@@ -208,3 +208,20 @@ def test_every_backend_is_tested_here():
     names = {name for name, _ in BACKENDS}
     assert {"torch", "cpp", "triton"} <= names, kdkernels.backends()
 
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("correction", CORRECTIONS)
+def test_forward_only_skips_the_gradient_and_keeps_the_loss(backend, device, correction):
+    from kdkernels._options import FusedOptions
+    from kdkernels.ops import resolve
+    s, t, y = make_inputs(5, 40, seed=12, device=device, ignored=(0,))
+    kw = dict(temperature="cosine", correction=correction, reduction="none", backend=backend)
+    with_grad = kdkernels.distillation_loss(s.clone().requires_grad_(), t, y, **kw)
+    with torch.no_grad():
+        without = kdkernels.distillation_loss(s.clone().requires_grad_(), t, y, **kw)
+    assert not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach())
+    module = resolve(backend, torch.device(device))
+    _, grad, _, _ = module.forward(s, t, y, None, FusedOptions(compute_grad=False))
+    assert grad.numel() == 0

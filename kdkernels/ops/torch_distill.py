@@ -73,18 +73,20 @@ def forward(student, teacher, target, temp_rows, o):
           - target_dist * torch.where(target_dist > 0, log_p, 0.0)).sum(-1)
     kd_w = o.kd_weight + (o.wrong_kd_weight - o.kd_weight) * wrong.to(acc)
     loss = kd_w * (T * T if o.t2_scale else 1.0) * kl
-    grad = (kd_w * (T if o.t2_scale else 1 / T))[:, None] * (log_p.exp() - target_dist)
     if o.ce_weight != 0:
         log_p1 = torch.log_softmax(s, -1)
         loss = loss - o.ce_weight * log_p1.gather(1, y)[:, 0]
-        grad = grad + o.ce_weight * (log_p1.exp() - torch.zeros_like(s).scatter_(1, y, 1.0))
-    loss = torch.where(valid, loss, 0.0)
-    grad = torch.where(valid[:, None], grad, 0.0)
     bad = ~(T > 0)  # values the Python side checks only on CPU: poison the row, as the kernels do
     if target is not None:
         bad = bad | (valid & ~in_range)
-    loss = torch.where(bad, torch.nan, loss)
-    grad = torch.where(bad[:, None], torch.nan, grad).to(student.dtype)
+    loss = torch.where(bad, torch.nan, torch.where(valid, loss, 0.0))
+    grad = student.new_empty(0)
+    if o.compute_grad:
+        grad = (kd_w * (T if o.t2_scale else 1 / T))[:, None] * (log_p.exp() - target_dist)
+        if o.ce_weight != 0:
+            grad = grad + o.ce_weight * (log_p1.exp() - torch.zeros_like(s).scatter_(1, y, 1.0))
+        grad = torch.where(valid[:, None], grad, 0.0)
+        grad = torch.where(bad[:, None], torch.nan, grad).to(student.dtype)
 
     flags = torch.zeros(N, dtype=torch.int8, device=s.device)
     if y is not None:

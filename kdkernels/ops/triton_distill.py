@@ -69,7 +69,7 @@ if triton is not None:
         log_a, log_rest, ignore_index,
         BLOCK: tl.constexpr, TEMP_MODE: tl.constexpr, CORRECTION: tl.constexpr,
         VIRTUAL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-        T2_SCALE: tl.constexpr,
+        T2_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         s_row = s_ptr + row * s_stride
@@ -250,6 +250,8 @@ if triton is not None:
         tl.store(flags_ptr + row, flags.to(tl.int8))
 
         # ---- loop 2: the gradient --------------------------------------------------------
+        if not COMPUTE_GRAD:
+            return
         ms_safe = tl.where(m_s == NEG_INF, 0.0, m_s)
         mt_safe = tl.where(m_t == NEG_INF, 0.0, m_t)
         p_coef = grad_scale / zs
@@ -281,11 +283,12 @@ if triton is not None:
                        temp_value: float, temp_mode: int, tau0: float, beta: float,
                        tau_min: float, kd_weight: float, wrong_kd_weight: float,
                        ce_weight: float, correction: int, smooth_eps: float,
-                       virtual_teacher: float, t2_scale: bool, ignore_index: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       virtual_teacher: float, t2_scale: bool, ignore_index: int,
+                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         N, C = student.shape
         loss = student.new_empty(N, dtype=torch.float32)
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+        grad = (torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad
+                else student.new_empty(0))
         temps = student.new_empty(N, dtype=torch.float32)
         flags = student.new_empty(N, dtype=torch.int8)
         virtual = virtual_teacher > 0
@@ -305,7 +308,7 @@ if triton is not None:
             log_a, log_rest, ignore_index,
             BLOCK=block, TEMP_MODE=temp_mode, CORRECTION=correction, VIRTUAL=virtual,
             HAS_LABELS=target is not None, HAS_CE=ce_weight != 0, T2_SCALE=t2_scale,
-            num_warps=warps)
+            COMPUTE_GRAD=compute_grad, num_warps=warps)
         return loss, grad, temps, flags
 
 
@@ -313,7 +316,7 @@ def forward(student, teacher, target, temp_rows, o):
     loss, grad, temps, flags = torch.ops.kdkernels.distill_triton(
         student, teacher, target, temp_rows, o.temperature, o.temp_mode, o.tau0, o.beta,
         o.tau_min, o.kd_weight, o.wrong_kd_weight, o.ce_weight, o.correction, o.smooth_eps,
-        o.virtual_teacher, o.t2_scale, o.ignore_index)
+        o.virtual_teacher, o.t2_scale, o.ignore_index, o.compute_grad)
     if student.dtype == torch.float64:  # the contract: losses in the accumulation dtype
         loss, temps = loss.double(), temps.double()
     return loss, grad, temps, flags

@@ -70,18 +70,18 @@ class Budget:
 
 
 def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, budget=None,
-          desc=""):
+          desc="", epochs=None):
     """Trains `model` in place with loss_fn(student_logits, teacher_logits, y, epoch), which
     returns the loss or (loss, DistillStats); returns the results. Resumes from `checkpoint`."""
     rank, world = rank_and_world()
-    torch.manual_seed(seed)
+    epochs = epochs or cfg.epochs
     model.to(device)
     net = model
     if distributed():
         net = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
                                 weight_decay=cfg.weight_decay, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.epochs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device.type == "cuda" \
         else (lambda: torch.autocast("cpu", enabled=False))
     state = {"epoch": 0, "history": [], "stats": None}
@@ -96,14 +96,14 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
         teacher.to(device).eval()
 
     x_train, y_train = data.x_train, data.y_train
-    for epoch in range(state["epoch"], cfg.epochs):
+    for epoch in range(state["epoch"], epochs):
         net.train()
         # the batch order depends on (seed, epoch) alone, so a resumed run sees the same batches
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
         order = torch.randperm(len(y_train), generator=g)
         totals = {"rows": 0, "wrong": 0, "fixed": 0, "temperature": 0.0}
         batches = range(0, len(order), cfg.batch_size)
-        for start in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        for start in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
                           disable=rank != 0 or not cfg.progress):
             idx = order[start:start + cfg.batch_size][rank::world]
             x, y = x_train[idx].to(device), y_train[idx].to(device)
