@@ -39,37 +39,25 @@ struct Options {
 
 // ---- row loading: any input dtype into the accumulation type ------------------------------
 
-template <typename acc_t>
-void widen(const at::BFloat16* src, acc_t* dst, int64_t n) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    using VB = Vectorized<at::BFloat16>;
-    for (; j + VB::size() <= n; j += VB::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<at::BFloat16>(VB::loadu(src + j));
-      lo.store(dst + j);
-      hi.store(dst + j + Vectorized<float>::size());
-    }
-  }
-  for (; j < n; ++j) dst[j] = static_cast<acc_t>(static_cast<float>(src[j]));
-}
+template <typename T>
+constexpr bool is_half_v = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
 
-template <typename acc_t>
-void widen(const at::Half* src, acc_t* dst, int64_t n) {
-  int64_t j = 0;
-  if constexpr (std::is_same_v<acc_t, float>) {
-    using VH = Vectorized<at::Half>;
-    for (; j + VH::size() <= n; j += VH::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<at::Half>(VH::loadu(src + j));
-      lo.store(dst + j);
-      hi.store(dst + j + Vectorized<float>::size());
-    }
-  }
-  for (; j < n; ++j) dst[j] = static_cast<acc_t>(static_cast<float>(src[j]));
-}
-
+// n values of any input dtype into acc_t; bf16 / fp16 into float 32 lanes at a time.
 template <typename acc_t, typename in_t>
 void widen(const in_t* src, acc_t* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
+  int64_t j = 0;
+  if constexpr (std::is_same_v<acc_t, float> && is_half_v<in_t>) {
+    using VH = Vectorized<in_t>;
+    for (; j + VH::size() <= n; j += VH::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<in_t>(VH::loadu(src + j));
+      lo.store(dst + j);
+      hi.store(dst + j + Vectorized<float>::size());
+    }
+  }
+  for (; j < n; ++j) {
+    if constexpr (is_half_v<in_t>) dst[j] = static_cast<acc_t>(static_cast<float>(src[j]));
+    else dst[j] = static_cast<acc_t>(src[j]);
+  }
 }
 
 // A row as acc_t: the input itself when it already is, else converted into buf.
@@ -409,6 +397,9 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("distill_cpu", &distill_cpu); }
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&def);
-  if (module != nullptr) PyModule_AddStringConstant(module, "CPU_CAPABILITY", KDK_CPU_CAPABILITY);
+  if (module != nullptr) {
+    PyModule_AddStringConstant(module, "CPU_CAPABILITY", KDK_CPU_CAPABILITY);
+    PyModule_AddIntConstant(module, "FLOAT_LANES", Vectorized<float>::size());
+  }
   return module;
 }

@@ -150,9 +150,12 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                              f"class dimension), got {tuple(target.shape)}")
         if target.device != s.device:
             raise ValueError(f"target is on {target.device} but student_logits on {s.device}")
-        if _checking_values(target):
-            bad = (target != ignore_index) & ((target < 0) | (target >= C))
-            if bool(bad.any()):
+        if _checking_values(target) and target.numel():
+            low, high = torch.aminmax(target)  # one pass in the common case
+            bad = None
+            if low < 0 or high >= C:
+                bad = (target != ignore_index) & ((target < 0) | (target >= C))
+            if bad is not None and bool(bad.any()):
                 raise ValueError(f"target holds labels outside [0, {C}) that are not "
                                  f"ignore_index={ignore_index}: e.g. {int(target[bad][0])}")
     needs_labels = [name for name, needed in (

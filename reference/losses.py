@@ -31,6 +31,19 @@ def _ce(s, y, valid):
     return -torch.log_softmax(s, -1).gather(1, y_safe[:, None])[:, 0]
 
 
+def rectify(q, a, b):
+    """Teacher's bias rectification of every row of q (label a, wrong argmax b):
+    q'_a = (q_a + 1) / 2, q'_b = q_b / 2, both rescaled so that the row still sums to 1."""
+    rows = torch.arange(q.shape[0], device=q.device)
+    q_a, q_b = q[rows, a], q[rows, b]
+    new_a, new_b = (q_a + 1) / 2, q_b / 2
+    scale = (q_a + q_b) / (new_a + new_b)
+    rect = q.clone()
+    rect[rows, a] = new_a * scale
+    rect[rows, b] = new_b * scale
+    return rect
+
+
 def dtd_temperature(s, t, tau0=4.0, beta=1.0, weighting="cosine", center=False, tau_min=1.0,
                     valid=None):
     """Dynamic Temperature Distillation (METHODS.md section 3), from detached logits.
@@ -113,14 +126,7 @@ def distillation_loss(s, t, y=None, temperature=4.0, kd_weight=0.9, ce_weight=0.
         smooth = (1 - smooth_eps) * onehot + smooth_eps / C
         target = torch.where(wrong[:, None], smooth, q)
     elif correction == "rectify":  # Teacher's bias, applied to q_T with a = y
-        rows = torch.arange(N, device=s.device)
-        q_a, q_b = q[rows, y_safe], q[rows, b]
-        new_a, new_b = (q_a + 1) / 2, q_b / 2
-        scale = (q_a + q_b) / (new_a + new_b)
-        rect = q.clone()
-        rect[rows, y_safe] = new_a * scale
-        rect[rows, b] = new_b * scale
-        target = torch.where(wrong[:, None], rect, q)
+        target = torch.where(wrong[:, None], rectify(q, y_safe, b), q)
 
     kl = _kl(target, log_p)
     T_pow = T ** 2 if t2_scale else torch.ones_like(T)
@@ -189,14 +195,7 @@ def teacher_bias_loss(s, t, y, gamma, temperature=4.0, ignore_index=-100, reduct
     tt = t.detach().to(s.dtype)
     b = tt.argmax(-1)
     hard = valid & (tt.gather(1, y_safe[:, None])[:, 0] < tt.max(-1).values)
-    rows = torch.arange(s.shape[0], device=s.device)
-    q_a, q_b = q[rows, y_safe], q[rows, b]
-    new_a, new_b = (q_a + 1) / 2, q_b / 2
-    k = (q_a + q_b) / (new_a + new_b)
-    q_rect = q.clone()
-    q_rect[rows, y_safe] = new_a * k
-    q_rect[rows, b] = new_b * k
-    q_used = torch.where(hard[:, None], q_rect, q)
+    q_used = torch.where(hard[:, None], rectify(q, y_safe, b), q)
     kl = _kl(q_used, log_p)
     easy_part = torch.where(hard, torch.zeros_like(kl), kl)
     hard_part = torch.where(hard, kl, torch.zeros_like(kl))

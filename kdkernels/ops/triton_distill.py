@@ -250,27 +250,26 @@ if triton is not None:
         tl.store(flags_ptr + row, flags.to(tl.int8))
 
         # ---- loop 2: the gradient --------------------------------------------------------
-        if not COMPUTE_GRAD:
-            return
-        ms_safe = tl.where(m_s == NEG_INF, 0.0, m_s)
-        mt_safe = tl.where(m_t == NEG_INF, 0.0, m_t)
-        p_coef = grad_scale / zs
-        ce_coef = ce_weight / z1
-        for start in range(0, C, BLOCK):
-            idx = start + cols
-            mask = idx < C
-            s = tl.load(s_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
-            t = _teacher_block(t_row, idx, mask, y, log_a, log_rest, VIRTUAL)
-            g = (p_coef * tl.exp((s - ms_safe) * inv_t) - q_coef * tl.exp((t - mt_safe) * inv_t)
-                 + const_term)
-            if HAS_CE:
-                g += ce_coef * tl.exp(s - ms_safe)
-                g = tl.where(idx == y, g - ce_weight, g)
-            g = tl.where(idx == y, g + fix_y, g)
-            g = tl.where(idx == b, g + fix_b, g)
-            g = tl.where(valid, g, 0.0)
-            g = tl.where(bad, float("nan"), g)
-            tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_GRAD:
+            ms_safe = tl.where(m_s == NEG_INF, 0.0, m_s)
+            mt_safe = tl.where(m_t == NEG_INF, 0.0, m_t)
+            p_coef = grad_scale / zs
+            ce_coef = ce_weight / z1
+            for start in range(0, C, BLOCK):
+                idx = start + cols
+                mask = idx < C
+                s = tl.load(s_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
+                t = _teacher_block(t_row, idx, mask, y, log_a, log_rest, VIRTUAL)
+                g = (p_coef * tl.exp((s - ms_safe) * inv_t) - q_coef * tl.exp((t - mt_safe) * inv_t)
+                     + const_term)
+                if HAS_CE:
+                    g += ce_coef * tl.exp(s - ms_safe)
+                    g = tl.where(idx == y, g - ce_weight, g)
+                g = tl.where(idx == y, g + fix_y, g)
+                g = tl.where(idx == b, g + fix_b, g)
+                g = tl.where(valid, g, 0.0)
+                g = tl.where(bad, float("nan"), g)
+                tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
     def _launch_config(C):
         block = min(triton.next_power_of_2(max(C, 1)), MAX_BLOCK)
