@@ -47,7 +47,7 @@ def contenders(method, device, compiled=True):
             continue
         found[f"kdkernels-{name}"] = (lambda b: (lambda s, t, y: fused(s, t, y, b)))(name)
     found["eager-reference"] = ref
-    if compiled:  # a fresh compile per case: shapes, dtypes and grad mode each specialise
+    if compiled:  # the runner resets Dynamo per case: each case gets its own compilation
         found["compile-reference"] = torch.compile(ref, dynamic=False)
     if method == "kd":
         try:

@@ -196,8 +196,9 @@ def run(args):
         dtype = DTYPES[dtype_name]
         s, t, y = make_inputs(N, C, dtype, device)
         s.requires_grad_(backward)
-        # built per case: one torch.compile reused across cases would hit Dynamo's recompile
-        # limit and silently fall back to eager
+        # a fresh compile per case: Dynamo caches on the function's code, and one cache shared
+        # by every shape, dtype and grad mode hits its recompile limit and falls back to eager
+        torch._dynamo.reset()
         candidates = contenders(method, device, compiled=not args.no_compile)
         timings = {}
         for name, fn in candidates.items():

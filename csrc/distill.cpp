@@ -15,6 +15,11 @@
 #include <limits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define KDK_HAVE_MXCSR 1
+#endif
+
 #ifndef KDK_CPU_CAPABILITY
 #define KDK_CPU_CAPABILITY "DEFAULT"
 #endif
@@ -126,6 +131,28 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& x) {
   else return x.exp();
 }
 
+// x^k for a small integer k >= 1, by squaring.
+template <typename acc_t>
+inline Vectorized<acc_t> ipow(Vectorized<acc_t> x, int k) {
+  Vectorized<acc_t> result(1);
+  while (k > 0) {
+    if (k & 1) result = result * x;
+    x = x * x;
+    k >>= 1;
+  }
+  return result;
+}
+
+// Flush denormals to zero on this thread while a kernel runs (values below 1e-38 carry no
+// weight in a softmax sum; computing them costs microcode assists); restored afterwards.
+struct FlushDenormals {
+#ifdef KDK_HAVE_MXCSR
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 template <typename acc_t>
 inline acc_t hmax(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
@@ -183,7 +210,8 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   const acc_t ms = hmax(vms), mt = hmax(vmt);
 
   acc_t z1 = 0;
-  if (need_z1) {  // softmax(s) at T = 1, for the CE term and the max_prob weight
+  const bool max_prob = o.temp_mode == kTempMaxProb;
+  if (max_prob) {  // softmax(s) at T = 1 before the temperature: the max_prob weight needs it
     Vec vz(0);
     for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
       Vec e = vexp(load(s + j, n) - Vec(ms));
@@ -214,7 +242,10 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   // Pass 2: tempered softmax sums, the KL cross term, and (smooth) the sum of shifted logits.
   const acc_t inv_t = 1 / T;
   const bool smooth = o.correction == kSmooth;
-  Vec vzs(0), vzt(0), vcross(0), vsd(0);
+  // CE needs exp(s - m) too: at an integer temperature k <= 8 that is exp((s - m) / k)^k
+  const bool ce_here = need_z1 && !max_prob;
+  const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
+  Vec vzs(0), vzt(0), vcross(0), vsd(0), vz1(0);
   for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
     Vec ds = load(s + j, n) - Vec(ms), dt = load(t + j, n) - Vec(mt);
     Vec es = vexp(ds * Vec(inv_t)), et = vexp(dt * Vec(inv_t));
@@ -222,11 +253,17 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     et.store(bq + j, n);
     vzs = vzs + keep(es, n, acc_t(0));
     vzt = vzt + keep(et, n, acc_t(0));
+    if (ce_here) {
+      Vec e1 = int_t ? ipow(es, int_t) : vexp(ds);
+      e1.store(b1 + j, n);
+      vz1 = vz1 + keep(e1, n, acc_t(0));
+    }
     // q_j (d_t - d_s): masked where q_j = 0 so that 0 * inf (a masked class) adds nothing
     vcross = vcross + keep(Vec::blendv(Vec(0), et * (dt - ds), et > Vec(0)), n, acc_t(0));
     if (smooth) vsd = vsd + keep(ds, n, acc_t(0));
   });
   const acc_t zs = hsum(vzs), zt = hsum(vzt);
+  if (ce_here) z1 = hsum(vz1);
   const acc_t log_zs = std::log(zs), log_zt = std::log(zt);
   acc_t kl = hsum(vcross) * inv_t / zt + log_zs - log_zt;
 
@@ -318,6 +355,7 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    FlushDenormals ftz;
     std::vector<acc_t> scratch(6 * C);  // s, t, g, p, q, softmax(s) at T=1
     acc_t *sbuf = scratch.data(), *tbuf = sbuf + C, *gbuf = tbuf + C, *bp = gbuf + C,
           *bq = bp + C, *b1 = bq + C;

@@ -225,3 +225,16 @@ def test_forward_only_skips_the_gradient_and_keeps_the_loss(backend, device, cor
     module = resolve(backend, torch.device(device))
     _, grad, _, _ = module.forward(s, t, y, None, FusedOptions(compute_grad=False))
     assert grad.numel() == 0
+
+
+LARGEST = [(b, d) for b, d in BACKENDS if b in ("triton", "cpp")]
+
+
+@pytest.mark.parametrize("backend,device", LARGEST, ids=[f"{b}-{d}" for b, d in LARGEST])
+@pytest.mark.parametrize("correction", [None, "rectify"])
+def test_largest_vocabulary(backend, device, correction, monkeypatch):
+    """C = 262144 with the kernels' real block size (Triton: 32 blocks of 8192 per row)."""
+    monkeypatch.setattr(triton_distill, "MAX_BLOCK", 8192)
+    s, t, y = make_inputs(2, 262144, seed=13, dtype=torch.bfloat16, device=device, masked=True)
+    assert_matches(backend, s, t, y, temperature=DynamicTemperature(), correction=correction,
+                   wrong_kd_weight=0.5)

@@ -260,8 +260,8 @@ if triton is not None:
                 mask = idx < C
                 s = tl.load(s_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
                 t = _teacher_block(t_row, idx, mask, y, log_a, log_rest, VIRTUAL)
-                g = (p_coef * tl.exp((s - ms_safe) * inv_t) - q_coef * tl.exp((t - mt_safe) * inv_t)
-                     + const_term)
+                p = tl.exp((s - ms_safe) * inv_t)
+                g = p_coef * p - q_coef * tl.exp((t - mt_safe) * inv_t) + const_term
                 if HAS_CE:
                     g += ce_coef * tl.exp(s - ms_safe)
                     g = tl.where(idx == y, g - ce_weight, g)
