@@ -11,6 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -40,6 +41,7 @@ struct Options {
   bool t2_scale;
   int64_t ignore_index;
   bool compute_grad;
+  double grad_scale;
 };
 
 // ---- row loading: any input dtype into the accumulation type ------------------------------
@@ -165,6 +167,33 @@ inline acc_t hsum(const Vectorized<acc_t>& v) {
       [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
 }
 
+// First index in [0, C) where x equals v (C if none).
+template <typename acc_t>
+int64_t find_first(const acc_t* x, int64_t C, acc_t v) {
+  int64_t found = C;
+  constexpr int64_t L = Vectorized<acc_t>::size();
+  for (int64_t j = 0; j < C && found == C; j += L) {
+    const int64_t n = std::min(L, C - j);
+    acc_t lanes[L];
+    (load(x + j, n) == Vectorized<acc_t>(v)).store(lanes);
+    for (int64_t k = 0; k < n; ++k) {
+      if (lanes[k] != 0) { found = j + k; break; }
+    }
+  }
+  return found;
+}
+
+// Largest value of x over [begin, end).
+template <typename acc_t>
+acc_t range_max(const acc_t* x, int64_t begin, int64_t end) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  Vectorized<acc_t> m(-inf);
+  for_vectors<acc_t>(end - begin, [&](int64_t j, int64_t n) {
+    m = at::vec::maximum(m, keep(load(x + begin + j, n), n, -inf));
+  });
+  return hmax(m);
+}
+
 template <typename acc_t>
 inline acc_t xlogy_self(acc_t x) { return x > 0 ? x * std::log(x) : acc_t(0); }
 
@@ -253,9 +282,9 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     et.store(bq + j, n);
     vzs = vzs + keep(es, n, acc_t(0));
     vzt = vzt + keep(et, n, acc_t(0));
-    if (ce_here) {
+    if (ce_here) {  // at an integer temperature pass 3 recomputes e1 instead of storing it
       Vec e1 = int_t ? ipow(es, int_t) : vexp(ds);
-      e1.store(b1 + j, n);
+      if (!int_t) e1.store(b1 + j, n);
       vz1 = vz1 + keep(e1, n, acc_t(0));
     }
     // q_j (d_t - d_s): masked where q_j = 0 so that 0 * inf (a masked class) adds nothing
@@ -271,9 +300,9 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   const acc_t t_y = labelled ? t[y] : acc_t(0);
   const bool wrong = labelled && t_y < mt;
   const acc_t kd_w = acc_t(wrong ? o.wrong_kd_weight : o.kd_weight);
-  const acc_t grad_scale = kd_w * (o.t2_scale ? T : inv_t);
+  const acc_t kd_grad = kd_w * (o.t2_scale ? T : inv_t);
   bool still_wrong = wrong;
-  acc_t q_coef = grad_scale / zt, const_term = 0;  // gradient: grad_scale p - q_coef e_t + ...
+  acc_t q_coef = kd_grad / zt, const_term = 0;  // gradient: kd_grad p - q_coef e_t + ...
   acc_t fix_y = 0, fix_b = 0;
   int64_t b = 0;
   if (wrong && o.correction != kNone) {
@@ -284,11 +313,12 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
       kl = xlogy_self(1 - eps + ec) + acc_t(C - 1) * xlogy_self(ec) - (1 - eps) * log_p(y) -
            ec * sum_log_p;
       q_coef = 0;
-      const_term = -grad_scale * ec;
-      fix_y = -grad_scale * (1 - eps);
+      const_term = -kd_grad * ec;
+      fix_y = -kd_grad * (1 - eps);
       still_wrong = false;
     } else {
-      while (b < C && !(t[b] == mt)) ++b;  // first maximum
+      b = find_first(t, C, mt);  // the first maximum
+      if (b == C) b = 0;          // only for a NaN row, which is poisoned anyway
       const acc_t q_y = bq[y] / zt, q_b = bq[b] / zt;
       const acc_t lq_y = (t_y - mt) * inv_t - log_zt, lq_b = (t[b] - mt) * inv_t - log_zt;
       acc_t r_y, r_b, lr_y, lr_b;
@@ -299,17 +329,18 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
         const acc_t new_y = (q_y + 1) / 2, new_b = q_b / 2, k = (q_y + q_b) / (new_y + new_b);
         r_y = new_y * k; r_b = new_b * k;
         lr_y = std::log(r_y); lr_b = std::log(r_b);
-        acc_t other = -inf;  // largest teacher logit away from the label and the argmax
-        for (int64_t j = 0; j < C; ++j)
-          if (j != y && j != b && t[j] > other) other = t[j];
+        // the largest teacher logit away from the label and the argmax
+        const int64_t lo = std::min(y, b), hi = std::max(y, b);
+        const acc_t other = std::max({range_max(t, 0, lo), range_max(t, lo + 1, hi),
+                                      range_max(t, hi + 1, C)});
         const acc_t q_other = other == -inf ? acc_t(0) : std::exp((other - mt) * inv_t) / zt;
         still_wrong = std::max(r_b, q_other) > r_y;
       }
       const acc_t lp_y = log_p(y), lp_b = log_p(b);
       kl += kl_term(r_y, lr_y, lp_y) + kl_term(r_b, lr_b, lp_b) - kl_term(q_y, lq_y, lp_y) -
             kl_term(q_b, lq_b, lp_b);
-      fix_y = grad_scale * (q_y - r_y);
-      fix_b = grad_scale * (q_b - r_b);
+      fix_y = kd_grad * (q_y - r_y);
+      fix_b = kd_grad * (q_b - r_b);
     }
   }
   double loss = static_cast<double>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * kl);
@@ -320,16 +351,22 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   if (labelled) flags = (wrong ? 0 : kFlagTeacherCorrect) | (still_wrong ? kFlagStillWrong : 0);
   if (!o.compute_grad) return {loss, static_cast<double>(T), flags};
 
-  // Pass 3: the gradient, grad_scale (p - target) + ce_w (softmax(s) - onehot(y)).
-  const acc_t p_coef = grad_scale / zs, c1 = ce_w != 0 ? ce_w / z1 : acc_t(0);
-  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
-    Vec gv = Vec(p_coef) * load(bp + j, n) - Vec(q_coef) * load(bq + j, n) + Vec(const_term);
-    if (ce_w != 0) gv = gv + Vec(c1) * load(b1 + j, n);
+  // Pass 3: the gradient, kd_grad (p - target) + ce_w (softmax(s) - onehot(y)).
+  // every gradient coefficient carries the caller's scale (1 / rows for "mean" on the CPU)
+  const acc_t gs = acc_t(o.grad_scale);
+  const acc_t p_coef = gs * kd_grad / zs, c1 = ce_w != 0 ? gs * ce_w / z1 : acc_t(0);
+  q_coef *= gs;
+  const_term *= gs;
+  const bool e1_from_p = ce_here && int_t;
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {  // g may be bp itself: same index, read first
+    Vec ep = load(bp + j, n);
+    Vec gv = Vec(p_coef) * ep - Vec(q_coef) * load(bq + j, n) + Vec(const_term);
+    if (ce_w != 0) gv = gv + Vec(c1) * (e1_from_p ? ipow(ep, int_t) : load(b1 + j, n));
     gv.store(g + j, n);
   });
   if (labelled) {
-    g[y] += fix_y - ce_w;
-    g[b] += fix_b;
+    g[y] += gs * (fix_y - ce_w);
+    g[b] += gs * fix_b;
   }
   return {loss, static_cast<double>(T), flags};
 }
@@ -356,9 +393,10 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
-    std::vector<acc_t> scratch(6 * C);  // s, t, g, p, q, softmax(s) at T=1
-    acc_t *sbuf = scratch.data(), *tbuf = sbuf + C, *gbuf = tbuf + C, *bp = gbuf + C,
-          *bq = bp + C, *b1 = bq + C;
+    // converted s and t (bf16 / fp16 inputs), the tempered exps of s and t, exp(s - max) at T=1;
+    // a gradient that needs converting is written into bp first
+    std::vector<acc_t> scratch(5 * C);
+    acc_t *sbuf = scratch.data(), *tbuf = sbuf + C, *bp = tbuf + C, *bq = bp + C, *b1 = bq + C;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = labelled ? y_ptr[i] : -1;
       const bool ignored = labelled && y == o.ignore_index;
@@ -372,9 +410,9 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
         t = load_row<acc_t>(*teacher, i, C, tbuf);
       }
       const acc_t T = temp_ptr ? temp_ptr[i] : acc_t(o.temp_value);
-      acc_t* g = write_grad && grad_is_acc ? grad.data_ptr<acc_t>() + i * C : gbuf;
+      acc_t* g = write_grad && grad_is_acc ? grad.data_ptr<acc_t>() + i * C : bp;
       RowOut r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1);
-      if (write_grad && !grad_is_acc) store_row<acc_t>(gbuf, grad, i, C);
+      if (write_grad && !grad_is_acc) store_row<acc_t>(bp, grad, i, C);
       loss_ptr[i] = static_cast<acc_t>(r.loss);
       temp_out[i] = static_cast<acc_t>(r.temperature);
       flag_ptr[i] = r.flags;
@@ -388,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
     double temp_value, int64_t temp_mode, double tau0, double beta, double tau_min,
     double kd_weight, double wrong_kd_weight, double ce_weight, int64_t correction,
     double smooth_eps, double virtual_teacher, bool t2_scale, int64_t ignore_index,
-    bool compute_grad) {
+    bool compute_grad, double grad_scale) {
   TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1,
               "kdkernels: student must be [N, C] with unit class stride");
   TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() && teacher->stride(1) == 1),
@@ -402,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
   TORCH_CHECK(teacher.has_value() || virtual_teacher > 0, "kdkernels: no teacher");
   const Options o{temp_mode, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
                   ce_weight, correction, smooth_eps, virtual_teacher, t2_scale, ignore_index,
-                  compute_grad};
+                  compute_grad, grad_scale};
   const int64_t N = student.size(0);
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({N}, student.options().dtype(acc));
@@ -425,7 +463,7 @@ TORCH_LIBRARY(kdkernels, m) {
         "float temp_value, int temp_mode, float tau0, float beta, float tau_min, "
         "float kd_weight, float wrong_kd_weight, float ce_weight, int correction, "
         "float smooth_eps, float virtual_teacher, bool t2_scale, int ignore_index, "
-        "bool compute_grad) "
+        "bool compute_grad, float grad_scale) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -1,4 +1,5 @@
 """The one general primitive: validate once, pick a backend, run it under one autograd Function."""
+import dataclasses
 import math
 from typing import NamedTuple, Optional
 
@@ -36,6 +37,7 @@ class _FusedDistill(torch.autograd.Function):
         loss_rows, grad, temperature, flags = backend.forward(student, teacher, target, temp_rows,
                                                               options)
         ctx.reduction = reduction
+        ctx.prescaled = options.grad_scale != 1.0  # "mean" on CPU: 1 / count already applied
         ctx.save_for_backward(grad, count)
         if reduction == "none":
             loss = loss_rows
@@ -51,10 +53,12 @@ class _FusedDistill(torch.autograd.Function):
         grad, count = ctx.saved_tensors
         if ctx.reduction == "none":
             scale = grad_loss[:, None]
-        elif ctx.reduction == "sum":
+        elif ctx.reduction == "sum" or ctx.prescaled:
             scale = grad_loss
         else:
             scale = grad_loss / count
+        if scale.dim() == 0 and _host_scalars(scale) and scale.item() == 1.0:
+            return grad, None, None, None, None, None, None, None  # loss.backward(): as written
         if torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph():
             grad = grad * scale  # the graph lives on (retain_graph, gradcheck): keep the saved one
         else:
@@ -71,9 +75,12 @@ def _check_number(name, value, low=None, low_inclusive=True, high=None):
         raise ValueError(f"{name} must be <= {high}, got {value}")
 
 
-def _checking_values(tensor):
-    """Checks of tensor values run only where they cost no device sync and no graph break."""
+def _host_scalars(tensor):
+    """Reading a value of this tensor costs no device sync and no graph break."""
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+_checking_values = _host_scalars  # checks of tensor values run only where they are free
 
 
 def distillation_loss(student_logits, teacher_logits=None, target=None, *, temperature=4.0,
@@ -241,6 +248,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         virtual_teacher=float(virtual_teacher) if virtual_teacher is not None else 0.0,
         t2_scale=_t2, ignore_index=ignore_index,
         compute_grad=torch.is_grad_enabled() and s.requires_grad)
+    prescale = reduction == "mean" and options.compute_grad and _host_scalars(s) and N > 0
 
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     if temp_rows is not None:  # backends read per-row temperatures in the accumulation dtype
@@ -255,6 +263,8 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
             count = torch.tensor(float(N), dtype=acc, device=s.device)
         else:
             count = (y2 != ignore_index).sum().clamp(min=1).to(acc)
+        if prescale:  # on the CPU the kernel can fold 1 / count into the gradient it writes
+            options = dataclasses.replace(options, grad_scale=1.0 / count.item())
         if options.compute_grad:
             loss, temperature_used, flags = _FusedDistill.apply(
                 s2, t2, y2, temp_rows, count, module, options, reduction)

@@ -59,3 +59,4 @@ class FusedOptions:
     t2_scale: bool = True
     ignore_index: int = -100
     compute_grad: bool = True  # False: loss only (no_grad / evaluation), no N x C gradient written
+    grad_scale: float = 1.0  # the gradient is written times this (1 / rows for "mean" on CPU)

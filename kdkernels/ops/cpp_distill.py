@@ -37,7 +37,7 @@ if _C is not None:
     def _fake(student, teacher, target, temperature, *args):
         N = student.shape[0]
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-        compute_grad = args[-1]
+        compute_grad = args[-2]
         return (student.new_empty(N, dtype=acc),
                 torch.empty_like(student) if compute_grad else student.new_empty(0),
                 student.new_empty(N, dtype=acc), student.new_empty(N, dtype=torch.int8))
@@ -47,4 +47,4 @@ def forward(student, teacher, target, temp_rows, o):
     return torch.ops.kdkernels.distill_cpu(
         student, teacher, target, temp_rows, o.temperature, o.temp_mode, o.tau0, o.beta,
         o.tau_min, o.kd_weight, o.wrong_kd_weight, o.ce_weight, o.correction, o.smooth_eps,
-        o.virtual_teacher, o.t2_scale, o.ignore_index, o.compute_grad)
+        o.virtual_teacher, o.t2_scale, o.ignore_index, o.compute_grad, o.grad_scale)

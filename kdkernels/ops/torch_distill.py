@@ -86,7 +86,7 @@ def forward(student, teacher, target, temp_rows, o):
         if o.ce_weight != 0:
             grad = grad + o.ce_weight * (log_p1.exp() - torch.zeros_like(s).scatter_(1, y, 1.0))
         grad = torch.where(valid[:, None], grad, 0.0)
-        grad = torch.where(bad[:, None], torch.nan, grad).to(student.dtype)
+        grad = torch.where(bad[:, None], torch.nan, grad * o.grad_scale).to(student.dtype)
 
     flags = torch.zeros(N, dtype=torch.int8, device=s.device)
     if y is not None:

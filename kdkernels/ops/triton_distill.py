@@ -66,7 +66,7 @@ if triton is not None:
         s_ptr, s_stride, t_ptr, t_stride, y_ptr, temp_ptr,
         loss_ptr, grad_ptr, temp_out_ptr, flags_ptr,
         C, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps,
-        log_a, log_rest, ignore_index,
+        log_a, log_rest, ignore_index, grad_scale,
         BLOCK: tl.constexpr, TEMP_MODE: tl.constexpr, CORRECTION: tl.constexpr,
         VIRTUAL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
         T2_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
@@ -187,12 +187,12 @@ if triton is not None:
             still_wrong = wrong
         kd_w = tl.where(wrong, wrong_kd_weight, kd_weight)
         if T2_SCALE:
-            grad_scale = kd_w * T
+            kd_grad = kd_w * T
             kd_scale = kd_w * T * T
         else:
-            grad_scale = kd_w * inv_t
+            kd_grad = kd_w * inv_t
             kd_scale = kd_w
-        q_coef = grad_scale / zt
+        q_coef = kd_grad / zt
         const_term = tl.zeros([], dtype=tl.float32)
         if CORRECTION == 1 or CORRECTION == 3:  # swap, rectify: new values at y and b
             s_b = tl.load(s_row + b).to(tl.float32)
@@ -221,8 +221,8 @@ if triton is not None:
             kl_fix = (_kl_term(r_y, lr_y, lp_y) + _kl_term(r_b, lr_b, lp_b)
                       - _kl_term(q_y, lq_y, lp_y) - _kl_term(q_b, lq_b, lp_b))
             kl = tl.where(wrong, kl + kl_fix, kl)
-            fix_y = tl.where(wrong, grad_scale * (q_y - r_y), 0.0)
-            fix_b = tl.where(wrong, grad_scale * (q_b - r_b), 0.0)
+            fix_y = tl.where(wrong, kd_grad * (q_y - r_y), 0.0)
+            fix_b = tl.where(wrong, kd_grad * (q_b - r_b), 0.0)
         if CORRECTION == 2:  # smooth: target (1 - eps) onehot(y) + eps / C on wrong rows
             ec = smooth_eps / C
             top = 1.0 - smooth_eps + ec
@@ -232,8 +232,8 @@ if triton is not None:
             sum_lp = (s_sum - C * m_s) * inv_t - C * log_zs
             kl = tl.where(wrong, h - (1.0 - smooth_eps) * lp_y - ec * sum_lp, kl)
             q_coef = tl.where(wrong, 0.0, q_coef)
-            const_term = tl.where(wrong, -grad_scale * ec, 0.0)
-            fix_y = tl.where(wrong, -grad_scale * (1.0 - smooth_eps), 0.0)
+            const_term = tl.where(wrong, -kd_grad * ec, 0.0)
+            fix_y = tl.where(wrong, -kd_grad * (1.0 - smooth_eps), 0.0)
             still_wrong = tl.zeros([], dtype=tl.int1)  # the label holds the maximum
 
         loss = kd_scale * kl
@@ -253,7 +253,7 @@ if triton is not None:
         if COMPUTE_GRAD:
             ms_safe = tl.where(m_s == NEG_INF, 0.0, m_s)
             mt_safe = tl.where(m_t == NEG_INF, 0.0, m_t)
-            p_coef = grad_scale / zs
+            p_coef = kd_grad / zs
             ce_coef = ce_weight / z1
             for start in range(0, C, BLOCK):
                 idx = start + cols
@@ -267,7 +267,7 @@ if triton is not None:
                     g = tl.where(idx == y, g - ce_weight, g)
                 g = tl.where(idx == y, g + fix_y, g)
                 g = tl.where(idx == b, g + fix_b, g)
-                g = tl.where(valid, g, 0.0)
+                g = tl.where(valid, g * grad_scale, 0.0)
                 g = tl.where(bad, float("nan"), g)
                 tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -283,7 +283,8 @@ if triton is not None:
                        tau_min: float, kd_weight: float, wrong_kd_weight: float,
                        ce_weight: float, correction: int, smooth_eps: float,
                        virtual_teacher: float, t2_scale: bool, ignore_index: int,
-                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       compute_grad: bool, grad_scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         N, C = student.shape
         loss = student.new_empty(N, dtype=torch.float32)
         grad = (torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad
@@ -304,7 +305,7 @@ if triton is not None:
             temperature if temperature is not None else dummy,
             loss, grad, temps, flags,
             C, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps,
-            log_a, log_rest, ignore_index,
+            log_a, log_rest, ignore_index, grad_scale,
             BLOCK=block, TEMP_MODE=temp_mode, CORRECTION=correction, VIRTUAL=virtual,
             HAS_LABELS=target is not None, HAS_CE=ce_weight != 0, T2_SCALE=t2_scale,
             COMPUTE_GRAD=compute_grad, num_warps=warps)
@@ -315,7 +316,7 @@ def forward(student, teacher, target, temp_rows, o):
     loss, grad, temps, flags = torch.ops.kdkernels.distill_triton(
         student, teacher, target, temp_rows, o.temperature, o.temp_mode, o.tau0, o.beta,
         o.tau_min, o.kd_weight, o.wrong_kd_weight, o.ce_weight, o.correction, o.smooth_eps,
-        o.virtual_teacher, o.t2_scale, o.ignore_index, o.compute_grad)
+        o.virtual_teacher, o.t2_scale, o.ignore_index, o.compute_grad, o.grad_scale)
     if student.dtype == torch.float64:  # the contract: losses in the accumulation dtype
         loss, temps = loss.double(), temps.double()
     return loss, grad, temps, flags
