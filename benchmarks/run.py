@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -270,7 +271,8 @@ def plot(rows, path, title):
                             and f"{r['shape']}\n{r['dtype']}" == case), 0) for case in cases]
             ax.bar([i + k * width for i in range(len(cases))], values, width, label=name)
         ax.axhline(1, color="grey", lw=0.8)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, fontsize=7)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], cases, fontsize=7,
+                      rotation=35, ha="right")
         ax.set_title(f"{method}, fwd+bwd")
         ax.set_ylabel("speed-up vs eager reference")
         ax.legend(fontsize=7)
@@ -288,7 +290,7 @@ def write_results(meta, table, title):
     sections = re.split(r"(?m)^(?=## )", text)
     kept = [sec for sec in sections if not sec.startswith(header)]
     kept.append(f"{header}\n\nMeasured {meta['date']} with `python -m benchmarks.run "
-                f"{' '.join(sys.argv[1:])}`.\n\n{table}\n\n")
+                f"{shlex.join(sys.argv[1:])}`.\n\n{table}\n\n")
     with open(path, "w") as handle:
         handle.write("".join(kept).rstrip() + "\n")
 
