@@ -80,8 +80,6 @@ def _host_scalars(tensor):
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
-_checking_values = _host_scalars  # checks of tensor values run only where they are free
-
 
 def distillation_loss(student_logits, teacher_logits=None, target=None, *, temperature=4.0,
                       kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None, correction=None,
@@ -157,7 +155,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                              f"class dimension), got {tuple(target.shape)}")
         if target.device != s.device:
             raise ValueError(f"target is on {target.device} but student_logits on {s.device}")
-        if _checking_values(target) and target.numel():
+        if _host_scalars(target) and target.numel():
             low, high = torch.aminmax(target)  # one pass in the common case
             bad = None
             if low < 0 or high >= C:
@@ -209,7 +207,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         if temperature.device != s.device:
             raise ValueError(f"temperature is on {temperature.device} but student_logits on "
                              f"{s.device}")
-        if _checking_values(temperature) and not bool((temperature > 0).all()):
+        if _host_scalars(temperature) and not bool((temperature > 0).all()):
             raise ValueError("temperature values must all be > 0")
         temp_mode, temp_rows = TEMP_ROWS, temperature.detach().reshape(-1)
     else:

@@ -96,6 +96,9 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
         teacher.to(device).eval()
 
     x_train, y_train = data.x_train, data.y_train
+    # one bar per model over its epochs; off when not on a terminal (disable=None), e.g. in logs
+    bar = tqdm(total=epochs, initial=state["epoch"], desc=desc, leave=False,
+               disable=True if rank != 0 or not cfg.progress else None)
     for epoch in range(state["epoch"], epochs):
         net.train()
         # the batch order depends on (seed, epoch) alone, so a resumed run sees the same batches
@@ -103,8 +106,7 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
         order = torch.randperm(len(y_train), generator=g)
         totals = {"rows": 0, "wrong": 0, "fixed": 0, "temperature": 0.0}
         batches = range(0, len(order), cfg.batch_size)
-        for start in tqdm(batches, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False,
-                          disable=rank != 0 or not cfg.progress):
+        for start in batches:
             idx = order[start:start + cfg.batch_size][rank::world]
             x, y = x_train[idx].to(device), y_train[idx].to(device)
             if data.image:
@@ -135,8 +137,11 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                              "state": state}, checkpoint)
+        bar.update(1)
+        bar.set_postfix(test_acc=f"{acc:.4f}")
         if budget is not None:
             budget.spend()
+    bar.close()
     model.eval()
     return {"last": state["history"][-1], "best": max(state["history"]), "stats": state["stats"],
             "history": state["history"]}
