@@ -16,18 +16,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--seeds", "1", "--epochs", "2", "--no-progress"]
 
 
+def summary(out):
+    with open(os.path.join(out, "results.json")) as handle:
+        return json.load(handle)["summary"]
+
+
 def test_reduced_default_run_writes_the_table(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(SMALL + ["--seeds", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    summary = json.loads((out / "results.json").read_text())["summary"]
-    assert [e["method"] for e in summary] == list(cli.METHODS)
-    for entry in summary:
+    rows = summary(out)
+    assert [e["method"] for e in rows] == list(cli.METHODS)
+    for entry in rows:
         assert entry["seeds"] == 2 and 0 < entry["last"] <= 1 and entry["best"] >= entry["last"]
         assert f"| {entry['method']} |" in printed
-    kd = next(e for e in summary if e["method"] == "kd")
+    kd = next(e for e in rows if e["method"] == "kd")
     assert kd["teacher_acc"] > 0.5 and kd["temperature"] == pytest.approx(4.0)
-    assert next(e for e in summary if e["method"] == "ce")["teacher_acc"] is None
+    assert next(e for e in rows if e["method"] == "ce")["teacher_acc"] is None
     assert (out / "results.csv").read_text().startswith("method,")
     assert (out / "results.md").exists() and (out / "accuracy.png").stat().st_size > 1000
 
@@ -50,9 +55,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     for name in a:
         for key in a[name]:
             assert torch.equal(a[name][key], b[name][key]), (name, key)
-    ra = json.loads(open(os.path.join(whole, "results.json")).read())["summary"]
-    rb = json.loads(open(os.path.join(cut, "results.json")).read())["summary"]
-    assert ra == rb
+    assert summary(whole) == summary(cut)
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path):
@@ -72,9 +75,9 @@ def test_two_process_gloo_run(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
-    summary = json.loads(open(os.path.join(out, "results.json")).read())["summary"]
-    assert [e["method"] for e in summary] == ["ce", "kd"]
-    assert all(0.3 < e["last"] <= 1 for e in summary)
+    rows = summary(out)
+    assert [e["method"] for e in rows] == ["ce", "kd"]
+    assert all(0.3 < e["last"] <= 1 for e in rows)
 
 
 def _write_cifar(folder, name, n=40):
