@@ -10,6 +10,7 @@ Accumulation is float32 (float64 inputs too: Triton passes scalars as float32).
 """
 import math
 import os
+from typing import Optional, Tuple
 
 import torch
 
@@ -277,14 +278,14 @@ if triton is not None:
         return block, warps
 
     @torch.library.triton_op("kdkernels::distill_triton", mutates_args=())
-    def distill_triton(student: torch.Tensor, teacher: torch.Tensor | None,
-                       target: torch.Tensor | None, temperature: torch.Tensor | None,
+    def distill_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
+                       target: Optional[torch.Tensor], temperature: Optional[torch.Tensor],
                        temp_value: float, temp_mode: int, tau0: float, beta: float,
                        tau_min: float, kd_weight: float, wrong_kd_weight: float,
                        ce_weight: float, correction: int, smooth_eps: float,
                        virtual_teacher: float, t2_scale: bool, ignore_index: int,
                        compute_grad: bool, grad_scale: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         N, C = student.shape
         loss = student.new_empty(N, dtype=torch.float32)
         grad = (torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad
