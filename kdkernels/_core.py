@@ -39,12 +39,7 @@ class _FusedDistill(torch.autograd.Function):
         ctx.reduction = reduction
         ctx.prescaled = options.grad_scale != 1.0  # "mean" on CPU: 1 / count already applied
         ctx.save_for_backward(grad, count)
-        if reduction == "none":
-            loss = loss_rows
-        elif reduction == "sum":
-            loss = loss_rows.sum()
-        else:
-            loss = loss_rows.sum() / count
+        loss = reduce_rows(loss_rows, reduction, count)
         ctx.mark_non_differentiable(temperature, flags)
         return loss, temperature, flags
 
@@ -64,6 +59,21 @@ class _FusedDistill(torch.autograd.Function):
         else:
             grad = grad.mul_(scale)  # last use of the saved gradient: no second N x C buffer
         return grad, None, None, None, None, None, None, None
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def reduce_rows(loss_rows, reduction, count=None):
+    """Per-row losses (0 on ignored rows) to the requested reduction; "mean" divides by `count`,
+    the number of rows that count (a tensor, so no host sync)."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / count
 
 
 def _check_number(name, value, low=None, low_inclusive=True, high=None):
@@ -133,8 +143,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
     if s.dim() < 1 or s.shape[-1] < 1:
         raise ValueError(f"student_logits must have shape [..., C] with C >= 1, got {tuple(s.shape)}")
     lead, C = s.shape[:-1], s.shape[-1]
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction)
     if correction not in CORRECTIONS:
         raise ValueError(f"correction must be one of {tuple(CORRECTIONS)}, got {correction!r}")
     for name, value in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
@@ -257,10 +266,10 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         temperature_used = torch.zeros(lead, dtype=acc, device=s.device)
         flags = torch.zeros(lead, dtype=torch.int8, device=s.device)
     else:
-        if y2 is None:
-            count = torch.tensor(float(N), dtype=acc, device=s.device)
-        else:
-            count = (y2 != ignore_index).sum().clamp(min=1).to(acc)
+        count = None  # rows that count: needed by "mean" only (no launches for "sum" / "none")
+        if reduction == "mean":
+            count = (torch.tensor(float(N), dtype=acc, device=s.device) if y2 is None
+                     else (y2 != ignore_index).sum().clamp(min=1).to(acc))
         if prescale:  # on the CPU the kernel can fold 1 / count into the gradient it writes
             options = dataclasses.replace(options, grad_scale=1.0 / count.item())
         if options.compute_grad:
@@ -268,8 +277,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                 s2, t2, y2, temp_rows, count, module, options, reduction)
         else:  # evaluation: the loss alone, no gradient written, no graph
             loss_rows, _, temperature_used, flags = module.forward(s2, t2, y2, temp_rows, options)
-            loss = (loss_rows if reduction == "none" else loss_rows.sum() if reduction == "sum"
-                    else loss_rows.sum() / count)
+            loss = reduce_rows(loss_rows, reduction, count)
         if reduction == "none":
             loss = loss.reshape(lead)
     if not return_stats:

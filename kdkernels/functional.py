@@ -6,7 +6,7 @@ and their defaults are specified in METHODS.md.
 """
 import torch
 
-from ._core import DistillStats, distillation_loss
+from ._core import DistillStats, check_reduction, distillation_loss, reduce_rows
 from ._dtd import dtd_weights, temperature_from_weights
 from ._options import DynamicTemperature
 
@@ -136,8 +136,7 @@ def top_score_difference_loss(logits, target, *, eta=0.6, k=5, ignore_index=-100
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+    check_reduction(reduction)
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target must have shape {tuple(logits.shape[:-1])}, got "
                          f"{tuple(target.shape)}")
@@ -152,6 +151,4 @@ def top_score_difference_loss(logits, target, *, eta=0.6, k=5, ignore_index=-100
     rows = torch.where(valid, eta * ce + (1 - eta) * gap, 0.0)
     if reduction == "none":
         return rows.reshape(target.shape)
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / valid.sum().clamp(min=1)
+    return reduce_rows(rows, reduction, valid.sum().clamp(min=1))

@@ -3,6 +3,7 @@
 import torch
 
 from . import functional as F
+from ._core import check_reduction
 from ._options import DynamicTemperature
 
 __all__ = ["DistillationLoss", "KDLoss", "TfKDRegLoss", "PreparingLessonsLoss", "TeacherBiasLoss",
@@ -12,8 +13,7 @@ __all__ = ["DistillationLoss", "KDLoss", "TfKDRegLoss", "PreparingLessonsLoss", 
 class _Loss(torch.nn.Module):
     def __init__(self, ignore_index=-100, reduction="mean", backend="auto"):
         super().__init__()
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+        check_reduction(reduction)
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def _common(self):

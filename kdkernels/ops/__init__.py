@@ -11,13 +11,9 @@ NAMES = ("triton", "cpp", "torch")
 _MODULES = {"triton": triton_distill, "cpp": cpp_distill, "torch": torch_distill}
 
 
-def _module(name):
-    return _MODULES[name]
-
-
 def backends():
     """What each backend can do here, and why not: {name: BackendInfo(available, reason)}."""
-    return {name: BackendInfo(*_module(name).availability()) for name in NAMES}
+    return {name: BackendInfo(*_MODULES[name].availability()) for name in NAMES}
 
 
 def resolve(name, device):
@@ -25,12 +21,12 @@ def resolve(name, device):
     the named backend cannot run there. Plain Python, so that torch.compile traces through it."""
     if name == "auto":
         preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
-        if preferred is not None and _module(preferred).availability(device)[0]:
-            return _module(preferred)
-        return _module("torch")
+        if preferred is not None and _MODULES[preferred].availability(device)[0]:
+            return _MODULES[preferred]
+        return _MODULES["torch"]
     if name not in NAMES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {name!r}")
-    module = _module(name)
+    module = _MODULES[name]
     ok, why = module.availability(device)
     if not ok:
         raise RuntimeError(f"backend={name!r} is not available for {device.type} tensors: {why}")

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from . import data as datasets
 from . import models
-from .loop import Budget, Interrupted, accuracy, rank_and_world, train
+from .loop import Budget, Interrupted, accuracy, autocast_for, rank_and_world, train
 from .methods import METHODS, top_score_difference
 
 DEFAULTS = {  # per data set: the small ones run in minutes on 2 CPU cores
@@ -157,8 +157,7 @@ class Runner:
     def __init__(self, cfg, data, device):
         self.cfg, self.data, self.device = cfg, data, device
         self.budget = Budget(cfg.interrupt_after)
-        self.autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device.type == "cuda" \
-            else (lambda: torch.autocast("cpu", enabled=False))
+        self.autocast = autocast_for(device)
         self.cache = {}
 
     def model(self, key, arch, loss_fn, seed, teacher=None, epochs=None):

@@ -15,6 +15,13 @@ class Interrupted(Exception):
     """Raised by --interrupt-after (for testing resume): the checkpoint is on disk."""
 
 
+def autocast_for(device):
+    """bf16 autocast on the GPU, none on the CPU; a factory, since each use needs a new context."""
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
 def distributed():
     return dist.is_available() and dist.is_initialized()
 
@@ -82,8 +89,7 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
                                 weight_decay=cfg.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
-    autocast = (lambda: torch.autocast("cuda", torch.bfloat16)) if device.type == "cuda" \
-        else (lambda: torch.autocast("cpu", enabled=False))
+    autocast = autocast_for(device)
     state = {"epoch": 0, "history": [], "stats": None}
     if os.path.exists(checkpoint):
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
