@@ -76,6 +76,7 @@ def time_cuda(fn, s, t, y, backward):
 
 
 def peak_cuda(fn, s, t, y, backward):
+    s.grad = None  # a gradient left by the timing loop is not part of the baseline
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -309,6 +310,7 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile contenders")
     p.add_argument("--write-results", nargs="?", const="{device}", metavar="TITLE",
                    help="replace the section TITLE (default: the device) of benchmarks/RESULTS.md")
+    p.add_argument("--out", default=OUT, help="folder for results.csv, latest.md, speedup.png")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.memory_child:
@@ -321,8 +323,9 @@ def main(argv=None):
     if args.quick:
         args.min_reps = min(args.min_reps, 3)
     meta, rows = run(args)
-    os.makedirs(OUT, exist_ok=True)
-    csv_path = os.path.join(OUT, "results.csv")
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    csv_path = os.path.join(out, "results.csv")
     new = not os.path.exists(csv_path)
     with open(csv_path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -330,12 +333,12 @@ def main(argv=None):
             writer.writeheader()
         writer.writerows(rows)
     table = markdown(meta, rows)
-    with open(os.path.join(OUT, "latest.md"), "w") as handle:
+    with open(os.path.join(out, "latest.md"), "w") as handle:
         handle.write(table + "\n")
-    plot(rows, os.path.join(OUT, "speedup.png"), f"{meta['device']} | {meta['versions']}")
+    plot(rows, os.path.join(out, "speedup.png"), f"{meta['device']} | {meta['versions']}")
     if args.write_results:
         write_results(meta, table, args.write_results.format(device=meta["device"]))
-    print(f"\nwrote {csv_path}, {OUT}/latest.md, {OUT}/speedup.png")
+    print(f"\nwrote {csv_path}, {out}/latest.md, {out}/speedup.png")
     return 0
 
 

@@ -30,21 +30,39 @@ class DistillStats(NamedTuple):
 
 class _FusedDistill(torch.autograd.Function):
     """Forward runs the backend, which writes the per-row loss and the gradient in one pass; the
-    backward only scales that gradient, in place unless the graph is retained."""
+    backward only scales that gradient, in place unless the graph is retained. A backend with a
+    ``gradient`` function (Triton) instead leaves O(1) coefficients per row in the forward and
+    writes the gradient, already scaled by the upstream gradient, in the backward."""
 
     @staticmethod
     def forward(ctx, student, teacher, target, temp_rows, count, backend, options, reduction):
-        loss_rows, grad, temperature, flags = backend.forward(student, teacher, target, temp_rows,
-                                                              options)
-        ctx.reduction = reduction
-        ctx.prescaled = options.grad_scale != 1.0  # "mean" on CPU: 1 / count already applied
-        ctx.save_for_backward(grad, count)
+        ctx.reduction, ctx.backend, ctx.options = reduction, backend, options
+        ctx.deferred = hasattr(backend, "gradient")
+        if ctx.deferred:  # the backward's kernel writes the gradient (Triton)
+            loss_rows, state, temperature, flags = backend.forward_deferred(
+                student, teacher, target, temp_rows, options)
+            ctx.save_for_backward(student, teacher, count, *state)
+        else:
+            loss_rows, grad, temperature, flags = backend.forward(student, teacher, target,
+                                                                  temp_rows, options)
+            ctx.prescaled = options.grad_scale != 1.0  # "mean" on CPU: 1 / count applied
+            ctx.save_for_backward(grad, count)
         loss = reduce_rows(loss_rows, reduction, count)
         ctx.mark_non_differentiable(temperature, flags)
         return loss, temperature, flags
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_temperature, _grad_flags):
+        if ctx.deferred:
+            student, teacher, count, *state = ctx.saved_tensors
+            if ctx.reduction == "none":
+                upstream = grad_loss.reshape(-1)
+            elif ctx.reduction == "sum":
+                upstream = grad_loss.reshape(1)
+            else:
+                upstream = (grad_loss / count).reshape(1)
+            grad = ctx.backend.gradient(student, teacher, state, upstream, ctx.options)
+            return grad, None, None, None, None, None, None, None
         grad, count = ctx.saved_tensors
         if ctx.reduction == "none":
             scale = grad_loss[:, None]
@@ -77,7 +95,9 @@ def reduce_rows(loss_rows, reduction, count=None):
 
 
 def _check_number(name, value, low=None, low_inclusive=True, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # comparisons, not math.isfinite: they also work on the SymFloats of torch.compile(dynamic=True)
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) \
+            or not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")

@@ -238,3 +238,33 @@ def test_largest_vocabulary(backend, device, correction, monkeypatch):
     s, t, y = make_inputs(2, 262144, seed=13, dtype=torch.bfloat16, device=device, masked=True)
     assert_matches(backend, s, t, y, temperature=DynamicTemperature(), correction=correction,
                    wrong_kd_weight=0.5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("layout", ["column_of_pairs", "expanded", "every_other"])
+def test_strided_labels_and_temperatures(backend, device, layout):
+    """Labels and per-row temperatures are read through their strides: a column of a [N, 2]
+    tensor, one value expanded to N rows, every other element of a longer tensor."""
+    N, C = 6, 40
+    s, t, _ = make_inputs(N, C, seed=14, device=device)
+    g = torch.Generator().manual_seed(14)
+    if layout == "column_of_pairs":
+        y = torch.randint(0, C, (N, 2), generator=g).to(device)[:, 0]
+        temps = (torch.rand(N, 2, generator=g) * 3 + 0.5).to(device)[:, 1]
+    elif layout == "expanded":
+        y = torch.tensor(3, device=device).expand(N)
+        temps = torch.tensor(2.5, device=device).expand(N)
+    else:
+        y = torch.randint(0, C, (2 * N,), generator=g).to(device)[::2]
+        temps = (torch.rand(2 * N, generator=g) * 3 + 0.5).to(device)[1::2]
+    assert not y.is_contiguous() and not temps.is_contiguous()
+    assert_matches(backend, s, t, y, temperature=temps, correction="swap", ce_weight=0.3)
+    # the op itself, called with the strided tensors (no copies made by the Python layer)
+    from kdkernels._options import TEMP_ROWS, FusedOptions
+    from kdkernels.ops import resolve
+    module = resolve(backend, torch.device(device))
+    options = FusedOptions(temp_mode=TEMP_ROWS, correction=1)
+    strided = module.forward(s, t, y, temps.float(), options)
+    dense = module.forward(s, t, y.contiguous(), temps.float().contiguous(), options)
+    torch.testing.assert_close(strided[0], dense[0])
+    torch.testing.assert_close(strided[1], dense[1])

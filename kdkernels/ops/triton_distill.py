@@ -1,10 +1,20 @@
-"""The Triton backend: one program per row reads the student and teacher logits and writes the
-row's loss terms and the gradient wrt the student (METHODS.md, "What every fused path computes").
+"""The Triton backend (METHODS.md, "What every fused path computes"), as two kernels with one
+program per row:
 
-Loop 1 is an online softmax over blocks of the row (maxima, first argmax of the teacher, the
-tempered sums, the KL cross term, CE's sum at T=1); loop 2 writes the gradient. A dynamic (DTD)
-temperature adds a pre-pass over the row. Options that change the code path are constexpr, so
-plain KD pays nothing for the corrections. Registered with ``torch.library.triton_op``.
+- the forward reads the student and teacher rows once: an online softmax over blocks (maxima,
+  first argmax of the teacher, the tempered sums, the KL cross term, CE's sum at T=1), then the
+  teacher correction; it writes the row's loss, temperature and flags, and ten float32
+  coefficients from which the gradient follows in closed form. A dynamic (DTD) temperature adds
+  a pre-pass over the row.
+- the gradient kernel, run by the backward, reads the rows once more and writes the gradient
+  times the upstream gradient, which it reads on the device.
+
+Measured on an H100 (benchmarks/RESULTS.md), this split moves fewer bytes than a forward that
+also writes the gradient: the backward must scale a saved gradient by an upstream value it can
+only know on the device (one more read and write of N x C), while recomputing from the logits
+costs one read of each. It also holds no N x C buffer between forward and backward. Options that
+change the code path are constexpr, so plain KD pays nothing for the corrections. Both kernels
+are registered with ``torch.library.triton_op``, so torch.compile sees them.
 
 Accumulation is float32 (float64 inputs too: Triton passes scalars as float32).
 """
@@ -26,6 +36,8 @@ except ImportError as error:  # triton is optional
 # Largest block of classes one program holds; rows longer than this loop. Tests lower it to reach
 # the multi-block path at small C.
 MAX_BLOCK = 8192
+LAUNCH_OVERRIDE = None  # a function (C, kernel) -> (block, warps): for tuning sweeps only
+NUM_COEF = 10  # float32 values per row that the forward leaves for the gradient kernel
 
 
 def _interpreting():
@@ -45,6 +57,8 @@ def availability(device=None):
         if _interpreting():
             return True, "Triton interpreter (TRITON_INTERPRET=1): CPU tensors only"
         return False, "no CUDA device (torch.cuda.is_available() is False)"
+    if device is not None:  # resolve() on a tensor's device: plain Python for torch.compile
+        return True, f"Triton {triton.__version__} on CUDA"
     return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
@@ -64,23 +78,33 @@ if triton is not None:
 
     @triton.jit
     def _distill_kernel(
-        s_ptr, s_stride, t_ptr, t_stride, y_ptr, temp_ptr,
-        loss_ptr, grad_ptr, temp_out_ptr, flags_ptr,
+        s_ptr, s_stride, t_ptr, t_stride, y_ptr, y_stride, temp_ptr, temp_stride,
+        loss_ptr, temp_out_ptr, flags_ptr, coef_ptr, index_ptr,
         C, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps,
-        log_a, log_rest, ignore_index, grad_scale,
+        log_a, log_rest, ignore_index,
         BLOCK: tl.constexpr, TEMP_MODE: tl.constexpr, CORRECTION: tl.constexpr,
         VIRTUAL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-        T2_SCALE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+        T2_SCALE: tl.constexpr, NUM_COEF: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         s_row = s_ptr + row * s_stride
         t_row = t_ptr + row * t_stride
-        g_row = grad_ptr + row * C
         cols = tl.arange(0, BLOCK)
         NEG_INF: tl.constexpr = float("-inf")
+        # scalars arrive as float32 or (from inductor) float64: one accumulation dtype
+        temp_value = tl.cast(temp_value, tl.float32)
+        tau0 = tl.cast(tau0, tl.float32)
+        beta = tl.cast(beta, tl.float32)
+        tau_min = tl.cast(tau_min, tl.float32)
+        kd_weight = tl.cast(kd_weight, tl.float32)
+        wrong_kd_weight = tl.cast(wrong_kd_weight, tl.float32)
+        ce_weight = tl.cast(ce_weight, tl.float32)
+        smooth_eps = tl.cast(smooth_eps, tl.float32)
+        log_a = tl.cast(log_a, tl.float32)
+        log_rest = tl.cast(log_rest, tl.float32)
 
         if HAS_LABELS:
-            y = tl.load(y_ptr + row).to(tl.int64)
+            y = tl.load(y_ptr + row * y_stride).to(tl.int64)
             valid = y != ignore_index
             in_range = (y >= 0) & (y < C)
             y = tl.where(in_range, y, 0)  # a safe address; bad labels poison the row below
@@ -89,17 +113,20 @@ if triton is not None:
             valid = tl.full([], 1, tl.int1)
             in_range = tl.full([], 1, tl.int1)
 
+        # The DTD pre-pass keeps its sums per lane ([BLOCK] vectors) and reduces them once.
+        # (Measured on an H100: the same for loop 1 made the forward 5-19% slower than one
+        # reduction per block and statistic, so loop 1 reduces per block.)
         # ---- the row's temperature ------------------------------------------------------
         if TEMP_MODE == 0:
             T = tl.zeros([], dtype=tl.float32) + temp_value
         elif TEMP_MODE == 1:
-            T = tl.load(temp_ptr + row).to(tl.float32)
+            T = tl.load(temp_ptr + row * temp_stride).to(tl.float32)
         else:  # DTD: a pre-pass over the row at T = 1
             m1 = tl.full([], NEG_INF, tl.float32)
-            z1p = tl.zeros([], dtype=tl.float32)
-            ss = tl.zeros([], dtype=tl.float32)
-            tt = tl.zeros([], dtype=tl.float32)
-            st = tl.zeros([], dtype=tl.float32)
+            z1p = tl.zeros([BLOCK], dtype=tl.float32)
+            ss = tl.zeros([BLOCK], dtype=tl.float32)
+            tt = tl.zeros([BLOCK], dtype=tl.float32)
+            st = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, C, BLOCK):
                 idx = start + cols
                 mask = idx < C
@@ -109,19 +136,20 @@ if triton is not None:
                     finite = mask & ((s - s) == 0) & ((t - t) == 0)
                     fs = tl.where(finite, s, 0.0)
                     ft = tl.where(finite, t, 0.0)
-                    ss += tl.sum(fs * fs, 0)
-                    tt += tl.sum(ft * ft, 0)
-                    st += tl.sum(fs * ft, 0)
+                    ss += fs * fs
+                    tt += ft * ft
+                    st += fs * ft
                 else:  # max_prob: sum_j exp(s_j - max s), online
                     m_new = tl.maximum(m1, tl.max(s, 0))
                     m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-                    z1p = z1p * tl.exp(m1 - m_safe) + tl.sum(tl.exp(s - m_safe), 0)
+                    z1p = z1p * tl.exp(m1 - m_safe) + tl.exp(s - m_safe)
                     m1 = m_new
             if TEMP_MODE == 2:
-                norms = tl.maximum(tl.sqrt(ss), 1e-12) * tl.maximum(tl.sqrt(tt), 1e-12)
-                w = (1.0 - st / norms) * (1.0 - st / norms)
+                norms = (tl.maximum(tl.sqrt(tl.sum(ss, 0)), 1e-12)
+                         * tl.maximum(tl.sqrt(tl.sum(tt, 0)), 1e-12))
+                w = (1.0 - tl.sum(st, 0) / norms) * (1.0 - tl.sum(st, 0) / norms)
             else:
-                w = z1p
+                w = tl.sum(z1p, 0)
             raw = tau0 - beta * w
             T = tl.where(raw < tau_min, tau_min, raw)
         inv_t = 1.0 / T
@@ -240,6 +268,7 @@ if triton is not None:
         loss = kd_scale * kl
         if HAS_CE:
             loss += ce_weight * (tl.log(z1) + m_s - s_y)
+            fix_y -= ce_weight
         bad = (T <= 0) | (T != T) | (valid & ~in_range)
         loss = tl.where(valid, loss, 0.0)
         loss = tl.where(bad, float("nan"), loss)
@@ -250,32 +279,88 @@ if triton is not None:
             flags += tl.where(valid & ~wrong, 1, 0)
         tl.store(flags_ptr + row, flags.to(tl.int8))
 
-        # ---- loop 2: the gradient --------------------------------------------------------
-        if COMPUTE_GRAD:
-            ms_safe = tl.where(m_s == NEG_INF, 0.0, m_s)
-            mt_safe = tl.where(m_t == NEG_INF, 0.0, m_t)
-            p_coef = kd_grad / zs
-            ce_coef = ce_weight / z1
-            for start in range(0, C, BLOCK):
-                idx = start + cols
-                mask = idx < C
-                s = tl.load(s_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
-                t = _teacher_block(t_row, idx, mask, y, log_a, log_rest, VIRTUAL)
-                p = tl.exp((s - ms_safe) * inv_t)
-                g = p_coef * p - q_coef * tl.exp((t - mt_safe) * inv_t) + const_term
-                if HAS_CE:
-                    g += ce_coef * tl.exp(s - ms_safe)
-                    g = tl.where(idx == y, g - ce_weight, g)
-                g = tl.where(idx == y, g + fix_y, g)
-                g = tl.where(idx == b, g + fix_b, g)
-                g = tl.where(valid, g * grad_scale, 0.0)
-                g = tl.where(bad, float("nan"), g)
-                tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        # ---- what the gradient kernel needs: O(1) per row --------------------------------
+        row_scale = tl.where(valid, 1.0, 0.0)
+        row_scale = tl.where(bad, float("nan"), row_scale)
+        c = coef_ptr + row * NUM_COEF
+        tl.store(c + 0, inv_t)
+        tl.store(c + 1, tl.where(m_s == NEG_INF, 0.0, m_s))
+        tl.store(c + 2, tl.where(m_t == NEG_INF, 0.0, m_t))
+        tl.store(c + 3, kd_grad / zs)
+        tl.store(c + 4, q_coef)
+        tl.store(c + 5, ce_weight / z1)
+        tl.store(c + 6, const_term)
+        tl.store(c + 7, fix_y)
+        tl.store(c + 8, fix_b)
+        tl.store(c + 9, row_scale)
+        tl.store(index_ptr + 2 * row, y)
+        tl.store(index_ptr + 2 * row + 1, b)
 
-    def _launch_config(C):
-        block = min(triton.next_power_of_2(max(C, 1)), MAX_BLOCK)
-        warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-        return block, warps
+    @triton.jit
+    def _distill_grad_kernel(
+        s_ptr, s_stride, t_ptr, t_stride, coef_ptr, index_ptr, up_ptr, up_stride, grad_ptr,
+        C, log_a, log_rest,
+        BLOCK: tl.constexpr, VIRTUAL: tl.constexpr, HAS_CE: tl.constexpr,
+        NUM_COEF: tl.constexpr,
+    ):
+        """d loss_i / d s_i times the upstream gradient, from the forward's row coefficients:
+        one read of the student and teacher rows, one write of the gradient."""
+        row = tl.program_id(0).to(tl.int64)
+        s_row = s_ptr + row * s_stride
+        t_row = t_ptr + row * t_stride
+        g_row = grad_ptr + row * C
+        cols = tl.arange(0, BLOCK)
+        LOG2E: tl.constexpr = 1.4426950408889634
+        log_a = tl.cast(log_a, tl.float32)
+        log_rest = tl.cast(log_rest, tl.float32)
+        c = coef_ptr + row * NUM_COEF
+        inv_t = tl.load(c + 0)
+        m_s = tl.load(c + 1)
+        m_t = tl.load(c + 2)
+        p_coef = tl.load(c + 3)
+        q_coef = tl.load(c + 4)
+        ce_coef = tl.load(c + 5)
+        const_term = tl.load(c + 6)
+        fix_y = tl.load(c + 7)
+        fix_b = tl.load(c + 8)
+        row_scale = tl.load(c + 9)
+        y = tl.load(index_ptr + 2 * row)
+        b = tl.load(index_ptr + 2 * row + 1)
+        live = row_scale != 0
+        read_limit = tl.where(live, C, 0)  # ignored rows: write zeros, read nothing
+        scale = row_scale * tl.load(up_ptr + row * up_stride).to(tl.float32)
+        a = inv_t * LOG2E
+        for start in range(0, C, BLOCK):
+            idx = start + cols
+            mask = idx < C
+            read = idx < read_limit
+            s = tl.load(s_row + idx, mask=read, other=0.0).to(tl.float32)
+            t = _teacher_block(t_row, idx, read, y, log_a, log_rest, VIRTUAL)
+            g = p_coef * tl.exp2((s - m_s) * a) - q_coef * tl.exp2((t - m_t) * a) + const_term
+            if HAS_CE:
+                g += ce_coef * tl.exp2((s - m_s) * LOG2E)
+            g = tl.where(idx == y, g + fix_y, g)
+            g = tl.where(idx == b, g + fix_b, g)
+            g = tl.where(live, g * scale, 0.0)
+            tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    def _launch_config(C, kernel):
+        """(block, warps) for rows of C classes; kernel is "forward" or "grad"."""
+        if LAUNCH_OVERRIDE is not None:  # benchmarks/gpu_sweep.py tries alternatives
+            return LAUNCH_OVERRIDE(C, kernel)
+        # Measured on an H100 at 4096 x 32000 and 8192 x 128256 (benchmarks/gpu_sweep.py): the
+        # forward is fastest with small blocks and 4 warps (many programs per SM), the gradient
+        # kernel is within 3% of a copy for every block >= 1024.
+        block = min(triton.next_power_of_2(max(C, 1)), MAX_BLOCK,
+                    2048 if kernel == "forward" else 4096)
+        return block, 4 if kernel == "forward" or block < 2048 else 8
+
+    def _virtual_logits(virtual_teacher, C):
+        """log a and log((1 - a) / (C - 1)): the Tf-KD reg teacher's two values."""
+        if virtual_teacher <= 0:
+            return 0.0, 0.0
+        rest = math.log((1 - virtual_teacher) / max(C - 1, 1)) if virtual_teacher < 1 else -math.inf
+        return math.log(virtual_teacher), rest
 
     @torch.library.triton_op("kdkernels::distill_triton", mutates_args=())
     def distill_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
@@ -283,41 +368,81 @@ if triton is not None:
                        temp_value: float, temp_mode: int, tau0: float, beta: float,
                        tau_min: float, kd_weight: float, wrong_kd_weight: float,
                        ce_weight: float, correction: int, smooth_eps: float,
-                       virtual_teacher: float, t2_scale: bool, ignore_index: int,
-                       compute_grad: bool, grad_scale: float
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       virtual_teacher: float, t2_scale: bool, ignore_index: int
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+        """Forward: per-row loss, temperature, flags, and the row coefficients (and label /
+        teacher-argmax indices) from which distill_triton_grad writes the gradient."""
         N, C = student.shape
         loss = student.new_empty(N, dtype=torch.float32)
-        grad = (torch.empty_like(student, memory_format=torch.contiguous_format) if compute_grad
-                else student.new_empty(0))
         temps = student.new_empty(N, dtype=torch.float32)
         flags = student.new_empty(N, dtype=torch.int8)
-        virtual = virtual_teacher > 0
-        log_a = math.log(virtual_teacher) if virtual else 0.0
-        log_rest = (math.log((1 - virtual_teacher) / max(C - 1, 1)) if virtual and virtual_teacher < 1
-                    else -math.inf if virtual else 0.0)
-        block, warps = _launch_config(C)
+        coef = student.new_empty((N, NUM_COEF), dtype=torch.float32)
+        index = student.new_empty((N, 2), dtype=torch.int64)
+        log_a, log_rest = _virtual_logits(virtual_teacher, C)
+        block, warps = _launch_config(C, "forward")
         dummy = student  # stands in for absent tensors; constexpr flags keep it unread
         torch.library.wrap_triton(_distill_kernel)[(N,)](
             student, student.stride(0),
             teacher if teacher is not None else dummy,
             teacher.stride(0) if teacher is not None else 0,
             target if target is not None else dummy,
+            target.stride(0) if target is not None else 0,
             temperature if temperature is not None else dummy,
-            loss, grad, temps, flags,
+            temperature.stride(0) if temperature is not None else 0,
+            loss, temps, flags, coef, index,
             C, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps,
-            log_a, log_rest, ignore_index, grad_scale,
-            BLOCK=block, TEMP_MODE=temp_mode, CORRECTION=correction, VIRTUAL=virtual,
-            HAS_LABELS=target is not None, HAS_CE=ce_weight != 0, T2_SCALE=t2_scale,
-            COMPUTE_GRAD=compute_grad, num_warps=warps)
-        return loss, grad, temps, flags
+            log_a, log_rest, ignore_index,
+            BLOCK=block, TEMP_MODE=temp_mode, CORRECTION=correction,
+            VIRTUAL=virtual_teacher > 0, HAS_LABELS=target is not None, HAS_CE=ce_weight != 0,
+            T2_SCALE=t2_scale, NUM_COEF=NUM_COEF, num_warps=warps)
+        return loss, temps, flags, coef, index
+
+    @torch.library.triton_op("kdkernels::distill_triton_grad", mutates_args=())
+    def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
+                            coef: torch.Tensor, index: torch.Tensor, upstream: torch.Tensor,
+                            virtual_teacher: float, has_ce: bool) -> torch.Tensor:
+        """The gradient wrt the student, each row times upstream[row] (upstream has N values,
+        or one for every row)."""
+        N, C = student.shape
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+        log_a, log_rest = _virtual_logits(virtual_teacher, C)
+        block, warps = _launch_config(C, "grad")
+        torch.library.wrap_triton(_distill_grad_kernel)[(N,)](
+            student, student.stride(0),
+            teacher if teacher is not None else student,
+            teacher.stride(0) if teacher is not None else 0,
+            coef, index, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, grad,
+            C, log_a, log_rest,
+            BLOCK=block, VIRTUAL=virtual_teacher > 0, HAS_CE=has_ce, NUM_COEF=NUM_COEF,
+            num_warps=warps)
+        return grad
+
+
+def forward_deferred(student, teacher, target, temp_rows, o):
+    """The forward kernel alone: (loss_rows, state, temperature, flags); `gradient(state, ...)`
+    writes the gradient later, in the backward, scaled by the upstream gradient on the device
+    (no host sync, and no N x C buffer between forward and backward)."""
+    loss, temps, flags, coef, index = torch.ops.kdkernels.distill_triton(
+        student, teacher, target, temp_rows, o.temperature, o.temp_mode, o.tau0, o.beta,
+        o.tau_min, o.kd_weight, o.wrong_kd_weight, o.ce_weight, o.correction, o.smooth_eps,
+        o.virtual_teacher, o.t2_scale, o.ignore_index)
+    if student.dtype == torch.float64:  # the contract: losses in the accumulation dtype
+        loss, temps = loss.double(), temps.double()
+    return loss, (coef, index), temps, flags
+
+
+def gradient(student, teacher, state, upstream, o):
+    """d loss_rows / d student times `upstream` ([N] per row, or [1] for all rows)."""
+    coef, index = state
+    return torch.ops.kdkernels.distill_triton_grad(student, teacher, coef, index, upstream,
+                                                  o.virtual_teacher, o.ce_weight != 0)
 
 
 def forward(student, teacher, target, temp_rows, o):
-    loss, grad, temps, flags = torch.ops.kdkernels.distill_triton(
-        student, teacher, target, temp_rows, o.temperature, o.temp_mode, o.tau0, o.beta,
-        o.tau_min, o.kd_weight, o.wrong_kd_weight, o.ce_weight, o.correction, o.smooth_eps,
-        o.virtual_teacher, o.t2_scale, o.ignore_index, o.compute_grad, o.grad_scale)
-    if student.dtype == torch.float64:  # the contract: losses in the accumulation dtype
-        loss, temps = loss.double(), temps.double()
-    return loss, grad, temps, flags
+    """The backends' common contract: the gradient written at once (times o.grad_scale)."""
+    loss, state, temps, flags = forward_deferred(student, teacher, target, temp_rows, o)
+    if not o.compute_grad:
+        return loss, student.new_empty(0), temps, flags
+    upstream = torch.full((1,), o.grad_scale, dtype=torch.float32, device=student.device)
+    return loss, gradient(student, teacher, state, upstream, o), temps, flags

@@ -270,12 +270,17 @@ def plot(table, path, title):
 
 def main(argv=None):
     cfg = configure(sys.argv[1:] if argv is None else argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available()
-                                else "gloo")
-    rank, world = rank_and_world()
+    # one GPU per local process: more processes than GPUs run on the CPU (auto) or stop (cuda)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_processes
     if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg.device = "cuda" if enough_gpus else "cpu"
+    elif cfg.device == "cuda" and not enough_gpus:
+        fail(f"--device cuda needs one GPU per process: {local_processes} processes, "
+             f"{torch.cuda.device_count()} GPU(s)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    rank, world = rank_and_world()
     device = torch.device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,0 +1,108 @@
+"""What only real hardware can show: the Triton kernels compiled for the GPU at language-model
+sizes, int64 offsets past 2^31 elements, torch.compile over the Triton op, and no host syncs.
+The same math runs under the Triton interpreter in test_backends.py; these need CUDA."""
+import pytest
+import torch
+
+import kdkernels
+import kdkernels.functional as F
+from kdkernels import DynamicTemperature
+
+from helpers import oracle, tolerances
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _lm_inputs(N, C, dtype, seed, masked=False):
+    """Random logits made on the GPU (the CPU generator is too slow at these sizes)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    s = (torch.randn(N, C, generator=g, device="cuda") * 3).to(dtype)
+    t = (torch.randn(N, C, generator=g, device="cuda") * 3).to(dtype)
+    y = torch.randint(0, C, (N,), generator=g, device="cuda")
+    y[::7] = -100
+    if masked:
+        t[:, C - 1000:] = float("-inf")  # padded vocabulary
+    return s, t, y
+
+
+def _check_rows(rows, s, t, y, loss, grad, upstream, **kw):
+    """The fused result on `rows` against the float64 oracle on those rows alone."""
+    rtol, atol = tolerances(torch.float32 if s.dtype == torch.float64 else s.dtype)
+    ref_loss, ref_grad, _ = oracle(s[rows], t[rows], y[rows], upstream[rows], **kw)
+    loss_scale = 1 + ref_loss.abs().max().item()
+    grad_scale = 1 + ref_grad.abs().max().item()
+    torch.testing.assert_close(loss[rows].double().cpu(), ref_loss, rtol=rtol,
+                               atol=atol * loss_scale)
+    torch.testing.assert_close(grad[rows].double().cpu(), ref_grad, rtol=rtol,
+                               atol=atol * grad_scale)
+
+
+def _fused(s, t, y, **kw):
+    student = s.detach().clone().requires_grad_()
+    loss = kdkernels.distillation_loss(student, t, y, reduction="none", backend="triton", **kw)
+    upstream = torch.rand(loss.shape, device="cuda", dtype=loss.dtype) + 0.5
+    (grad,) = torch.autograd.grad(loss, student, upstream)
+    return loss.detach(), grad, upstream
+
+
+@pytest.mark.parametrize("N,C,dtype", [(4096, 32000, torch.bfloat16), (4096, 32000, torch.float32),
+                                       (8192, 128256, torch.bfloat16)])
+@pytest.mark.parametrize("correction,temperature", [(None, 4.0), ("swap", "cosine"),
+                                                    ("rectify", 2.0)])
+def test_language_model_shapes(N, C, dtype, correction, temperature):
+    s, t, y = _lm_inputs(N, C, dtype, seed=N + C, masked=correction == "rectify")
+    kw = dict(temperature=temperature, correction=correction, wrong_kd_weight=0.5)
+    loss, grad, upstream = _fused(s, t, y, **kw)
+    rows = torch.cat([torch.arange(64), torch.randint(0, N, (64,)), torch.arange(N - 64, N)])
+    if temperature == "cosine":
+        kw["temperature"] = DynamicTemperature()
+    _check_rows(rows.cuda(), s, t, y, loss, grad, upstream, **kw)
+
+
+def test_int64_offsets_past_2_31_elements():
+    """16800 x 128256 bf16 holds 2.15e9 elements: the last rows start past 2^31."""
+    N, C = 16800, 128256
+    assert N * C > 2 ** 31
+    s, t, y = _lm_inputs(N, C, torch.bfloat16, seed=1)
+    loss, grad, upstream = _fused(s, t, y, temperature=2.0, correction="swap")
+    first_past = 2 ** 31 // C + 1
+    rows = torch.cat([torch.arange(first_past - 2, first_past + 30), torch.arange(N - 16, N)])
+    _check_rows(rows.cuda(), s, t, y, loss, grad, upstream, temperature=2.0, correction="swap")
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph_training_step(dynamic):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 1000).cuda()
+    x = torch.randn(32, 64, device="cuda")
+    t = torch.randn(32, 1000, device="cuda")
+    y = torch.randint(0, 1000, (32,), device="cuda")
+
+    def step(x, t, y):
+        return F.preparing_lessons_loss(model(x), t, y, temperature="cosine", backend="triton")
+
+    eager = step(x, t, y)
+    eager.backward()
+    eager_grad = model.weight.grad.clone()
+    model.weight.grad = None
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    loss = compiled(x, t, y)
+    loss.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(model.weight.grad, eager_grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_host_sync_in_forward_and_backward(reduction):
+    s, t, y = _lm_inputs(256, 1000, torch.float32, seed=3)
+    s.requires_grad_()
+    temps = torch.rand(256, device="cuda") + 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = F.distillation_loss(s, t, y, temperature=temps, correction="rectify",
+                                   reduction=reduction)
+        loss.backward(torch.ones_like(loss))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert s.grad is not None and torch.isfinite(s.grad).all()
