@@ -31,4 +31,4 @@ bench: install
 	$(PY) -m benchmarks.run --quick $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info kdkernels/_C*.so
+	rm -rf $(VENV) build *.egg-info kdkernels/_C*.so kdkernels/_build_report.json

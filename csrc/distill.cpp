@@ -268,6 +268,10 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     return {static_cast<double>(nan), static_cast<double>(T), 0};
   }
 
+  // A teacher row with no finite logit has no distribution: its KD term is 0 (CE still counts).
+  const bool has_teacher = mt > -inf;
+  const acc_t mt_shift = has_teacher ? mt : acc_t(0);
+
   // Pass 2: tempered softmax sums, the KL cross term, and (smooth) the sum of shifted logits.
   const acc_t inv_t = 1 / T;
   const bool smooth = o.correction == kSmooth;
@@ -276,7 +280,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
   Vec vzs(0), vzt(0), vcross(0), vsd(0), vz1(0);
   for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
-    Vec ds = load(s + j, n) - Vec(ms), dt = load(t + j, n) - Vec(mt);
+    Vec ds = load(s + j, n) - Vec(ms), dt = load(t + j, n) - Vec(mt_shift);
     Vec es = vexp(ds * Vec(inv_t)), et = vexp(dt * Vec(inv_t));
     es.store(bp + j, n);
     et.store(bq + j, n);
@@ -294,15 +298,15 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   const acc_t zs = hsum(vzs), zt = hsum(vzt);
   if (ce_here) z1 = hsum(vz1);
   const acc_t log_zs = std::log(zs), log_zt = std::log(zt);
-  acc_t kl = hsum(vcross) * inv_t / zt + log_zs - log_zt;
+  acc_t kl = has_teacher ? hsum(vcross) * inv_t / zt + log_zs - log_zt : acc_t(0);
 
   // Is the teacher wrong? A tie with the label counts as correct.
   const acc_t t_y = labelled ? t[y] : acc_t(0);
   const bool wrong = labelled && t_y < mt;
-  const acc_t kd_w = acc_t(wrong ? o.wrong_kd_weight : o.kd_weight);
+  const acc_t kd_w = has_teacher ? acc_t(wrong ? o.wrong_kd_weight : o.kd_weight) : acc_t(0);
   const acc_t kd_grad = kd_w * (o.t2_scale ? T : inv_t);
   bool still_wrong = wrong;
-  acc_t q_coef = kd_grad / zt, const_term = 0;  // gradient: kd_grad p - q_coef e_t + ...
+  acc_t q_coef = has_teacher ? kd_grad / zt : acc_t(0), const_term = 0;  // g = kd_grad p - q_coef e_t + ...
   acc_t fix_y = 0, fix_b = 0;
   int64_t b = 0;
   if (wrong && o.correction != kNone) {
@@ -380,7 +384,9 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
   const bool labelled = target.has_value();
   const bool virtual_teacher = o.virtual_teacher > 0;
   const int64_t* y_ptr = labelled ? target->const_data_ptr<int64_t>() : nullptr;
+  const int64_t y_stride = labelled ? target->stride(0) : 0;
   const acc_t* temp_ptr = o.temp_mode == kTempRows ? temps->const_data_ptr<acc_t>() : nullptr;
+  const int64_t temp_stride = o.temp_mode == kTempRows ? temps->stride(0) : 0;
   acc_t* loss_ptr = loss.data_ptr<acc_t>();
   acc_t* temp_out = temperature.data_ptr<acc_t>();
   int8_t* flag_ptr = flags.data_ptr<int8_t>();
@@ -398,7 +404,7 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
     std::vector<acc_t> scratch(5 * C);
     acc_t *sbuf = scratch.data(), *tbuf = sbuf + C, *bp = tbuf + C, *bq = bp + C, *b1 = bq + C;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t y = labelled ? y_ptr[i] : -1;
+      const int64_t y = labelled ? y_ptr[i * y_stride] : -1;
       const bool ignored = labelled && y == o.ignore_index;
       const acc_t* s = load_row<acc_t>(student, i, C, sbuf);
       const acc_t* t;
@@ -409,7 +415,7 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
       } else {
         t = load_row<acc_t>(*teacher, i, C, tbuf);
       }
-      const acc_t T = temp_ptr ? temp_ptr[i] : acc_t(o.temp_value);
+      const acc_t T = temp_ptr ? temp_ptr[i * temp_stride] : acc_t(o.temp_value);
       acc_t* g = write_grad && grad_is_acc ? grad.data_ptr<acc_t>() + i * C : bp;
       RowOut r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1);
       if (write_grad && !grad_is_acc) store_row<acc_t>(bp, grad, i, C);
@@ -431,12 +437,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
               "kdkernels: student must be [N, C] with unit class stride");
   TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() && teacher->stride(1) == 1),
               "kdkernels: teacher must match the student, with unit class stride");
-  TORCH_CHECK(!target.has_value() || (target->scalar_type() == at::kLong && target->is_contiguous()),
-              "kdkernels: target must be contiguous int64");
+  TORCH_CHECK(!target.has_value() || (target->scalar_type() == at::kLong && target->dim() == 1 &&
+              target->size(0) == student.size(0)),
+              "kdkernels: target must be int64 of shape [N] (any stride)");
   TORCH_CHECK(temp_mode != kTempRows || (temperature.has_value() &&
               temperature->scalar_type() == (student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) &&
-              temperature->is_contiguous()),
-              "kdkernels: per-row temperature must be contiguous, float64 for float64 logits else float32");
+              temperature->dim() == 1 && temperature->size(0) == student.size(0)),
+              "kdkernels: per-row temperature must be [N] (any stride), float64 for float64 logits "
+              "else float32");
   TORCH_CHECK(teacher.has_value() || virtual_teacher > 0, "kdkernels: no teacher");
   const Options o{temp_mode, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
                   ce_weight, correction, smooth_eps, virtual_teacher, t2_scale, ignore_index,
@@ -469,9 +477,15 @@ TORCH_LIBRARY(kdkernels, m) {
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("distill_cpu", &distill_cpu); }
 
-// A plain Python module, so that `import kdkernels._C` loads the library and registers the op.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// A plain Python module per CPU variant (kdkernels._C_default, _C_avx2, _C_avx512: setup.py
+// sets TORCH_EXTENSION_NAME), so that importing one loads the library and registers the op.
+#define KDK_STRINGIFY2(x) #x
+#define KDK_STRINGIFY(x) KDK_STRINGIFY2(x)
+#define KDK_PYINIT2(name) PyInit_##name
+#define KDK_PYINIT(name) KDK_PYINIT2(name)
+extern "C" PyObject* KDK_PYINIT(TORCH_EXTENSION_NAME)(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, KDK_STRINGIFY(TORCH_EXTENSION_NAME),
+                                   nullptr, -1, nullptr};
   PyObject* module = PyModule_Create(&def);
   if (module != nullptr) {
     PyModule_AddStringConstant(module, "CPU_CAPABILITY", KDK_CPU_CAPABILITY);

@@ -1,5 +1,4 @@
 """The one general primitive: validate once, pick a backend, run it under one autograd Function."""
-import dataclasses
 import math
 from typing import NamedTuple, Optional
 
@@ -70,10 +69,14 @@ class _FusedDistill(torch.autograd.Function):
             scale = grad_loss
         else:
             scale = grad_loss / count
+        # While the graph lives on (retain_graph, gradcheck) the saved gradient must stay as it
+        # is: return a new tensor, never the saved one (autograd may accumulate into it).
+        keep = (torch.compiler.is_compiling()
+                or torch._C._autograd._get_current_graph_task_keep_graph())
         if scale.dim() == 0 and _host_scalars(scale) and scale.item() == 1.0:
-            return grad, None, None, None, None, None, None, None  # loss.backward(): as written
-        if torch.compiler.is_compiling() or torch._C._autograd._get_current_graph_task_keep_graph():
-            grad = grad * scale  # the graph lives on (retain_graph, gradcheck): keep the saved one
+            grad = grad.clone() if keep else grad  # loss.backward(): as written
+        elif keep:
+            grad = grad * scale
         else:
             grad = grad.mul_(scale)  # last use of the saved gradient: no second N x C buffer
         return grad, None, None, None, None, None, None, None
@@ -109,6 +112,82 @@ def _host_scalars(tensor):
     """Reading a value of this tensor costs no device sync and no graph break."""
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
+
+def check_options(*, temperature=4.0, kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None,
+                  correction=None, smooth_eps=0.1, virtual_teacher=None, t2_scale=True,
+                  ignore_index=-100, reduction="mean", backend="auto"):
+    """Checks the primitive's hyper-parameters (everything but the tensors), with the messages
+    the functions and the modules (at construction) share."""
+    check_reduction(reduction)
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {tuple(CORRECTIONS)}, got {correction!r}")
+    for name, value in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
+        _check_number(name, value)
+    if wrong_kd_weight is not None:
+        _check_number("wrong_kd_weight", wrong_kd_weight)
+    _check_number("smooth_eps", smooth_eps, low=0, high=1)
+    if virtual_teacher is not None:
+        _check_number("virtual_teacher", virtual_teacher, low=0, low_inclusive=False, high=1)
+    if not isinstance(t2_scale, bool):
+        raise TypeError(f"t2_scale must be a bool, got {t2_scale!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if backend != "auto" and backend not in _ops.NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {_ops.NAMES}, got {backend!r}")
+    if isinstance(temperature, str):
+        if temperature not in WEIGHTINGS:
+            raise ValueError(f"temperature as a string must be one of {WEIGHTINGS} (a dynamic "
+                             f"temperature), got {temperature!r}")
+    elif not isinstance(temperature, (DynamicTemperature, torch.Tensor)):
+        _check_number("temperature", temperature, low=0, low_inclusive=False)
+
+
+def _check_labels(target, lead, C, ignore_index, device):
+    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point \
+            or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of labels, got "
+                        f"{getattr(target, 'dtype', type(target))}")
+    if target.shape != lead:
+        raise ValueError(f"target must have shape {tuple(lead)} (student_logits without its "
+                         f"class dimension), got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but student_logits on {device}")
+    if _host_scalars(target) and target.numel():
+        low, high = torch.aminmax(target)  # one pass in the common case
+        if low < 0 or high >= C:
+            bad = (target != ignore_index) & ((target < 0) | (target >= C))
+            if bool(bad.any()):
+                raise ValueError(f"target holds labels outside [0, {C}) that are not "
+                                 f"ignore_index={ignore_index}: e.g. {int(target[bad][0])}")
+
+
+def _check_teacher(teacher, student):
+    lead = student.shape[:-1]
+    if isinstance(teacher, torch.Tensor) and not teacher.dtype.is_floating_point \
+            and teacher.shape == lead:
+        raise TypeError(f"teacher_logits is an integer tensor of shape {tuple(lead)}: labels? "
+                        "Pass the teacher's logits second and the labels third")
+    if not isinstance(teacher, torch.Tensor) or teacher.dtype not in _FLOATS:
+        raise TypeError("teacher_logits must be a floating-point tensor, got "
+                        f"{getattr(teacher, 'dtype', type(teacher))}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} does not match "
+                         f"student_logits shape {tuple(student.shape)}")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_logits is on {teacher.device} but student_logits "
+                         f"on {student.device}")
+
+
+def _check_temperature_rows(temperature, lead, device):
+    if not temperature.dtype.is_floating_point:
+        raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
+    if temperature.shape != lead:
+        raise ValueError(f"temperature tensor must have one value per row, shape "
+                         f"{tuple(lead)}, got {tuple(temperature.shape)}")
+    if temperature.device != device:
+        raise ValueError(f"temperature is on {temperature.device} but student_logits on {device}")
+    if _host_scalars(temperature) and not bool((temperature > 0).all()):
+        raise ValueError("temperature values must all be > 0")
 
 
 def distillation_loss(student_logits, teacher_logits=None, target=None, *, temperature=4.0,
@@ -156,6 +235,10 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
     Values inside tensors (label range, temperatures > 0) are checked for CPU tensors; on CUDA the
     check would cost a device sync, and a bad value instead makes its row's loss NaN.
     """
+    check_options(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+                  wrong_kd_weight=wrong_kd_weight, correction=correction, smooth_eps=smooth_eps,
+                  virtual_teacher=virtual_teacher, t2_scale=t2_scale, ignore_index=ignore_index,
+                  reduction=reduction, backend=backend)
     s = student_logits
     if not isinstance(s, torch.Tensor) or s.dtype not in _FLOATS:
         raise TypeError("student_logits must be a floating-point tensor (float16, bfloat16, "
@@ -163,107 +246,95 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
     if s.dim() < 1 or s.shape[-1] < 1:
         raise ValueError(f"student_logits must have shape [..., C] with C >= 1, got {tuple(s.shape)}")
     lead, C = s.shape[:-1], s.shape[-1]
-    check_reduction(reduction)
-    if correction not in CORRECTIONS:
-        raise ValueError(f"correction must be one of {tuple(CORRECTIONS)}, got {correction!r}")
-    for name, value in (("kd_weight", kd_weight), ("ce_weight", ce_weight)):
-        _check_number(name, value)
-    if wrong_kd_weight is not None:
-        _check_number("wrong_kd_weight", wrong_kd_weight)
-    _check_number("smooth_eps", smooth_eps, low=0, high=1)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-
+    if virtual_teacher is not None:
+        if teacher_logits is not None:
+            raise ValueError("give either teacher_logits or virtual_teacher, not both")
+    elif teacher_logits is None:
+        raise ValueError("teacher_logits is required (or virtual_teacher for Tf-KD reg)")
+    else:
+        _check_teacher(teacher_logits, s)
     if target is not None:
-        if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point \
-                or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must be an integer tensor of labels, got "
-                            f"{getattr(target, 'dtype', type(target))}")
-        if target.shape != lead:
-            raise ValueError(f"target must have shape {tuple(lead)} (student_logits without its "
-                             f"class dimension), got {tuple(target.shape)}")
-        if target.device != s.device:
-            raise ValueError(f"target is on {target.device} but student_logits on {s.device}")
-        if _host_scalars(target) and target.numel():
-            low, high = torch.aminmax(target)  # one pass in the common case
-            bad = None
-            if low < 0 or high >= C:
-                bad = (target != ignore_index) & ((target < 0) | (target >= C))
-            if bad is not None and bool(bad.any()):
-                raise ValueError(f"target holds labels outside [0, {C}) that are not "
-                                 f"ignore_index={ignore_index}: e.g. {int(target[bad][0])}")
+        _check_labels(target, lead, C, ignore_index, s.device)
     needs_labels = [name for name, needed in (
         ("ce_weight != 0", ce_weight != 0), (f"correction={correction!r}", correction is not None),
         ("wrong_kd_weight", wrong_kd_weight is not None),
         ("virtual_teacher", virtual_teacher is not None)) if needed]
     if target is None and needs_labels:
         raise ValueError(f"target labels are required by {', '.join(needs_labels)}")
-
-    if virtual_teacher is not None:
-        _check_number("virtual_teacher", virtual_teacher, low=0, low_inclusive=False, high=1)
-        if teacher_logits is not None:
-            raise ValueError("give either teacher_logits or virtual_teacher, not both")
-    elif teacher_logits is None:
-        raise ValueError("teacher_logits is required (or virtual_teacher for Tf-KD reg)")
-    else:
-        if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dtype not in _FLOATS:
-            raise TypeError("teacher_logits must be a floating-point tensor, got "
-                            f"{getattr(teacher_logits, 'dtype', type(teacher_logits))}")
-        if teacher_logits.shape != s.shape:
-            raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} does not match "
-                             f"student_logits shape {tuple(s.shape)}")
-        if teacher_logits.device != s.device:
-            raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_logits "
-                             f"on {s.device}")
-
     if isinstance(temperature, str):
-        if temperature not in WEIGHTINGS:
-            raise ValueError(f"temperature as a string must be one of {WEIGHTINGS} (a dynamic "
-                             f"temperature), got {temperature!r}")
         temperature = DynamicTemperature(weighting=temperature)
-    temp_mode, temp_value, temp_rows, dyn = TEMP_SCALAR, 4.0, None, None
-    if isinstance(temperature, DynamicTemperature):
-        if teacher_logits is None:
-            raise ValueError("a dynamic temperature needs teacher_logits")
-        dyn = temperature
-        temp_mode = TEMP_COSINE if dyn.weighting == "cosine" else TEMP_MAX_PROB
-    elif isinstance(temperature, torch.Tensor):
-        if not temperature.dtype.is_floating_point:
-            raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
-        if temperature.shape != lead:
-            raise ValueError(f"temperature tensor must have one value per row, shape "
-                             f"{tuple(lead)}, got {tuple(temperature.shape)}")
-        if temperature.device != s.device:
-            raise ValueError(f"temperature is on {temperature.device} but student_logits on "
-                             f"{s.device}")
-        if _host_scalars(temperature) and not bool((temperature > 0).all()):
-            raise ValueError("temperature values must all be > 0")
-        temp_mode, temp_rows = TEMP_ROWS, temperature.detach().reshape(-1)
-    else:
-        _check_number("temperature", temperature, low=0, low_inclusive=False)
-        temp_value = float(temperature)
+    if isinstance(temperature, DynamicTemperature) and teacher_logits is None:
+        raise ValueError("a dynamic temperature needs teacher_logits")
+    if isinstance(temperature, torch.Tensor):
+        _check_temperature_rows(temperature, lead, s.device)
 
-    _t2 = bool(t2_scale)
-    module = _ops.resolve(backend, s.device)
+    plan = _plan(s, teacher_logits, target, temperature, kd_weight, ce_weight, wrong_kd_weight,
+                 correction, smooth_eps, virtual_teacher, t2_scale, ignore_index, reduction,
+                 backend)
+    loss, temperature_used, flags = _run(plan, reduction)
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    labelled = target is not None
+    flags = flags.reshape(lead)
+    return loss, DistillStats(
+        teacher_correct=(flags & FLAG_TEACHER_CORRECT).bool() if labelled else None,
+        temperature=temperature_used.reshape(lead),
+        still_wrong=(flags & FLAG_STILL_WRONG).bool() if labelled else None)
 
-    # Rows: views of the inputs; a copy only when the class dimension itself is strided.
-    s2 = s.reshape(-1, C)
-    if s2.stride(-1) != 1:
-        s2 = s2.contiguous()
-    t2 = None
-    if teacher_logits is not None:
-        t2 = teacher_logits.detach().reshape(-1, C)
-        if t2.stride(-1) != 1:
-            t2 = t2.contiguous()
+
+class _Plan(NamedTuple):
+    """What one call runs: [N, C] row views of the inputs, the backend, its options, and the
+    count of rows that "mean" divides by."""
+    student: torch.Tensor
+    teacher: Optional[torch.Tensor]
+    target: Optional[torch.Tensor]
+    temp_rows: Optional[torch.Tensor]
+    backend: object
+    options: FusedOptions
+    count: Optional[torch.Tensor]
+
+
+def _rows(x, C):
+    """x as [N, C] rows: a view; a copy only when the class dimension itself is strided."""
+    rows = x.reshape(-1, C)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _plan(s, teacher_logits, target, temperature, kd_weight, ce_weight, wrong_kd_weight,
+          correction, smooth_eps, virtual_teacher, t2_scale, ignore_index, reduction, backend):
+    C = s.shape[-1]
+    s2 = _rows(s, C)
+    t2 = _rows(teacher_logits.detach(), C) if teacher_logits is not None else None
     y2 = target.reshape(-1).long() if target is not None else None
     N = s2.shape[0]
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
 
-    if dyn is not None and dyn.center:  # the batch mean needs a pre-pass over all rows
-        valid = y2 != ignore_index if y2 is not None else None
-        w = dtd_weights(s2, t2, dyn.weighting)
-        temp_rows = temperature_from_weights(w, dyn.tau0, dyn.beta, True, dyn.tau_min, valid)
-        temp_mode = TEMP_ROWS
+    temp_mode, temp_value, temp_rows, dyn = TEMP_SCALAR, 4.0, None, None
+    if isinstance(temperature, DynamicTemperature):
+        dyn = temperature
+        temp_mode = TEMP_COSINE if dyn.weighting == "cosine" else TEMP_MAX_PROB
+        if dyn.center:  # the batch mean needs a pre-pass over all rows
+            valid = y2 != ignore_index if y2 is not None else None
+            w = dtd_weights(s2, t2, dyn.weighting)
+            temp_mode = TEMP_ROWS
+            temp_rows = temperature_from_weights(w, dyn.tau0, dyn.beta, True, dyn.tau_min, valid)
+    elif isinstance(temperature, torch.Tensor):
+        temp_mode, temp_rows = TEMP_ROWS, temperature.detach().reshape(-1)
+    else:
+        temp_value = float(temperature)
+    if temp_rows is not None:  # backends read per-row temperatures in the accumulation dtype
+        temp_rows = temp_rows.to(acc)
 
+    compute_grad = torch.is_grad_enabled() and s.requires_grad
+    count = None  # rows that count: needed by "mean" only (no launches for "sum" / "none")
+    grad_scale = 1.0
+    if reduction == "mean" and N > 0:
+        count = (torch.tensor(float(N), dtype=acc, device=s.device) if y2 is None
+                 else (y2 != ignore_index).sum().clamp(min=1).to(acc))
+        if compute_grad and _host_scalars(s):  # on the CPU the kernel folds in 1 / count
+            grad_scale = 1.0 / count.item()
     options = FusedOptions(
         temp_mode=temp_mode, temperature=temp_value,
         tau0=dyn.tau0 if dyn else 4.0, beta=dyn.beta if dyn else 1.0,
@@ -273,39 +344,24 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         ce_weight=float(ce_weight), correction=CORRECTIONS[correction],
         smooth_eps=float(smooth_eps),
         virtual_teacher=float(virtual_teacher) if virtual_teacher is not None else 0.0,
-        t2_scale=_t2, ignore_index=ignore_index,
-        compute_grad=torch.is_grad_enabled() and s.requires_grad)
-    prescale = reduction == "mean" and options.compute_grad and _host_scalars(s) and N > 0
+        t2_scale=bool(t2_scale), ignore_index=ignore_index, compute_grad=compute_grad,
+        grad_scale=grad_scale)
+    return _Plan(s2, t2, y2, temp_rows, _ops.resolve(backend, s.device), options, count)
 
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-    if temp_rows is not None:  # backends read per-row temperatures in the accumulation dtype
-        temp_rows = temp_rows.to(acc).contiguous()
-    if N == 0:  # nothing to run: a zero loss that still carries a (zero) gradient
+
+def _run(plan, reduction):
+    """(loss, per-row temperatures, per-row flags) of a plan."""
+    s = plan.student
+    if s.shape[0] == 0:  # nothing to run: a zero loss that still carries a (zero) gradient
+        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
         loss_rows = s.sum(-1).to(acc) * 0
         loss = loss_rows if reduction == "none" else loss_rows.sum()
-        temperature_used = torch.zeros(lead, dtype=acc, device=s.device)
-        flags = torch.zeros(lead, dtype=torch.int8, device=s.device)
-    else:
-        count = None  # rows that count: needed by "mean" only (no launches for "sum" / "none")
-        if reduction == "mean":
-            count = (torch.tensor(float(N), dtype=acc, device=s.device) if y2 is None
-                     else (y2 != ignore_index).sum().clamp(min=1).to(acc))
-        if prescale:  # on the CPU the kernel can fold 1 / count into the gradient it writes
-            options = dataclasses.replace(options, grad_scale=1.0 / count.item())
-        if options.compute_grad:
-            loss, temperature_used, flags = _FusedDistill.apply(
-                s2, t2, y2, temp_rows, count, module, options, reduction)
-        else:  # evaluation: the loss alone, no gradient written, no graph
-            loss_rows, _, temperature_used, flags = module.forward(s2, t2, y2, temp_rows, options)
-            loss = reduce_rows(loss_rows, reduction, count)
-        if reduction == "none":
-            loss = loss.reshape(lead)
-    if not return_stats:
-        return loss
-    flags = flags.reshape(lead)
-    labelled = target is not None
-    stats = DistillStats(
-        teacher_correct=(flags & FLAG_TEACHER_CORRECT).bool() if labelled else None,
-        temperature=temperature_used.reshape(lead),
-        still_wrong=(flags & FLAG_STILL_WRONG).bool() if labelled else None)
-    return loss, stats
+        return (loss, torch.zeros(0, dtype=acc, device=s.device),
+                torch.zeros(0, dtype=torch.int8, device=s.device))
+    if plan.options.compute_grad:
+        return _FusedDistill.apply(s, plan.teacher, plan.target, plan.temp_rows, plan.count,
+                                   plan.backend, plan.options, reduction)
+    # evaluation: the loss alone, no gradient written, no graph
+    loss_rows, _, temperature_used, flags = plan.backend.forward(
+        s, plan.teacher, plan.target, plan.temp_rows, plan.options)
+    return reduce_rows(loss_rows, reduction, plan.count), temperature_used, flags

@@ -6,7 +6,7 @@ and their defaults are specified in METHODS.md.
 """
 import torch
 
-from ._core import DistillStats, check_reduction, distillation_loss, reduce_rows
+from ._core import DistillStats, check_options, check_reduction, distillation_loss, reduce_rows
 from ._dtd import dtd_weights, temperature_from_weights
 from ._options import DynamicTemperature
 
@@ -24,10 +24,39 @@ def kd_loss(student_logits, teacher_logits, target=None, *, temperature=4.0, kd_
 
     ``temperature`` is a float or a per-row tensor. Without ``target``, pass ``ce_weight=0``.
     See :func:`distillation_loss` for the shared arguments."""
-    return distillation_loss(student_logits, teacher_logits, target, temperature=temperature,
-                             kd_weight=kd_weight, ce_weight=ce_weight, t2_scale=t2_scale,
+    return distillation_loss(student_logits, teacher_logits, target,
+                             **kd_options(temperature, kd_weight, ce_weight, t2_scale),
                              ignore_index=ignore_index, reduction=reduction,
                              return_stats=return_stats, backend=backend)
+
+
+# Each method is a mapping of its hyper-parameters onto the primitive's options: one function
+# per method, shared by the functional form and the module (which checks them at construction).
+
+def kd_options(temperature=4.0, kd_weight=0.9, ce_weight=0.1, t2_scale=True):
+    return dict(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+                t2_scale=t2_scale)
+
+
+def tfkd_reg_options(a=0.99, temperature=20.0, kd_weight=0.9, ce_weight=0.1):
+    return dict(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+                virtual_teacher=a)
+
+
+def preparing_lessons_options(correction="swap", temperature=4.0, smooth_eps=0.1,
+                              kd_weight=0.9, ce_weight=0.1):
+    if correction not in ("swap", "smooth", None):
+        raise ValueError(f"correction must be 'swap', 'smooth' or None for Preparing Lessons, "
+                         f"got {correction!r}")
+    return dict(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+                correction=correction, smooth_eps=smooth_eps)
+
+
+def teacher_bias_options(gamma, temperature=4.0, rectify=True):
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    return dict(temperature=temperature, kd_weight=1 - gamma, wrong_kd_weight=gamma,
+                ce_weight=1 - gamma, correction="rectify" if rectify else None)
 
 
 def tfkd_reg_loss(student_logits, target, *, a=0.99, temperature=20.0, kd_weight=0.9,
@@ -40,8 +69,8 @@ def tfkd_reg_loss(student_logits, target, *, a=0.99, temperature=20.0, kd_weight
 
     The teacher is built from the labels inside the kernel; no teacher tensor exists. The paper
     takes ``a >= 0.9`` and a high temperature (defaults 0.99 and 20)."""
-    return distillation_loss(student_logits, None, target, temperature=temperature,
-                             kd_weight=kd_weight, ce_weight=ce_weight, virtual_teacher=a,
+    return distillation_loss(student_logits, None, target,
+                             **tfkd_reg_options(a, temperature, kd_weight, ce_weight),
                              ignore_index=ignore_index, reduction=reduction,
                              return_stats=return_stats, backend=backend)
 
@@ -79,13 +108,11 @@ def preparing_lessons_loss(student_logits, teacher_logits, target, *, correction
     (label smoothing of wrong rows with ``smooth_eps``) or None. ``temperature`` is fixed (a
     float or per-row tensor) or dynamic (a :class:`DynamicTemperature`, or ``"cosine"`` /
     ``"max_prob"`` with the defaults tau0=4, beta=1, tau_min=1)."""
-    if correction not in ("swap", "smooth", None):
-        raise ValueError(f"correction must be 'swap', 'smooth' or None for Preparing Lessons, "
-                         f"got {correction!r}")
-    return distillation_loss(student_logits, teacher_logits, target, temperature=temperature,
-                             kd_weight=kd_weight, ce_weight=ce_weight, correction=correction,
-                             smooth_eps=smooth_eps, ignore_index=ignore_index,
-                             reduction=reduction, return_stats=return_stats, backend=backend)
+    return distillation_loss(student_logits, teacher_logits, target,
+                             **preparing_lessons_options(correction, temperature, smooth_eps,
+                                                         kd_weight, ce_weight),
+                             ignore_index=ignore_index, reduction=reduction,
+                             return_stats=return_stats, backend=backend)
 
 
 def teacher_bias_gamma(epoch, total_epochs):
@@ -114,12 +141,10 @@ def teacher_bias_loss(student_logits, teacher_logits, target, *, gamma=None, epo
         gamma = teacher_bias_gamma(epoch, total_epochs)
     elif epoch is not None or total_epochs is not None:
         raise ValueError("give gamma, or epoch and total_epochs, not both")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
-        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
-    return distillation_loss(student_logits, teacher_logits, target, temperature=temperature,
-                             kd_weight=1 - gamma, wrong_kd_weight=gamma, ce_weight=1 - gamma,
-                             correction="rectify" if rectify else None, ignore_index=ignore_index,
-                             reduction=reduction, return_stats=return_stats, backend=backend)
+    return distillation_loss(student_logits, teacher_logits, target,
+                             **teacher_bias_options(gamma, temperature, rectify),
+                             ignore_index=ignore_index, reduction=reduction,
+                             return_stats=return_stats, backend=backend)
 
 
 def top_score_difference_loss(logits, target, *, eta=0.6, k=5, ignore_index=-100,
@@ -132,11 +157,7 @@ def top_score_difference_loss(logits, target, *, eta=0.6, k=5, ignore_index=-100
     at C). Gradients flow through the top-K values. Plain torch: it is no distillation loss."""
     if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
         raise TypeError("logits must be a floating-point tensor")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
-    check_reduction(reduction)
+    check_top_score_difference(eta, k, reduction)
     if target.shape != logits.shape[:-1]:
         raise ValueError(f"target must have shape {tuple(logits.shape[:-1])}, got "
                          f"{tuple(target.shape)}")
@@ -152,3 +173,11 @@ def top_score_difference_loss(logits, target, *, eta=0.6, k=5, ignore_index=-100
     if reduction == "none":
         return rows.reshape(target.shape)
     return reduce_rows(rows, reduction, valid.sum().clamp(min=1))
+
+
+def check_top_score_difference(eta, k, reduction):
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta!r}")
+    check_reduction(reduction)

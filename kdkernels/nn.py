@@ -1,9 +1,10 @@
 """Distillation losses as ``torch.nn`` modules: thin holders of hyper-parameters that call
-:mod:`kdkernels.functional`, in the manner of ``torch.nn.modules.loss``."""
+:mod:`kdkernels.functional`, in the manner of ``torch.nn.modules.loss``. Each module checks its
+hyper-parameters when it is built, with the messages of the functional form."""
 import torch
 
 from . import functional as F
-from ._core import check_reduction
+from ._core import check_options
 from ._options import DynamicTemperature
 
 __all__ = ["DistillationLoss", "KDLoss", "TfKDRegLoss", "PreparingLessonsLoss", "TeacherBiasLoss",
@@ -11,13 +12,22 @@ __all__ = ["DistillationLoss", "KDLoss", "TfKDRegLoss", "PreparingLessonsLoss", 
 
 
 class _Loss(torch.nn.Module):
-    def __init__(self, ignore_index=-100, reduction="mean", backend="auto"):
+    """Holds the primitive's options (``self.options``, checked here) and the shared keywords."""
+
+    def __init__(self, options, ignore_index=-100, reduction="mean", backend="auto"):
         super().__init__()
-        check_reduction(reduction)
+        self._set_options(options, ignore_index, reduction, backend)
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
-    def _common(self):
-        return dict(ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+    def _set_options(self, options, ignore_index, reduction, backend):
+        check_options(**options, ignore_index=ignore_index, reduction=reduction, backend=backend)
+        self._options = options
+
+    def _loss(self, student_logits, teacher_logits, target, return_stats, **overrides):
+        return F.distillation_loss(student_logits, teacher_logits, target,
+                                   **dict(self._options, **overrides), ignore_index=self.ignore_index,
+                                   reduction=self.reduction, return_stats=return_stats,
+                                   backend=self.backend)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
@@ -33,20 +43,18 @@ class DistillationLoss(_Loss):
     def __init__(self, temperature=4.0, kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None,
                  correction=None, smooth_eps=0.1, virtual_teacher=None, t2_scale=True,
                  ignore_index=-100, reduction="mean", backend="auto"):
-        super().__init__(ignore_index, reduction, backend)
+        super().__init__(dict(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+                              wrong_kd_weight=wrong_kd_weight, correction=correction,
+                              smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
+                              t2_scale=t2_scale), ignore_index, reduction, backend)
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
         self.wrong_kd_weight, self.correction, self.smooth_eps = wrong_kd_weight, correction, smooth_eps
         self.virtual_teacher, self.t2_scale = virtual_teacher, t2_scale
 
     def forward(self, student_logits, teacher_logits=None, target=None, temperature=None,
                 return_stats=False):
-        return F.distillation_loss(
-            student_logits, teacher_logits, target,
-            temperature=self.temperature if temperature is None else temperature,
-            kd_weight=self.kd_weight, ce_weight=self.ce_weight,
-            wrong_kd_weight=self.wrong_kd_weight, correction=self.correction,
-            smooth_eps=self.smooth_eps, virtual_teacher=self.virtual_teacher,
-            t2_scale=self.t2_scale, return_stats=return_stats, **self._common())
+        overrides = {} if temperature is None else {"temperature": temperature}
+        return self._loss(student_logits, teacher_logits, target, return_stats, **overrides)
 
 
 class KDLoss(_Loss):
@@ -55,14 +63,13 @@ class KDLoss(_Loss):
 
     def __init__(self, temperature=4.0, kd_weight=0.9, ce_weight=0.1, t2_scale=True,
                  ignore_index=-100, reduction="mean", backend="auto"):
-        super().__init__(ignore_index, reduction, backend)
+        super().__init__(F.kd_options(temperature, kd_weight, ce_weight, t2_scale),
+                         ignore_index, reduction, backend)
         self.temperature, self.kd_weight, self.ce_weight, self.t2_scale = (
             temperature, kd_weight, ce_weight, t2_scale)
 
     def forward(self, student_logits, teacher_logits, target=None, return_stats=False):
-        return F.kd_loss(student_logits, teacher_logits, target, temperature=self.temperature,
-                         kd_weight=self.kd_weight, ce_weight=self.ce_weight,
-                         t2_scale=self.t2_scale, return_stats=return_stats, **self._common())
+        return self._loss(student_logits, teacher_logits, target, return_stats)
 
 
 class TfKDRegLoss(_Loss):
@@ -71,13 +78,12 @@ class TfKDRegLoss(_Loss):
 
     def __init__(self, a=0.99, temperature=20.0, kd_weight=0.9, ce_weight=0.1, ignore_index=-100,
                  reduction="mean", backend="auto"):
-        super().__init__(ignore_index, reduction, backend)
+        super().__init__(F.tfkd_reg_options(a, temperature, kd_weight, ce_weight),
+                         ignore_index, reduction, backend)
         self.a, self.temperature, self.kd_weight, self.ce_weight = a, temperature, kd_weight, ce_weight
 
     def forward(self, student_logits, target, return_stats=False):
-        return F.tfkd_reg_loss(student_logits, target, a=self.a, temperature=self.temperature,
-                               kd_weight=self.kd_weight, ce_weight=self.ce_weight,
-                               return_stats=return_stats, **self._common())
+        return self._loss(student_logits, None, target, return_stats)
 
 
 class PreparingLessonsLoss(_Loss):
@@ -88,17 +94,16 @@ class PreparingLessonsLoss(_Loss):
 
     def __init__(self, correction="swap", temperature=4.0, smooth_eps=0.1, kd_weight=0.9,
                  ce_weight=0.1, ignore_index=-100, reduction="mean", backend="auto"):
-        super().__init__(ignore_index, reduction, backend)
-        if isinstance(temperature, str):
+        if isinstance(temperature, str) and temperature in ("cosine", "max_prob"):
             temperature = DynamicTemperature(weighting=temperature)
+        super().__init__(F.preparing_lessons_options(correction, temperature, smooth_eps,
+                                                     kd_weight, ce_weight),
+                         ignore_index, reduction, backend)
         self.correction, self.temperature, self.smooth_eps = correction, temperature, smooth_eps
         self.kd_weight, self.ce_weight = kd_weight, ce_weight
 
     def forward(self, student_logits, teacher_logits, target, return_stats=False):
-        return F.preparing_lessons_loss(
-            student_logits, teacher_logits, target, correction=self.correction,
-            temperature=self.temperature, smooth_eps=self.smooth_eps, kd_weight=self.kd_weight,
-            ce_weight=self.ce_weight, return_stats=return_stats, **self._common())
+        return self._loss(student_logits, teacher_logits, target, return_stats)
 
 
 class TeacherBiasLoss(_Loss):
@@ -108,34 +113,41 @@ class TeacherBiasLoss(_Loss):
 
     def __init__(self, gamma=None, total_epochs=None, temperature=4.0, rectify=True,
                  ignore_index=-100, reduction="mean", backend="auto"):
-        super().__init__(ignore_index, reduction, backend)
         if (gamma is None) == (total_epochs is None):
             raise ValueError("give exactly one of gamma and total_epochs")
+        if gamma is None:
+            gamma = F.teacher_bias_gamma(0, total_epochs)
+        super().__init__(F.teacher_bias_options(gamma, temperature, rectify),
+                         ignore_index, reduction, backend)
         self.total_epochs, self.temperature, self.rectify = total_epochs, temperature, rectify
-        self.epoch = 0
-        self.gamma = gamma if gamma is not None else F.teacher_bias_gamma(0, total_epochs)
+        self.epoch, self.gamma = 0, gamma
 
     def set_epoch(self, epoch):
         if self.total_epochs is None:
             raise RuntimeError("set_epoch needs total_epochs; this loss was built with a fixed gamma")
         self.gamma = F.teacher_bias_gamma(epoch, self.total_epochs)
         self.epoch = epoch
+        self._set_options(F.teacher_bias_options(self.gamma, self.temperature, self.rectify),
+                          self.ignore_index, self.reduction, self.backend)
 
     def forward(self, student_logits, teacher_logits, target, return_stats=False):
-        return F.teacher_bias_loss(student_logits, teacher_logits, target, gamma=self.gamma,
-                                   temperature=self.temperature, rectify=self.rectify,
-                                   return_stats=return_stats, **self._common())
+        return self._loss(student_logits, teacher_logits, target, return_stats)
 
 
-class TopScoreDifferenceLoss(_Loss):
+class TopScoreDifferenceLoss(torch.nn.Module):
     """Top Score Difference, for training a tolerant teacher. See
     :func:`kdkernels.functional.top_score_difference_loss`. ``forward(logits, target)``."""
 
     def __init__(self, eta=0.6, k=5, ignore_index=-100, reduction="mean"):
-        super().__init__(ignore_index, reduction, "torch")
-        self.eta, self.k = eta, k
+        super().__init__()
+        F.check_top_score_difference(eta, k, reduction)
+        self.eta, self.k, self.ignore_index, self.reduction = eta, k, ignore_index, reduction
 
     def forward(self, logits, target):
         return F.top_score_difference_loss(logits, target, eta=self.eta, k=self.k,
                                            ignore_index=self.ignore_index,
                                            reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"eta={self.eta}, k={self.k}, ignore_index={self.ignore_index}, " \
+               f"reduction={self.reduction!r}"

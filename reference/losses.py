@@ -97,6 +97,9 @@ def distillation_loss(s, t, y=None, temperature=4.0, kd_weight=0.9, ce_weight=0.
         t = virtual_teacher_logits(torch.where(valid, y, torch.zeros_like(y)), C, virtual_teacher,
                                    s.dtype)
     t = t.detach().to(s.dtype)
+    # a teacher row with no finite logit has no distribution: its KD term is 0 (CE still counts)
+    has_teacher = t.max(-1).values > float("-inf")
+    t = torch.where(has_teacher[:, None], t, torch.zeros_like(t))
 
     if isinstance(temperature, torch.Tensor):
         T = temperature.detach().to(s.dtype)
@@ -128,7 +131,7 @@ def distillation_loss(s, t, y=None, temperature=4.0, kd_weight=0.9, ce_weight=0.
     elif correction == "rectify":  # Teacher's bias, applied to q_T with a = y
         target = torch.where(wrong[:, None], rectify(q, y_safe, b), q)
 
-    kl = _kl(target, log_p)
+    kl = torch.where(has_teacher, _kl(target, log_p), torch.zeros_like(T))
     T_pow = T ** 2 if t2_scale else torch.ones_like(T)
     w = torch.where(wrong, torch.full_like(T, wrong_kd_weight), torch.full_like(T, kd_weight))
     rows_loss = w * T_pow * kl

@@ -188,15 +188,17 @@ def test_gradcheck_float64(backend, correction, reduction):
     assert torch.autograd.gradcheck(fn, (s.requires_grad_(),))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_backward_through_a_retained_graph_twice(reduction):
-    s, t, y = _inputs()
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_through_a_retained_graph_three_times(backend, device, reduction):
+    s, t, y = (x.to(device) for x in _inputs())
     s.requires_grad_()
-    loss = F.kd_loss(s, t, y, reduction=reduction).sum()
+    loss = F.kd_loss(s, t, y, reduction=reduction, backend=backend).sum()
     loss.backward(retain_graph=True)
     first = s.grad.clone()
+    loss.backward(retain_graph=True)
     loss.backward()
-    torch.testing.assert_close(s.grad, 2 * first)
+    torch.testing.assert_close(s.grad, 3 * first)
 
 
 def test_no_gradient_to_teacher_or_temperature():
@@ -209,8 +211,8 @@ def test_no_gradient_to_teacher_or_temperature():
 
 
 @pytest.mark.skipif(not kdkernels.backends()["cpp"].available, reason="needs the C++ kernel")
-@pytest.mark.parametrize("temperature", [2.0, "cosine"])
-def test_torch_compile_fullgraph_with_cpp_backend(temperature):
+@pytest.mark.parametrize("temperature,dynamic", [(2.0, False), ("cosine", False), (2.0, True)])
+def test_torch_compile_fullgraph_with_cpp_backend(temperature, dynamic):
     s, t, y = make_inputs(16, 50, 3)
     torch.manual_seed(0)
     model = torch.nn.Linear(50, 50)
@@ -218,7 +220,7 @@ def test_torch_compile_fullgraph_with_cpp_backend(temperature):
     def forward(x, t, y):
         return F.preparing_lessons_loss(model(x), t, y, temperature=temperature, backend="cpp")
 
-    compiled = torch.compile(forward, fullgraph=True)
+    compiled = torch.compile(forward, fullgraph=True, dynamic=dynamic)
     eager_loss = forward(s, t, y)
     eager_loss.backward()
     eager_grad = model.weight.grad.clone()
@@ -231,7 +233,7 @@ def test_torch_compile_fullgraph_with_cpp_backend(temperature):
 
 def test_fallback_when_extension_absent(monkeypatch):
     monkeypatch.setattr(cpp_distill, "_C", None)
-    monkeypatch.setattr(cpp_distill, "_IMPORT_ERROR", ImportError("simulated"))
+    monkeypatch.setattr(cpp_distill, "_WHY_NOT", "simulated")
     info = kdkernels.backends()["cpp"]
     assert not info.available and "simulated" in info.reason
     s, t, y = _inputs()
@@ -314,3 +316,37 @@ def test_ignored_labels_outside_range_are_fine():
     F.kd_loss(s, t, y)  # -100 is not out of range: it is ignore_index
     with pytest.raises(ValueError, match="outside"):
         F.kd_loss(s, t, y, ignore_index=-1)
+
+
+@pytest.mark.parametrize("build,error,message", [
+    (lambda: kdkernels.KDLoss(temperature=0.0), ValueError, "temperature must be > 0"),
+    (lambda: kdkernels.KDLoss(backend="gpu"), ValueError, "backend must be"),
+    (lambda: kdkernels.KDLoss(kd_weight=float("nan")), ValueError, "kd_weight"),
+    (lambda: kdkernels.KDLoss(t2_scale="yes"), TypeError, "t2_scale"),
+    (lambda: kdkernels.DistillationLoss(correction="flip"), ValueError, "correction"),
+    (lambda: kdkernels.DistillationLoss(smooth_eps=-0.1), ValueError, "smooth_eps"),
+    (lambda: kdkernels.DistillationLoss(temperature="hot"), ValueError, "temperature as a string"),
+    (lambda: kdkernels.TfKDRegLoss(a=1.5), ValueError, "virtual_teacher must be <= 1"),
+    (lambda: kdkernels.PreparingLessonsLoss(correction="rectify"), ValueError, "'swap', 'smooth'"),
+    (lambda: kdkernels.PreparingLessonsLoss(ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda: kdkernels.TeacherBiasLoss(gamma=2.0), ValueError, "gamma must be"),
+    (lambda: kdkernels.TeacherBiasLoss(total_epochs=0), ValueError, "total_epochs"),
+    (lambda: kdkernels.TopScoreDifferenceLoss(k=0), ValueError, "k must be"),
+    (lambda: kdkernels.TopScoreDifferenceLoss(eta=3), ValueError, "eta must be"),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_modules_check_hyperparameters_at_construction(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_forgotten_teacher_is_named():
+    s, t, y = _inputs()
+    with pytest.raises(TypeError, match="teacher_logits is an integer tensor .*labels"):
+        kdkernels.KDLoss()(s, y)
+
+
+def test_teacher_bias_module_follows_its_schedule():
+    loss = kdkernels.TeacherBiasLoss(total_epochs=4)
+    loss.set_epoch(2)
+    s, t, y = _inputs()
+    torch.testing.assert_close(loss(s, t, y), R.teacher_bias_loss(s, t, y, 0.5))

@@ -268,3 +268,19 @@ def test_strided_labels_and_temperatures(backend, device, layout):
     dense = module.forward(s, t, y.contiguous(), temps.float().contiguous(), options)
     torch.testing.assert_close(strided[0], dense[0])
     torch.testing.assert_close(strided[1], dense[1])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("correction", CORRECTIONS)
+@pytest.mark.parametrize("temp", ["scalar", "cosine"])
+def test_teacher_row_entirely_masked(backend, device, correction, temp):
+    """A teacher row of -inf only has no distribution: no KD term there (CE still counts), and
+    no NaN anywhere."""
+    s, t, y = make_inputs(5, 37, seed=15, device=device)
+    t[2] = float("-inf")
+    loss, grad, _ = assert_matches(backend, s, t, y, temperature=_temperature(temp, 5, device),
+                                   correction=correction, ce_weight=0.3)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    ce_only, ce_grad, _ = assert_matches(backend, s[2:3], t[2:3], y[2:3], kd_weight=0.0,
+                                         ce_weight=0.3, temperature=2.0)
+    torch.testing.assert_close(loss[2:3], ce_only)

@@ -1,22 +1,63 @@
-"""The C++ CPU backend: ``torch.ops.kdkernels.distill_cpu`` from csrc/distill.cpp, built by setup.py.
-Registered through TORCH_LIBRARY with a fake kernel here, so torch.compile sees one opaque op."""
+"""The C++ CPU backend: ``torch.ops.kdkernels.distill_cpu`` from csrc/distill.cpp.
+
+setup.py compiles the source once per CPU capability (kdkernels._C_default, _C_avx2, _C_avx512);
+this module imports the best variant that was built and that the running CPU supports, as torch
+itself reports it (``torch.backends.cpu.get_cpu_capability()``; ``ATEN_CPU_CAPABILITY=avx2`` or
+``default`` lowers it for torch and kdkernels alike). Registered through TORCH_LIBRARY with a fake
+kernel here, so torch.compile sees one opaque op."""
+import importlib
+import json
+import os
+
 import torch
 
 NAME = "cpp"
-_ORDER = ["DEFAULT", "AVX2", "AVX512"]
-
-try:
-    from .. import _C
-    _IMPORT_ERROR = None
-except ImportError as error:  # not built (no compiler at install, or KDKERNELS_NO_EXTENSION)
-    _C, _IMPORT_ERROR = None, error
+VARIANTS = ("avx512", "avx2", "default")  # best first
 
 
 def _runtime_capability():
-    cap = torch.backends.cpu.get_cpu_capability()
-    return "AVX512" if cap.startswith("AVX512") else cap if cap in _ORDER else "DEFAULT"
+    """The variant this CPU (as torch sees it) can run: avx512, avx2 or default."""
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return "avx512" if cap.startswith("avx512") else "avx2" if cap == "avx2" else "default"
 
 
+def _build_report():
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "_build_report.json")
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+REBUILD = "reinstall with a working C++ compiler: pip install --no-build-isolation -e ."
+
+
+def _load():
+    """(module or None, variant, why not): the best importable variant for this CPU."""
+    cpu = _runtime_capability()
+    errors = []
+    for variant in VARIANTS[VARIANTS.index(cpu):]:
+        try:
+            return importlib.import_module(f"kdkernels._C_{variant}"), variant, None
+        except ImportError as error:
+            errors.append(f"_C_{variant}: {error}")
+    report = _build_report() or {}
+    if report.get("skipped"):
+        return None, None, f"skipped at install: {report['skipped']}"
+    states = report.get("variants") or {}
+    built = [v for v, state in states.items() if state == "built"]
+    failures = sorted({state for state in states.values() if state != "built"})
+    if states and not built:
+        return None, None, f"the build failed ({'; '.join(failures)}); {REBUILD}"
+    if built:
+        return None, None, (f"this CPU runs {cpu} code and the install built only "
+                            f"{', '.join(built)} ({'; '.join(failures) or 'not asked for'})")
+    return None, None, f"not built or not importable ({'; '.join(errors)}); {REBUILD}"
+
+
+_C, _VARIANT, _WHY_NOT = _load()
 _HERE = _runtime_capability()  # once: availability must stay plain Python for torch.compile
 
 
@@ -24,12 +65,9 @@ def availability(device=None):
     if device is not None and device.type != "cpu":
         return False, f"the C++ kernel runs on CPU tensors only, not {device.type}"
     if _C is None:
-        return False, (f"the extension kdkernels._C is not built ({_IMPORT_ERROR}); reinstall with "
-                       "a C++ compiler: pip install --no-build-isolation -e .")
-    built = _C.CPU_CAPABILITY
-    if _ORDER.index(built) > _ORDER.index(_HERE):
-        return False, f"built for {built} but this CPU supports {_HERE}; rebuild it here"
-    return True, f"C++ kernel built for {built} (this CPU: {_HERE})"
+        return False, f"C++ kernel unavailable: {_WHY_NOT}"
+    lowered = " (lowered by ATEN_CPU_CAPABILITY)" if os.environ.get("ATEN_CPU_CAPABILITY") else ""
+    return True, f"C++ kernel, {_VARIANT} variant (torch's CPU capability: {_HERE}{lowered})"
 
 
 if _C is not None:

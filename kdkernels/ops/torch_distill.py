@@ -34,6 +34,9 @@ def forward(student, teacher, target, temp_rows, o):
         in_range = (target >= 0) & (target < C)
         y = torch.where(valid & in_range, target, 0)[:, None]
     t = virtual_teacher(y[:, 0], C, o.virtual_teacher, acc) if o.virtual_teacher > 0 else teacher.to(acc)
+    # a teacher row with no finite logit has no distribution: its KD term is 0 (CE still counts)
+    has_teacher = t.max(-1).values > -math.inf
+    t = torch.where(has_teacher[:, None], t, 0.0)
 
     if o.temp_mode == TEMP_SCALAR:
         T = torch.full((N,), o.temperature, dtype=acc, device=s.device)
@@ -71,7 +74,7 @@ def forward(student, teacher, target, temp_rows, o):
 
     kl = (torch.xlogy(target_dist, target_dist)
           - target_dist * torch.where(target_dist > 0, log_p, 0.0)).sum(-1)
-    kd_w = o.kd_weight + (o.wrong_kd_weight - o.kd_weight) * wrong.to(acc)
+    kd_w = (o.kd_weight + (o.wrong_kd_weight - o.kd_weight) * wrong.to(acc)) * has_teacher
     loss = kd_w * (T * T if o.t2_scale else 1.0) * kl
     if o.ce_weight != 0:
         log_p1 = torch.log_softmax(s, -1)

@@ -1,0 +1,116 @@
+"""The install runs on any x86-64 CPU: every C++ variant this CPU can execute passes the backend
+tests, and an install whose C++ build is switched off or fails still installs (editable too) and
+falls back to pure torch, saying why."""
+import os
+import shutil
+import site
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels.ops import cpp_distill
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _runnable_variants():
+    """Variants built into this install that this CPU can execute."""
+    cpu = cpp_distill._runtime_capability()
+    return [v for v in cpp_distill.VARIANTS[cpp_distill.VARIANTS.index(cpu):]
+            if any(f.startswith(f"_C_{v}.") for f in os.listdir(os.path.dirname(kdkernels.__file__)))]
+
+
+def test_the_best_variant_for_this_cpu_was_built_and_loaded():
+    assert cpp_distill._VARIANT == cpp_distill._runtime_capability(), kdkernels.backends()["cpp"]
+
+
+@pytest.mark.parametrize("variant", _runnable_variants())
+def test_every_cpu_variant_passes_the_backend_tests(variant):
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=variant)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import kdkernels; print(kdkernels.backends()['cpp'].reason)"],
+        env=env, capture_output=True, text=True, cwd=ROOT)
+    assert f"{variant} variant" in probe.stdout, probe.stdout + probe.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_backends.py",
+         "-k", "cpp and (every_option or dtypes or strided or virtual or largest or masked)"],
+        env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+def _fresh_install(tmp_path, env_extra):
+    """This source tree, copied, installed editable into a new environment that shares this
+    one's packages (torch, pip); returns that environment's python."""
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.so", "_build_report.json", "__pycache__", "*.egg-info",
+        ".hypothesis", "runs", "out", ".whl"))
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "parent_environment.pth"), "w") as handle:
+        handle.write("\n".join(site.getsitepackages()) + "\n")
+    env = dict(os.environ, **env_extra)
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([str(python), "-m", "pip", "install", "--no-build-isolation", "--no-deps",
+                           "--no-index", "-e", str(source)],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return python, source
+
+
+CHECK = """
+import torch, kdkernels
+import kdkernels.functional as F
+info = kdkernels.backends()['cpp']
+assert not info.available
+print(info.reason)
+s, t = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+y = torch.tensor([1, 2, 3, 4])
+torch.testing.assert_close(F.kd_loss(s, t, y), F.kd_loss(s, t, y, backend='torch'))
+print(kdkernels.__file__)
+"""
+
+
+@pytest.mark.slow
+def test_install_with_the_extension_switched_off(tmp_path):
+    python, source = _fresh_install(tmp_path, {"KDKERNELS_NO_EXTENSION": "1"})
+    done = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped at install: KDKERNELS_NO_EXTENSION" in done.stdout
+    assert str(source) in done.stdout  # the fresh copy, not this tree
+
+
+@pytest.mark.slow
+def test_install_with_a_failing_compile(tmp_path):
+    """A compiler that answers its version check but fails every compile."""
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text('#!/bin/sh\ncase " $* " in *" -c "*) '
+                        'echo "distill.cpp:1:1: error: simulated compiler failure" >&2; exit 1;; '
+                        f'esac\nexec {shutil.which("g++") or "c++"} "$@"\n')
+    compiler.chmod(0o755)
+    python, _ = _fresh_install(tmp_path, {"CXX": str(compiler)})
+    done = subprocess.run([str(python), "-c", CHECK], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the build failed" in done.stdout and "simulated compiler failure" in done.stdout, \
+        done.stdout
+
+
+def test_import_is_light_on_a_cpu_only_machine():
+    """No triton and no inductor at import when there is no GPU and no interpreter."""
+    code = ("import sys, kdkernels; "
+            "print(sorted(m for m in ('triton', 'torch._inductor') if m in sys.modules))")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine imports the Triton kernels at once")
+    assert done.stdout.strip() == "[]", done.stdout
