@@ -13,6 +13,7 @@ what happened, kdkernels.backends() says it, and the pure-torch backend takes ov
 import json
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 
@@ -34,7 +35,8 @@ def first_error_line(error):
     for line in text.splitlines():
         if "error:" in line.lower():
             return line.strip()[:300]
-    return (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
+    last = (str(error).strip().splitlines() or [type(error).__name__])[-1][:300]
+    return f"{last} (pip install -v shows the compiler's output)"
 
 
 def variant_sources(name):
@@ -101,15 +103,38 @@ def extensions_and_cmdclass():
                       file=sys.stderr)
             # editable installs read the package from the source tree, others from build_lib
             in_source = self.inplace or getattr(self, "editable_mode", False)
+            if in_source:  # a variant that failed now must not leave an older build behind
+                for ext in self.extensions:
+                    if self.report["variants"].get(ext.name.split("_C_")[-1]) != "built":
+                        stale = os.path.join(HERE, "kdkernels",
+                                             os.path.basename(self.get_ext_filename(ext.name)))
+                        if os.path.exists(stale):
+                            os.remove(stale)
             write_report(os.path.join(HERE, "kdkernels") if in_source else
                          os.path.join(self.build_lib, "kdkernels"), self.report)
 
         def build_extension(self, ext):
             name = ext.name.split("_C_")[-1]
-            try:
-                super().build_extension(ext)
+            with tempfile.TemporaryFile() as log:  # the compiler writes to fd 1: keep a copy
+                sys.stdout.flush()
+                saved = os.dup(1)
+                os.dup2(log.fileno(), 1)
+                try:
+                    super().build_extension(ext)
+                    error = None
+                except Exception as failure:  # no compiler, unsupported flags: install without it
+                    error = failure
+                finally:
+                    sys.stdout.flush()
+                    os.dup2(saved, 1)
+                    os.close(saved)
+                log.seek(0)
+                output = log.read().decode(errors="replace")
+            sys.stdout.write(output)
+            if error is None:
                 self.report["variants"][name] = "built"
-            except Exception as error:  # no compiler, unsupported flags: install without it
+            else:
+                error.output = output
                 self.report["variants"][name] = f"compile failed: {first_error_line(error)}"
                 print(f"warning: kdkernels C++ kernel, {name} variant, not built:\n"
                       + "".join(traceback.format_exception_only(type(error), error)),

@@ -201,17 +201,84 @@ inline acc_t xlogy_self(acc_t x) { return x > 0 ? x * std::log(x) : acc_t(0); }
 template <typename acc_t>
 inline acc_t kl_term(acc_t x, acc_t log_x, acc_t log_p) { return x > 0 ? x * (log_x - log_p) : acc_t(0); }
 
+// ---- KL without cancellation (docs/METHODS.md, "Computing KL without cancellation") ------
+
+// F(d) = expm1(d) - d = sum_{k=2..K} d^k / k!, for |d| < 1/2; K puts the next term under eps.
+template <typename acc_t>
+inline Vectorized<acc_t> expm1_excess(const Vectorized<acc_t>& d) {
+  constexpr int last = std::is_same_v<acc_t, double> ? 17 : 9;
+  double inv_factorial[last + 1];
+  inv_factorial[0] = 1;
+  for (int k = 1; k <= last; ++k) inv_factorial[k] = inv_factorial[k - 1] / k;
+  auto f = Vectorized<acc_t>(acc_t(inv_factorial[last]));
+  for (int k = last - 1; k >= 2; --k) f = at::vec::fmadd(f, d, Vectorized<acc_t>(acc_t(inv_factorial[k])));
+  return d * d * f;
+}
+
+// r(a) = (1 + a) log1p(a) - a >= 0, accurate near 0.
+template <typename acc_t>
+inline acc_t log1p_excess(acc_t a) {
+  if (std::abs(a) >= acc_t(0.1)) return (1 + a) * std::log1p(a) - a;
+  constexpr int last = std::is_same_v<acc_t, double> ? 16 : 8;
+  acc_t series = 0;
+  for (int k = last; k >= 2; --k) series = series * -a + acc_t(1) / acc_t(k * (k - 1));
+  return series * a * a;
+}
+
+// Per row, with es_j = exp((s_j - ms) / T), et_j = exp((t_j - mt) / T) already in cache:
+// d_j = (t_j - s_j) / T - c, c = E_q[(t - s) / T]; A = E_p[expm1(d)], Psi = E_p[psi(d)] with
+// psi(d) = 1 - e^d (1 - d); then KL(q || p) = (Psi - r(A)) / (1 + A), free of the cancellation
+// that costs the usual form ~T^2 eps log C. Also writes es_j expm1(d_j) into esE (the gradient
+// p - q = -(esE - A es) / (zs (1 + A)) keeps the same accuracy). `usable` is false where the
+// form does not apply (|A| >= 1/2, or a class with q > 0 and p = 0): the usual form is then
+// accurate, p and q being far apart.
+template <typename acc_t>
+struct StableKl {
+  acc_t kl, A;
+  bool usable;
+};
+
+template <typename acc_t>
+StableKl<acc_t> stable_kl(const acc_t* s, const acc_t* t, const acc_t* es, const acc_t* et,
+                          int64_t C, acc_t inv_t, acc_t c, acc_t ms, acc_t mt, acc_t zs,
+                          acc_t* esE) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t K = std::exp((mt - ms) * inv_t - c);  // es e^d = et K
+  Vec vA(0), vPsi(0), vorphan(0);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec vs = load(s + j, n), vt = load(t + j, n), ves = load(es + j, n), vet = load(et + j, n);
+    Vec d = (vt - vs) * Vec(inv_t) - Vec(c);
+    Vec small = d.abs() < Vec(acc_t(0.5));
+    Vec dz = Vec::blendv(Vec(0), d, small);
+    Vec F = expm1_excess(dz);
+    Vec etK = vet * Vec(K);
+    Vec e = Vec::blendv(etK - ves, ves * (dz + F), small);                        // es expm1(d)
+    Vec psi = Vec::blendv(ves - etK * (Vec(1) - d), ves * (dz * dz + (dz - Vec(1)) * F), small);
+    Vec live = (ves > Vec(0)) | (vet > Vec(0));  // both -inf: no mass on either side
+    e = Vec::blendv(Vec(0), e, live);
+    psi = Vec::blendv(Vec(0), psi, live);
+    e.store(esE + j, n);
+    vA = vA + keep(e, n, acc_t(0));
+    vPsi = vPsi + keep(psi, n, acc_t(0));
+    Vec orphan = (ves == Vec(0)) & (vet > Vec(0));
+    vorphan = vorphan + keep(Vec::blendv(Vec(0), Vec(1), orphan), n, acc_t(0));
+  });
+  const acc_t A = hsum(vA) / zs, Psi = hsum(vPsi) / zs;
+  const acc_t kl = (Psi - log1p_excess(A)) / (1 + A);
+  return {kl, A, std::abs(A) < acc_t(0.5) && std::isfinite(kl) && hsum(vorphan) == 0};
+}
+
 struct RowOut {
   double loss, temperature;
   int8_t flags;
 };
 
 // One row. s, t: C values (t already built for the virtual teacher). g: C outputs (acc_t).
-// bp, bq, b1: scratch of C values each.
+// bp, bq, b1, bd: scratch of C values each.
 template <typename acc_t>
 RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool labelled,
                    bool ignored, acc_t T, const Options& o, acc_t* g, acc_t* bp, acc_t* bq,
-                   acc_t* b1) {
+                   acc_t* b1, acc_t* bd) {
   using Vec = Vectorized<acc_t>;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -298,7 +365,13 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   const acc_t zs = hsum(vzs), zt = hsum(vzt);
   if (ce_here) z1 = hsum(vz1);
   const acc_t log_zs = std::log(zs), log_zt = std::log(zt);
-  acc_t kl = has_teacher ? hsum(vcross) * inv_t / zt + log_zs - log_zt : acc_t(0);
+  acc_t kl = 0;
+  StableKl<acc_t> stable{0, 0, false};
+  if (has_teacher) {
+    const acc_t cross = hsum(vcross) / zt;  // E_q[(t - mt) - (s - ms)]
+    stable = stable_kl(s, t, bp, bq, C, inv_t, (cross + mt - ms) * inv_t, ms, mt, zs, bd);
+    kl = stable.usable ? stable.kl : cross * inv_t + log_zs - log_zt;
+  }
 
   // Is the teacher wrong? A tie with the label counts as correct.
   const acc_t t_y = labelled ? t[y] : acc_t(0);
@@ -329,6 +402,11 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
       if (o.correction == kSwap) {
         r_y = q_b; lr_y = lq_b; r_b = q_y; lr_b = lq_y;
         still_wrong = false;
+        // KL changes by (q_y - q_b)(log p_y - log p_b): both differences exact, not cancelled
+        const acc_t diff = q_b * std::expm1((t_y - t[b]) * inv_t);
+        kl += diff * (s[y] - s[b]) * inv_t;
+        fix_y = kd_grad * diff;
+        fix_b = -kd_grad * diff;
       } else {  // rectify
         const acc_t new_y = (q_y + 1) / 2, new_b = q_b / 2, k = (q_y + q_b) / (new_y + new_b);
         r_y = new_y * k; r_b = new_b * k;
@@ -340,11 +418,13 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
         const acc_t q_other = other == -inf ? acc_t(0) : std::exp((other - mt) * inv_t) / zt;
         still_wrong = std::max(r_b, q_other) > r_y;
       }
-      const acc_t lp_y = log_p(y), lp_b = log_p(b);
-      kl += kl_term(r_y, lr_y, lp_y) + kl_term(r_b, lr_b, lp_b) - kl_term(q_y, lq_y, lp_y) -
-            kl_term(q_b, lq_b, lp_b);
-      fix_y = kd_grad * (q_y - r_y);
-      fix_b = kd_grad * (q_b - r_b);
+      if (o.correction == kRectify) {
+        const acc_t lp_y = log_p(y), lp_b = log_p(b);
+        kl += kl_term(r_y, lr_y, lp_y) + kl_term(r_b, lr_b, lp_b) - kl_term(q_y, lq_y, lp_y) -
+              kl_term(q_b, lq_b, lp_b);
+        fix_y = kd_grad * (q_y - r_y);
+        fix_b = kd_grad * (q_b - r_b);
+      }
     }
   }
   double loss = static_cast<double>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * kl);
@@ -362,9 +442,14 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   q_coef *= gs;
   const_term *= gs;
   const bool e1_from_p = ce_here && int_t;
+  // p - q from the cancellation-free form where it applies (not on rows "smooth" replaced)
+  const bool stable_grad = stable.usable && q_coef != 0;
+  const acc_t e_coef = stable_grad ? -gs * kd_grad / (zs * (1 + stable.A)) : acc_t(0);
   for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {  // g may be bp itself: same index, read first
     Vec ep = load(bp + j, n);
-    Vec gv = Vec(p_coef) * ep - Vec(q_coef) * load(bq + j, n) + Vec(const_term);
+    Vec gv = stable_grad
+        ? Vec(e_coef) * (load(bd + j, n) - Vec(stable.A) * ep)
+        : Vec(p_coef) * ep - Vec(q_coef) * load(bq + j, n) + Vec(const_term);
     if (ce_w != 0) gv = gv + Vec(c1) * (e1_from_p ? ipow(ep, int_t) : load(b1 + j, n));
     gv.store(g + j, n);
   });
@@ -401,8 +486,10 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
     FlushDenormals ftz;
     // converted s and t (bf16 / fp16 inputs), the tempered exps of s and t, exp(s - max) at T=1;
     // a gradient that needs converting is written into bp first
-    std::vector<acc_t> scratch(5 * C);
-    acc_t *sbuf = scratch.data(), *tbuf = sbuf + C, *bp = tbuf + C, *bq = bp + C, *b1 = bq + C;
+    // and es expm1(d) of the cancellation-free KL
+    std::vector<acc_t> scratch(6 * C);
+    acc_t *sbuf = scratch.data(), *tbuf = sbuf + C, *bp = tbuf + C, *bq = bp + C, *b1 = bq + C,
+          *bd = b1 + C;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = labelled ? y_ptr[i * y_stride] : -1;
       const bool ignored = labelled && y == o.ignore_index;
@@ -417,7 +504,7 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
       }
       const acc_t T = temp_ptr ? temp_ptr[i * temp_stride] : acc_t(o.temp_value);
       acc_t* g = write_grad && grad_is_acc ? grad.data_ptr<acc_t>() + i * C : bp;
-      RowOut r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1);
+      RowOut r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1, bd);
       if (write_grad && !grad_is_acc) store_row<acc_t>(bp, grad, i, C);
       loss_ptr[i] = static_cast<acc_t>(r.loss);
       temp_out[i] = static_cast<acc_t>(r.temperature);

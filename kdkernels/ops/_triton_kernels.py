@@ -20,6 +20,41 @@ def _teacher_block(t_row, idx, mask, y, log_a, log_rest, VIRTUAL: tl.constexpr):
     return t
 
 @triton.jit
+def _expm1_excess(d):
+    """F(d) = expm1(d) - d = sum_{k=2..9} d^k / k!, for |d| < 1/2 (float32 accurate)."""
+    f = 1.0 / 362880.0
+    f = f * d + 1.0 / 40320.0
+    f = f * d + 1.0 / 5040.0
+    f = f * d + 1.0 / 720.0
+    f = f * d + 1.0 / 120.0
+    f = f * d + 1.0 / 24.0
+    f = f * d + 1.0 / 6.0
+    f = f * d + 0.5
+    return d * d * f
+
+
+@triton.jit
+def _expm1(x):  # accurate near 0
+    small = tl.abs(x) < 0.5
+    xs = tl.where(small, x, 0.0)
+    return tl.where(small, xs + _expm1_excess(xs), tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p_excess(a):
+    """r(a) = (1 + a) log1p(a) - a >= 0, accurate near 0."""
+    x = tl.where(tl.abs(a) < 0.1, a, 0.0)
+    series = 1.0 / 56.0
+    series = series * -x + 1.0 / 42.0
+    series = series * -x + 1.0 / 30.0
+    series = series * -x + 1.0 / 20.0
+    series = series * -x + 1.0 / 12.0
+    series = series * -x + 1.0 / 6.0
+    series = series * -x + 0.5
+    return tl.where(tl.abs(a) < 0.1, series * x * x, (1.0 + a) * tl.log(1.0 + a) - a)
+
+
+@triton.jit
 def _kl_term(x, log_x, log_p):  # x (log x - log p) with 0 log 0 = 0
     return tl.where(x > 0, x * (log_x - log_p), 0.0)
 
@@ -101,7 +136,20 @@ def _distill_kernel(
         T = tl.where(raw < tau_min, tau_min, raw)
     inv_t = 1.0 / T
 
+    # ---- the cancellation-free KL (docs/METHODS.md): centre d = (t - s) / T - c0 on the mean
+    # of (t - s) / T over the first block's finite pairs (any c0 is exact; a close one keeps
+    # r(A) small)
+    first = cols < C
+    s0 = tl.load(s_row + cols, mask=first, other=0.0).to(tl.float32)
+    t0 = _teacher_block(t_row, cols, first, y, log_a, log_rest, VIRTUAL)
+    finite0 = first & ((s0 - s0) == 0) & ((t0 - t0) == 0)
+    c0 = (tl.sum(tl.where(finite0, t0 - s0, 0.0), 0) * inv_t
+          / tl.maximum(tl.sum(finite0.to(tl.float32), 0), 1.0))
+
     # ---- loop 1: online softmax statistics -----------------------------------------
+    a_sum = tl.zeros([], dtype=tl.float32)    # sum_j es_j expm1(d_j), like zs
+    psi_sum = tl.zeros([], dtype=tl.float32)  # sum_j es_j psi(d_j)
+    orphans = tl.zeros([], dtype=tl.int32)    # classes with q > 0 and p = 0
     m_s = tl.full([], NEG_INF, tl.float32)
     m_t = tl.full([], NEG_INF, tl.float32)
     zs = tl.zeros([], dtype=tl.float32)
@@ -126,7 +174,19 @@ def _distill_kernel(
         mt_safe = tl.where(mt_new == NEG_INF, 0.0, mt_new)
         es = tl.exp((s - ms_safe) * inv_t)
         et = tl.exp((t - mt_safe) * inv_t)
-        zs = zs * tl.exp((m_s - ms_safe) * inv_t) + tl.sum(es, 0)
+        alpha_s = tl.exp((m_s - ms_safe) * inv_t)
+        zs = zs * alpha_s + tl.sum(es, 0)
+        d = (t - s) * inv_t - c0
+        small = tl.abs(d) < 0.5
+        dz = tl.where(small, d, 0.0)
+        F = _expm1_excess(dz)
+        et_k = et * tl.exp((mt_safe - ms_safe) * inv_t - c0)  # = es e^d
+        live = (es > 0) | (et > 0)
+        e = tl.where(small, es * (dz + F), et_k - es)
+        psi = tl.where(small, es * (dz * dz + (dz - 1.0) * F), es - et_k * (1.0 - d))
+        a_sum = a_sum * alpha_s + tl.sum(tl.where(live, e, 0.0), 0)
+        psi_sum = psi_sum * alpha_s + tl.sum(tl.where(live, psi, 0.0), 0)
+        orphans += tl.sum(((es == 0) & (et > 0)).to(tl.int32), 0)
         alpha_t = tl.exp((m_t - mt_safe) * inv_t)
         zt = zt * alpha_t + tl.sum(et, 0)
         cross = cross * alpha_t + tl.sum(tl.where(et > 0, et * (t - s), 0.0), 0)
@@ -145,7 +205,13 @@ def _distill_kernel(
 
     log_zs = tl.log(zs)
     log_zt = tl.log(zt)
-    kl = cross * inv_t / zt + (m_s - m_t) * inv_t + log_zs - log_zt
+    A = a_sum / zs
+    kl_stable = (psi_sum / zs - _log1p_excess(A)) / (1.0 + A)
+    # |A| < 1/2 keeps 1 + A free of cancellation; elsewhere p and q are far apart and the usual
+    # form has nothing to lose
+    stable = (tl.abs(A) < 0.5) & ((kl_stable - kl_stable) == 0) & (orphans == 0)
+    kl = tl.where(stable, kl_stable,
+                  cross * inv_t / zt + (m_s - m_t) * inv_t + log_zs - log_zt)
 
     # ---- the teacher correction on rows the teacher gets wrong ----------------------
     wrong = tl.zeros([], dtype=tl.int1)
@@ -183,10 +249,11 @@ def _distill_kernel(
         q_y = tl.exp(lq_y)
         q_b = tl.exp(lq_b)
         if CORRECTION == 1:
-            r_y = q_b
-            r_b = q_y
-            lr_y = lq_b
-            lr_b = lq_y
+            # KL changes by (q_y - q_b)(lp_y - lp_b): both differences exact, not cancelled
+            diff = q_b * _expm1((t_y - m_t) * inv_t)
+            kl_fix = diff * (s_y - s_b) * inv_t
+            q_change_y = diff
+            q_change_b = -diff
             still_wrong = tl.zeros([], dtype=tl.int1)  # the label now holds the maximum
         else:
             new_y = (q_y + 1) * 0.5
@@ -194,15 +261,15 @@ def _distill_kernel(
             k = (q_y + q_b) / (new_y + new_b)
             r_y = new_y * k
             r_b = new_b * k
-            lr_y = tl.log(r_y)
-            lr_b = tl.log(r_b)
             q_other = tl.where(top2 == NEG_INF, 0.0, tl.exp((top2 - m_t) * inv_t) / zt)
             still_wrong = wrong & (tl.maximum(r_b, q_other) > r_y)
-        kl_fix = (_kl_term(r_y, lr_y, lp_y) + _kl_term(r_b, lr_b, lp_b)
-                  - _kl_term(q_y, lq_y, lp_y) - _kl_term(q_b, lq_b, lp_b))
+            kl_fix = (_kl_term(r_y, tl.log(r_y), lp_y) + _kl_term(r_b, tl.log(r_b), lp_b)
+                      - _kl_term(q_y, lq_y, lp_y) - _kl_term(q_b, lq_b, lp_b))
+            q_change_y = q_y - r_y
+            q_change_b = q_b - r_b
         kl = tl.where(wrong, kl + kl_fix, kl)
-        fix_y = tl.where(wrong, kd_grad * (q_y - r_y), 0.0)
-        fix_b = tl.where(wrong, kd_grad * (q_b - r_b), 0.0)
+        fix_y = tl.where(wrong, kd_grad * q_change_y, 0.0)
+        fix_b = tl.where(wrong, kd_grad * q_change_b, 0.0)
     if CORRECTION == 2:  # smooth: target (1 - eps) onehot(y) + eps / C on wrong rows
         ec = smooth_eps / C
         top = 1.0 - smooth_eps + ec
@@ -244,6 +311,9 @@ def _distill_kernel(
     tl.store(c + 7, fix_y)
     tl.store(c + 8, fix_b)
     tl.store(c + 9, row_scale)
+    tl.store(c + 10, c0)
+    tl.store(c + 11, A)
+    tl.store(c + 12, tl.where(stable & (q_coef != 0), 1.0, 0.0))  # p - q from the stable form
     tl.store(index_ptr + 2 * row, y)
     tl.store(index_ptr + 2 * row + 1, b)
 
@@ -277,23 +347,48 @@ def _distill_grad_kernel(
     row_scale = tl.load(c + 9)
     y = tl.load(index_ptr + 2 * row)
     b = tl.load(index_ptr + 2 * row + 1)
+    c_shift = tl.load(c + 10)
+    A = tl.load(c + 11)
+    stable = tl.load(c + 12) != 0
     live = row_scale != 0
     read_limit = tl.where(live, C, 0)  # ignored rows: write zeros, read nothing
     scale = row_scale * tl.load(up_ptr + row * up_stride).to(tl.float32)
     a = inv_t * LOG2E
-    for start in range(0, C, BLOCK):
-        idx = start + cols
-        mask = idx < C
-        read = idx < read_limit
-        s = tl.load(s_row + idx, mask=read, other=0.0).to(tl.float32)
-        t = _teacher_block(t_row, idx, read, y, log_a, log_rest, VIRTUAL)
-        g = p_coef * tl.exp2((s - m_s) * a) - q_coef * tl.exp2((t - m_t) * a) + const_term
-        if HAS_CE:
-            g += ce_coef * tl.exp2((s - m_s) * LOG2E)
-        g = tl.where(idx == y, g + fix_y, g)
-        g = tl.where(idx == b, g + fix_b, g)
-        g = tl.where(live, g * scale, 0.0)
-        tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    if stable:  # p - q = -p (expm1(d) - A) / (1 + A), d = (t - s) / T - c: no cancellation
+        e_coef = -p_coef / (1.0 + A)
+        for start in range(0, C, BLOCK):
+            idx = start + cols
+            mask = idx < C
+            read = idx < read_limit
+            s = tl.load(s_row + idx, mask=read, other=0.0).to(tl.float32)
+            t = _teacher_block(t_row, idx, read, y, log_a, log_rest, VIRTUAL)
+            es = tl.exp2((s - m_s) * a)
+            d = (t - s) * inv_t - c_shift
+            small = tl.abs(d) < 0.5
+            dz = tl.where(small, d, 0.0)
+            e = tl.where(small, es * (dz + _expm1_excess(dz)),
+                         tl.exp2(((t - m_s) * inv_t - c_shift) * LOG2E) - es)  # es expm1(d)
+            g = e_coef * (e - A * es)
+            if HAS_CE:
+                g += ce_coef * tl.exp2((s - m_s) * LOG2E)
+            g = tl.where(idx == y, g + fix_y, g)
+            g = tl.where(idx == b, g + fix_b, g)
+            g = tl.where(live, g * scale, 0.0)
+            tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        for start in range(0, C, BLOCK):
+            idx = start + cols
+            mask = idx < C
+            read = idx < read_limit
+            s = tl.load(s_row + idx, mask=read, other=0.0).to(tl.float32)
+            t = _teacher_block(t_row, idx, read, y, log_a, log_rest, VIRTUAL)
+            g = p_coef * tl.exp2((s - m_s) * a) - q_coef * tl.exp2((t - m_t) * a) + const_term
+            if HAS_CE:
+                g += ce_coef * tl.exp2((s - m_s) * LOG2E)
+            g = tl.where(idx == y, g + fix_y, g)
+            g = tl.where(idx == b, g + fix_b, g)
+            g = tl.where(live, g * scale, 0.0)
+            tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @torch.library.triton_op("kdkernels::distill_triton", mutates_args=())

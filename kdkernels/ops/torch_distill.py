@@ -22,6 +22,60 @@ def virtual_teacher(target, num_classes, a, dtype):
     return logits.scatter_(1, target[:, None], math.log(a))
 
 
+def _kl_term(x, log_p):  # x (log x - log p) with 0 log 0 = 0
+    return torch.where(x > 0, x * (torch.log(x) - log_p), 0.0)
+
+
+def expm1_and_psi(x):
+    """expm1(x) and psi(x) = 1 - e^x (1 - x) (>= 0, ~x^2/2), both accurate near 0; psi(-inf) = 1.
+    Near 0 from F(x) = expm1(x) - x = sum_{k=2..9} x^k / k!: expm1 = x + F, psi = x^2 + (x - 1) F."""
+    small = x.abs() < 0.5
+    xs = torch.where(small, x, 0.0)
+    last = 17 if x.dtype == torch.float64 else 9  # 0.5^(last+1) / (last+1)! under the dtype's eps
+    f = torch.full_like(xs, 1 / math.factorial(last))
+    for k in range(last - 1, 1, -1):
+        f = f * xs + 1 / math.factorial(k)
+    F = xs * xs * f
+    psi_big = torch.where(x == -math.inf, 1.0, 1 - torch.exp(x) * (1 - x))
+    return (torch.where(small, xs + F, torch.expm1(x)),
+            torch.where(small, xs * xs + (xs - 1) * F, psi_big))
+
+
+def log1p_excess(a):
+    """r(a) = (1 + a) log1p(a) - a (>= 0, ~a^2/2), accurate near 0."""
+    small = a.abs() < 0.1
+    x = torch.where(small, a, 0.0)
+    last = 16 if a.dtype == torch.float64 else 8  # r(a) = sum_{k>=2} (-a)^k / (k (k - 1))
+    series = torch.zeros_like(x)
+    for k in range(last, 1, -1):
+        series = series * -x + 1 / (k * (k - 1))
+    return torch.where(small, series * x * x, (1 + a) * torch.log1p(a) - a)
+
+
+def kl_and_difference(s, t, T, p, q, log_p):
+    """KL(q || p) per row and p - q, accurately at any temperature (docs/METHODS.md, "Computing
+    KL without cancellation"): where |A| < 1/2, the cancellation-free form
+    KL = (E_p[psi(d)] - r(A)) / (1 + A), A = E_p[expm1(d)], d = (t - s) / T - c, c = E_q[(t - s) / T],
+    and p - q = -p (expm1(d) - A) / (1 + A); elsewhere the usual one, which has nothing to lose
+    there (q and p differ by much)."""
+    Tc = T[:, None]
+    log_q = torch.log_softmax(t / Tc, -1)
+    standard = (torch.where(q > 0, q * (log_q - log_p), 0.0)).sum(-1)
+    diff = (t - s) / Tc
+    c = torch.where(q > 0, q * diff, 0.0).sum(-1)
+    d = diff - c[:, None]
+    E, psi = expm1_and_psi(d)
+    live = p > 0
+    A = torch.where(live, p * E, 0.0).sum(-1)
+    Psi = torch.where(live, p * psi, 0.0).sum(-1)
+    stable = (Psi - log1p_excess(A)) / (1 + A)
+    # |A| < 1/2 keeps 1 + A free of cancellation
+    usable = (A.abs() < 0.5) & torch.isfinite(stable) & ~((q > 0) & ~live).any(-1)
+    kl = torch.where(usable, stable, standard)
+    p_minus_q = torch.where(usable[:, None], -p * (E - A[:, None]) / (1 + A[:, None]), p - q)
+    return kl, torch.where(live | (q > 0), p_minus_q, 0.0)
+
+
 def forward(student, teacher, target, temp_rows, o):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     N, C = student.shape
@@ -48,32 +102,46 @@ def forward(student, teacher, target, temp_rows, o):
     Tc = T[:, None]
     log_p = torch.log_softmax(s / Tc, -1)
     q = torch.softmax(t / Tc, -1)
+    p = log_p.exp()
+    kl, p_minus_q = kl_and_difference(s, t, T, p, q, log_p)
 
-    target_dist = q
+    # the correction of wrong rows, as the kernels apply it: new target values at y and b
     wrong = torch.zeros(N, dtype=torch.bool, device=s.device)
+    fix_y = fix_b = torch.zeros(N, dtype=acc, device=s.device)
+    target_dist = q  # for the still-wrong flag
     if y is not None:
         t_y = t.gather(1, y)[:, 0]
         wrong = valid & (t_y < t.max(-1).values)
         b = t.argmax(-1, keepdim=True)
-        if o.correction in (1, 3):  # swap / rectify: new values at the label and the argmax
-            q_y, q_b = q.gather(1, y), q.gather(1, b)
-            if o.correction == 1:
-                new_y, new_b = q_b, q_y
-            else:
-                new_y, new_b = (q_y + 1) / 2, q_b / 2
-                k = (q_y + q_b) / (new_y + new_b)
-                new_y, new_b = new_y * k, new_b * k
+        q_y, q_b = q.gather(1, y)[:, 0], q.gather(1, b)[:, 0]
+        lp_y, lp_b = log_p.gather(1, y)[:, 0], log_p.gather(1, b)[:, 0]
+        if o.correction == 1:  # swap: KL changes by (q_y - q_b)(lp_y - lp_b), both exact
+            diff = q_b * torch.expm1((t_y - t.gather(1, b)[:, 0]) / T)  # q_y - q_b
+            kl = torch.where(wrong, kl + diff * (lp_y - lp_b), kl)
+            fix_y, fix_b = torch.where(wrong, diff, 0.0), torch.where(wrong, -diff, 0.0)
+            new_y, new_b = q_b, q_y
+        elif o.correction == 3:  # rectify
+            new_y, new_b = (q_y + 1) / 2, q_b / 2
+            k = (q_y + q_b) / (new_y + new_b)
+            new_y, new_b = new_y * k, new_b * k
+            change = (_kl_term(new_y, lp_y) + _kl_term(new_b, lp_b)
+                      - _kl_term(q_y, lp_y) - _kl_term(q_b, lp_b))
+            kl = torch.where(wrong, kl + change, kl)
+            fix_y = torch.where(wrong, q_y - new_y, 0.0)
+            fix_b = torch.where(wrong, q_b - new_b, 0.0)
+        if o.correction in (1, 3):
             w = wrong[:, None]
             target_dist = q.clone()
-            target_dist.scatter_(1, b, torch.where(w, new_b, q_b))
-            target_dist.scatter_(1, y, torch.where(w, new_y, q_y))
-        elif o.correction == 2:  # smooth
+            target_dist.scatter_(1, b, torch.where(w, new_b[:, None], q_b[:, None]))
+            target_dist.scatter_(1, y, torch.where(w, new_y[:, None], q_y[:, None]))
+        elif o.correction == 2:  # smooth: the target of a wrong row is (1 - eps) onehot + eps / C
             smooth = torch.full_like(q, o.smooth_eps / C)
             smooth.scatter_add_(1, y, torch.full_like(smooth[:, :1], 1 - o.smooth_eps))
+            kl_smooth = (torch.xlogy(smooth, smooth) - smooth * log_p).sum(-1)
+            kl = torch.where(wrong, kl_smooth, kl)
+            p_minus_q = torch.where(wrong[:, None], p - smooth, p_minus_q)
             target_dist = torch.where(wrong[:, None], smooth, q)
 
-    kl = (torch.xlogy(target_dist, target_dist)
-          - target_dist * torch.where(target_dist > 0, log_p, 0.0)).sum(-1)
     kd_w = (o.kd_weight + (o.wrong_kd_weight - o.kd_weight) * wrong.to(acc)) * has_teacher
     loss = kd_w * (T * T if o.t2_scale else 1.0) * kl
     if o.ce_weight != 0:
@@ -85,7 +153,9 @@ def forward(student, teacher, target, temp_rows, o):
     loss = torch.where(bad, torch.nan, torch.where(valid, loss, 0.0))
     grad = student.new_empty(0)
     if o.compute_grad:
-        grad = (kd_w * (T if o.t2_scale else 1 / T))[:, None] * (log_p.exp() - target_dist)
+        if y is not None:  # the correction's change of target at y and b
+            p_minus_q = p_minus_q.scatter_add(1, y, fix_y[:, None]).scatter_add(1, b, fix_b[:, None])
+        grad = (kd_w * (T if o.t2_scale else 1 / T))[:, None] * p_minus_q
         if o.ce_weight != 0:
             grad = grad + o.ce_weight * (log_p1.exp() - torch.zeros_like(s).scatter_(1, y, 1.0))
         grad = torch.where(valid[:, None], grad, 0.0)

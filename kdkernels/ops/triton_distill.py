@@ -30,7 +30,7 @@ NAME = "triton"
 # the multi-block path at small C.
 MAX_BLOCK = 8192
 LAUNCH_OVERRIDE = None  # a function (C, kernel) -> (block, warps): for tuning sweeps only
-NUM_COEF = 10  # float32 values per row that the forward leaves for the gradient kernel
+NUM_COEF = 13  # float32 values per row that the forward leaves for the gradient kernel
 _INSTALLED = importlib.util.find_spec("triton") is not None
 
 

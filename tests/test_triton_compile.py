@@ -1,0 +1,126 @@
+"""The real Triton compiler, without a GPU: every constexpr variant the launcher can pick is
+compiled for sm_80 and sm_90, and must compile without spilling registers to local memory. The
+interpreter (test_backends.py) checks the math; only the compiler checks what it rejects."""
+import concurrent.futures
+import itertools
+import multiprocessing
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kdkernels._options import CORRECTIONS, TEMP_COSINE, TEMP_MAX_PROB, TEMP_ROWS, TEMP_SCALAR  # noqa: E402
+from kdkernels.ops import triton_distill  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+ARCHS = (80, 90)
+# student and teacher dtypes: each alone, and the mixed pairs that occur (a bf16 student with an
+# fp32 teacher, and back)
+DTYPE_PAIRS = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp64", "fp64"),
+               ("bf16", "fp32"), ("fp32", "bf16"), ("fp16", "fp32")]
+
+
+def _signature(kernel, student="bf16", teacher="bf16", acc="fp32", upstream="fp32"):
+    """Argument types as the launcher passes them: tensors by dtype, ints, floats."""
+    pointers = {"s_ptr": student, "t_ptr": teacher, "y_ptr": "i64", "temp_ptr": acc,
+                "loss_ptr": "fp32", "temp_out_ptr": "fp32", "flags_ptr": "i8", "coef_ptr": "fp32",
+                "index_ptr": "i64", "up_ptr": upstream, "grad_ptr": student}
+    ints = {"s_stride", "t_stride", "y_stride", "temp_stride", "up_stride", "ignore_index"}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in pointers:
+            signature[name] = "*" + pointers[name]
+        elif name in ints:
+            signature[name] = "i64"
+        elif name == "C":
+            signature[name] = "i32"
+        elif name.isupper():
+            signature[name] = "constexpr"
+        else:
+            signature[name] = "fp32"
+    return signature
+
+
+def _forward_flags():
+    """Every combination of the forward kernel's flags that distillation_loss can ask for."""
+    for temp_mode, correction, virtual, labels, ce, t2 in itertools.product(
+            (TEMP_SCALAR, TEMP_ROWS, TEMP_COSINE, TEMP_MAX_PROB), CORRECTIONS.values(),
+            (False, True), (False, True), (False, True), (False, True)):
+        if not labels and (correction or virtual or ce):
+            continue  # these need labels
+        if virtual and temp_mode in (TEMP_COSINE, TEMP_MAX_PROB):
+            continue  # a dynamic temperature needs a teacher tensor
+        yield dict(TEMP_MODE=temp_mode, CORRECTION=correction, VIRTUAL=virtual,
+                   HAS_LABELS=labels, HAS_CE=ce, T2_SCALE=t2)
+
+
+def _launches():
+    """(kernel name, constexprs, warps, dtypes) for every variant the launcher can pick."""
+    blocks = [1 << k for k in range(14)]
+    configs = {kind: sorted({triton_distill.launch_config(C, kind) for C in blocks})
+               for kind in ("forward", "grad")}
+    common = dict(TEMP_MODE=TEMP_SCALAR, CORRECTION=0, VIRTUAL=False, HAS_LABELS=True,
+                  HAS_CE=True, T2_SCALE=True)
+    largest_forward, largest_grad = configs["forward"][-1], configs["grad"][-1]
+    for block, warps in configs["forward"]:  # every block size, the common flags
+        yield "forward", dict(common, BLOCK=block), warps, ("bf16", "bf16")
+    for flags in _forward_flags():  # every flag combination, at the largest block
+        yield "forward", dict(flags, BLOCK=largest_forward[0]), largest_forward[1], ("bf16", "bf16")
+    for student, teacher in DTYPE_PAIRS:
+        yield "forward", dict(common, BLOCK=largest_forward[0]), largest_forward[1], (student, teacher)
+    for (block, warps), virtual, ce in itertools.product(configs["grad"], (False, True),
+                                                         (False, True)):
+        yield "grad", dict(BLOCK=block, VIRTUAL=virtual, HAS_CE=ce), warps, ("bf16", "bf16")
+    for student, teacher in DTYPE_PAIRS:
+        yield "grad", dict(BLOCK=largest_grad[0], VIRTUAL=False, HAS_CE=True), largest_grad[1], \
+            (student, teacher)
+
+
+def compile_one(job):
+    """Compiles one variant; returns (job, registers, local bytes) or (job, error)."""
+    kind, constexprs, warps, (student, teacher), arch = job
+    from kdkernels.ops import _triton_kernels as K
+    kernel = K._distill_kernel if kind == "forward" else K._distill_grad_kernel
+    constexprs = dict(constexprs, NUM_COEF=triton_distill.NUM_COEF)
+    acc = "fp64" if student == "fp64" else "fp32"
+    source = ASTSource(kernel, _signature(kernel, student, teacher, acc, acc),
+                       constexprs=constexprs)
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps})
+    except Exception as error:  # noqa: BLE001 -- reported with the variant
+        return job, f"{type(error).__name__}: {error}".splitlines()[0][:500], None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+    registers = int(usage.split("REG:")[1].split()[0])
+    local = int(usage.split("LOCAL:")[1].split()[0])
+    return job, registers, local
+
+
+@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="this triton wheel ships no cuobjdump")
+def test_every_launchable_variant_compiles_without_spills():
+    jobs = [launch + (arch,) for launch in _launches() for arch in ARCHS]
+    context = multiprocessing.get_context("spawn")
+    env_interpret = os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
+    try:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                    mp_context=context) as pool:
+            results = list(pool.map(compile_one, jobs, chunksize=4))
+    finally:
+        if env_interpret is not None:
+            os.environ["TRITON_INTERPRET"] = env_interpret
+    failures = [f"{job}: {registers}" for job, registers, local in results if local is None]
+    spills = [f"{job}: {registers} registers, {local} bytes local" for job, registers, local
+              in results if local]
+    assert not failures, "\n".join(failures[:20])
+    assert not spills, "\n".join(spills[:20])
+    most = max(results, key=lambda r: r[1])
+    print(f"{len(results)} variants compiled; most registers: {most[1]} ({most[0]})")
