@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkernels-installed
 
-.PHONY: install test train bench clean
+.PHONY: install test train bench gpu-check clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): setup.py pyproject.toml csrc/distill.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q numpy triton tqdm pytest hypothesis scikit-learn matplotlib setuptools wheel ninja
+	$(PY) -m pip install -q numpy triton tqdm pytest hypothesis mpmath scikit-learn matplotlib setuptools wheel ninja
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import kdkernels; print(kdkernels.backends())"
 	touch $(STAMP)
@@ -29,6 +29,10 @@ train: install
 
 bench: install
 	$(PY) -m benchmarks.run --quick $(ARGS)
+
+# on a CUDA machine without network, against the torch already installed: build, test, benchmark
+gpu-check:
+	benchmarks/gpu_check.sh $(or $(OUT),gpu-check-out)
 
 clean:
 	rm -rf $(VENV) build *.egg-info kdkernels/_C*.so kdkernels/_build_report.json

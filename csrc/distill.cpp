@@ -1,7 +1,7 @@
 // Fused distillation loss on the CPU: per row, the temperature (given or DTD), the teacher
 // correction, T^2-scaled KL, cross-entropy and the gradient wrt the student, in one sweep over a
 // row held in cache. Rows run in parallel (at::parallel_for), the passes are vectorised with ATen's
-// Vectorized at the capability this file was built for. Semantics: METHODS.md; the Python side has
+// Vectorized at the capability this file was built for. Semantics: docs/METHODS.md; the Python side has
 // validated every argument (kernels trust their inputs).
 #include <Python.h>
 

@@ -2,7 +2,7 @@
 
 Every loss except :func:`top_score_difference_loss` (a loss for training the teacher) is a thin
 mapping of a paper's method onto the one fused primitive, :func:`distillation_loss`. The methods
-and their defaults are specified in METHODS.md.
+and their defaults are specified in docs/METHODS.md.
 """
 import torch
 

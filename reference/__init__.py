@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations of every method in METHODS.md: the oracle.
+"""Pure-PyTorch reference implementations of every method in docs/METHODS.md: the oracle.
 
 Written for clarity, not speed: each function follows the specification line by line and lets
 autograd differentiate it. Generic over device and dtype; the tests run it in float64.

@@ -1,4 +1,4 @@
-"""The oracle. Notation as in METHODS.md: s student logits [N, C], t teacher logits [N, C],
+"""The oracle. Notation as in docs/METHODS.md: s student logits [N, C], t teacher logits [N, C],
 y labels [N] (or None), T temperature (float or [N]). Every function returns per-row values
 before reduction unless it says otherwise."""
 import torch
@@ -46,7 +46,7 @@ def rectify(q, a, b):
 
 def dtd_temperature(s, t, tau0=4.0, beta=1.0, weighting="cosine", center=False, tau_min=1.0,
                     valid=None):
-    """Dynamic Temperature Distillation (METHODS.md section 3), from detached logits.
+    """Dynamic Temperature Distillation (docs/METHODS.md, Preparing Lessons), from detached logits.
 
     cosine: w = (1 - v.u)^2 with v, u the L2-normalised rows (non-finite entries left out).
     max_prob: w = 1 / max_j softmax(s)_j.

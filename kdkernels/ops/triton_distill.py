@@ -1,10 +1,11 @@
-"""The Triton backend (METHODS.md, "What every fused path computes"), as two kernels with one
+"""The Triton backend (docs/METHODS.md, "What the fused paths compute"), as two kernels with one
 program per row:
 
 - the forward reads the student and teacher rows once: an online softmax over blocks (maxima,
   first argmax of the teacher, the tempered sums, the KL cross term, CE's sum at T=1), then the
-  teacher correction; it writes the row's loss, temperature and flags, and ten float32
-  coefficients from which the gradient follows in closed form. A dynamic (DTD) temperature adds
+  teacher correction; it writes the row's loss, temperature and flags, and NUM_COEF float32
+  coefficients from which the gradient follows in closed form (the KL in the form without
+  cancellation of docs/METHODS.md). A dynamic (DTD) temperature adds
   a pre-pass over the row.
 - the gradient kernel, run by the backward, reads the rows once more and writes the gradient
   times the upstream gradient, which it reads on the device.
