@@ -8,7 +8,7 @@ TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkernels-installed
 
-.PHONY: install test train bench gpu-check clean
+.PHONY: install test lint train bench gpu-check clean
 
 install: $(STAMP)
 
@@ -16,13 +16,16 @@ $(STAMP): setup.py pyproject.toml csrc/distill.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q numpy triton tqdm pytest hypothesis mpmath scikit-learn matplotlib setuptools wheel ninja
+	$(PY) -m pip install -q numpy triton tqdm pytest hypothesis mpmath scikit-learn matplotlib setuptools wheel ninja ruff
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import kdkernels; print(kdkernels.backends())"
 	touch $(STAMP)
 
 test: install
 	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 train: install
 	$(VENV)/bin/kdkernels-train $(ARGS)

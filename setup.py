@@ -10,6 +10,7 @@ KDKERNELS_CPU_VARIANTS=default,avx2 builds a subset; KDKERNELS_NO_EXTENSION=1 bu
 variant that fails to compile does not fail the install: kdkernels/_build_report.json records
 what happened, kdkernels.backends() says it, and the pure-torch backend takes over.
 """
+import importlib.util
 import json
 import os
 import sys
@@ -39,16 +40,33 @@ def first_error_line(error):
     return f"{last} (pip install -v shows the compiler's output)"
 
 
-def variant_sources(name):
-    """A one-line source per variant that includes csrc/distill.cpp, so that each variant gets
-    its own object file."""
-    folder = os.path.join(HERE, "build", "kdkernels-variants")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"distill_{name}.cpp")
-    text = f'#include "{os.path.join(HERE, "csrc", "distill.cpp")}"\n'
+GENERATED = os.path.join(HERE, "build", "kdkernels-variants")
+
+
+def write_if_changed(path, text):
     if not os.path.exists(path) or open(path).read() != text:
         with open(path, "w") as handle:
             handle.write(text)
+
+
+def write_contract_header():
+    """kdk_contract.h from the one declaration of the options (kdkernels/_options.py, loaded as
+    a file: the package itself is not importable before it is built)."""
+    spec = importlib.util.spec_from_file_location(
+        "kdkernels_options", os.path.join(HERE, "kdkernels", "_options.py"))
+    options = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(options)
+    os.makedirs(GENERATED, exist_ok=True)
+    write_if_changed(os.path.join(GENERATED, "kdk_contract.h"), options.cpp_header())
+
+
+def variant_sources(name):
+    """A one-line source per variant that includes csrc/distill.cpp, so that each variant gets
+    its own object file."""
+    folder = GENERATED
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"distill_{name}.cpp")
+    write_if_changed(path, f'#include "{os.path.join(HERE, "csrc", "distill.cpp")}"\n')
     return [os.path.relpath(path, HERE)]
 
 
@@ -68,7 +86,8 @@ def extensions_and_cmdclass():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         warnings.warn("torch is not importable: building kdkernels without its C++ kernel. "
-                      "Install torch first, then this package with --no-build-isolation.")
+                      "Install torch first, then this package with --no-build-isolation.",
+                      stacklevel=1)
         write_report(os.path.join(HERE, "kdkernels"),
                      {"skipped": "torch was not importable at install (install torch first, then "
                                  "kdkernels with --no-build-isolation)", "variants": {}})
@@ -76,10 +95,13 @@ def extensions_and_cmdclass():
     wanted = os.environ.get("KDKERNELS_CPU_VARIANTS", ",".join(VARIANT_FLAGS)).lower().split(",")
     unknown = sorted(set(wanted) - set(VARIANT_FLAGS))
     if unknown:
-        raise SystemExit(f"KDKERNELS_CPU_VARIANTS: unknown {unknown}; choose from {list(VARIANT_FLAGS)}")
+        raise SystemExit(f"KDKERNELS_CPU_VARIANTS: unknown {unknown}; choose from "
+                         f"{list(VARIANT_FLAGS)}")
+    write_contract_header()
     extensions = [
-        CppExtension(f"kdkernels._C_{name}", variant_sources(name),
-                     extra_compile_args=["-O3", "-fopenmp", f'-DKDK_CPU_CAPABILITY="{name.upper()}"']
+        CppExtension(f"kdkernels._C_{name}", variant_sources(name), include_dirs=[GENERATED],
+                     extra_compile_args=["-O3", "-fopenmp",
+                                         f'-DKDK_CPU_CAPABILITY="{name.upper()}"']
                      + VARIANT_FLAGS[name],
                      extra_link_args=["-fopenmp"])
         for name in VARIANT_FLAGS if name in wanted]

@@ -2,24 +2,11 @@
 reference, and the contenders that compute them."""
 import torch
 
-import kdkernels.functional as KF
-import reference as R
 from kdkernels import backends
+from kdkernels.reference.methods import METHODS
 
 T = 4.0
-METHODS = {
-    "kd": (lambda s, t, y, b: KF.kd_loss(s, t, y, temperature=T, backend=b),
-           lambda s, t, y: R.kd_loss(s, t, y, temperature=T)),
-    "lessons_swap_dtd": (
-        lambda s, t, y, b: KF.preparing_lessons_loss(s, t, y, correction="swap",
-                                                     temperature="cosine", backend=b),
-        lambda s, t, y: R.preparing_lessons_loss(s, t, y, correction="swap",
-                                                 temperature=dict(weighting="cosine"))),
-    "teacher_bias": (lambda s, t, y, b: KF.teacher_bias_loss(s, t, y, gamma=0.3, backend=b),
-                     lambda s, t, y: R.teacher_bias_loss(s, t, y, 0.3)),
-    "tfkd_reg": (lambda s, t, y, b: KF.tfkd_reg_loss(s, y, backend=b),
-                 lambda s, t, y: R.tfkd_reg_loss(s, y)),
-}
+BENCHMARKED = ("kd", "lessons_swap_dtd", "teacher_bias", "tfkd_reg")  # names in METHODS
 
 
 def liger_kd():
@@ -36,7 +23,7 @@ def liger_kd():
 
 def contenders(method, device, compiled=True):
     """{name: fn(s, t, y) -> loss} for one method on one device type."""
-    fused, ref = METHODS[method]
+    entry = METHODS[method]
     found = {}
     for name, info in backends().items():
         if not info.available:
@@ -45,7 +32,8 @@ def contenders(method, device, compiled=True):
             continue  # the interpreter is for tests, not timing
         if name == "cpp" and device != "cpu":
             continue
-        found[f"kdkernels-{name}"] = (lambda b: (lambda s, t, y: fused(s, t, y, b)))(name)
+        found[f"kdkernels-{name}"] = entry.fused(name)
+    ref = entry.reference()
     found["eager-reference"] = ref
     if compiled:  # the runner resets Dynamo per case: each case gets its own compilation
         found["compile-reference"] = torch.compile(ref, dynamic=False)

@@ -11,6 +11,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "kdk_contract.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -29,20 +31,12 @@ namespace {
 
 using at::vec::Vectorized;
 
-enum TempMode { kTempScalar = 0, kTempRows = 1, kTempCosine = 2, kTempMaxProb = 3 };
-enum Correction { kNone = 0, kSwap = 1, kSmooth = 2, kRectify = 3 };
-constexpr int8_t kFlagTeacherCorrect = 1, kFlagStillWrong = 2;
-
-struct Options {
-  int64_t temp_mode;
-  double temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight;
-  int64_t correction;
-  double smooth_eps, virtual_teacher;
-  bool t2_scale;
-  int64_t ignore_index;
-  bool compute_grad;
-  double grad_scale;
-};
+// The options, their order and the enums come from the one declaration in kdkernels/_options.py
+// (setup.py writes kdk_contract.h from it).
+using kdk::Options;
+using kdk::kCorrectionNone, kdk::kCorrectionRectify, kdk::kCorrectionSmooth, kdk::kCorrectionSwap;
+using kdk::kFlagStillWrong, kdk::kFlagTeacherCorrect;
+using kdk::kTempCosine, kdk::kTempMaxProb, kdk::kTempRows, kdk::kTempScalar;
 
 // ---- row loading: any input dtype into the accumulation type ------------------------------
 
@@ -341,7 +335,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
 
   // Pass 2: tempered softmax sums, the KL cross term, and (smooth) the sum of shifted logits.
   const acc_t inv_t = 1 / T;
-  const bool smooth = o.correction == kSmooth;
+  const bool smooth = o.correction == kCorrectionSmooth;
   // CE needs exp(s - m) too: at an integer temperature k <= 8 that is exp((s - m) / k)^k
   const bool ce_here = need_z1 && !max_prob;
   const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
@@ -382,7 +376,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   acc_t q_coef = has_teacher ? kd_grad / zt : acc_t(0), const_term = 0;  // g = kd_grad p - q_coef e_t + ...
   acc_t fix_y = 0, fix_b = 0;
   int64_t b = 0;
-  if (wrong && o.correction != kNone) {
+  if (wrong && o.correction != kCorrectionNone) {
     auto log_p = [&](int64_t j) { return (s[j] - ms) * inv_t - log_zs; };
     if (smooth) {
       const acc_t eps = acc_t(o.smooth_eps), ec = eps / acc_t(C);
@@ -399,7 +393,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
       const acc_t q_y = bq[y] / zt, q_b = bq[b] / zt;
       const acc_t lq_y = (t_y - mt) * inv_t - log_zt, lq_b = (t[b] - mt) * inv_t - log_zt;
       acc_t r_y, r_b, lr_y, lr_b;
-      if (o.correction == kSwap) {
+      if (o.correction == kCorrectionSwap) {
         r_y = q_b; lr_y = lq_b; r_b = q_y; lr_b = lq_y;
         still_wrong = false;
         // KL changes by (q_y - q_b)(log p_y - log p_b): both differences exact, not cancelled
@@ -418,7 +412,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
         const acc_t q_other = other == -inf ? acc_t(0) : std::exp((other - mt) * inv_t) / zt;
         still_wrong = std::max(r_b, q_other) > r_y;
       }
-      if (o.correction == kRectify) {
+      if (o.correction == kCorrectionRectify) {
         const acc_t lp_y = log_p(y), lp_b = log_p(b);
         kl += kl_term(r_y, lr_y, lp_y) + kl_term(r_b, lr_b, lp_b) - kl_term(q_y, lq_y, lp_y) -
               kl_term(q_b, lq_b, lp_b);
@@ -432,7 +426,10 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   if (ce_w != 0) loss += static_cast<double>(ce_w * (std::log(z1) + ms - s[y]));
 
   int8_t flags = 0;
-  if (labelled) flags = (wrong ? 0 : kFlagTeacherCorrect) | (still_wrong ? kFlagStillWrong : 0);
+  if (labelled) {
+    flags = static_cast<int8_t>((wrong ? 0 : kFlagTeacherCorrect) |
+                                (still_wrong ? kFlagStillWrong : 0));
+  }
   if (!o.compute_grad) return {loss, static_cast<double>(T), flags};
 
   // Pass 3: the gradient, kd_grad (p - target) + ce_w (softmax(s) - onehot(y)).
@@ -515,11 +512,9 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
     const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
-    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& temperature,
-    double temp_value, int64_t temp_mode, double tau0, double beta, double tau_min,
-    double kd_weight, double wrong_kd_weight, double ce_weight, int64_t correction,
-    double smooth_eps, double virtual_teacher, bool t2_scale, int64_t ignore_index,
-    bool compute_grad, double grad_scale) {
+    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& temp_rows,
+    c10::ArrayRef<double> options) {
+  const Options o = kdk::unpack_options(options);
   TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1,
               "kdkernels: student must be [N, C] with unit class stride");
   TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() && teacher->stride(1) == 1),
@@ -527,26 +522,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
   TORCH_CHECK(!target.has_value() || (target->scalar_type() == at::kLong && target->dim() == 1 &&
               target->size(0) == student.size(0)),
               "kdkernels: target must be int64 of shape [N] (any stride)");
-  TORCH_CHECK(temp_mode != kTempRows || (temperature.has_value() &&
-              temperature->scalar_type() == (student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) &&
-              temperature->dim() == 1 && temperature->size(0) == student.size(0)),
+  TORCH_CHECK(o.temp_mode != kTempRows || (temp_rows.has_value() &&
+              temp_rows->scalar_type() == (student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) &&
+              temp_rows->dim() == 1 && temp_rows->size(0) == student.size(0)),
               "kdkernels: per-row temperature must be [N] (any stride), float64 for float64 logits "
               "else float32");
-  TORCH_CHECK(teacher.has_value() || virtual_teacher > 0, "kdkernels: no teacher");
-  const Options o{temp_mode, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
-                  ce_weight, correction, smooth_eps, virtual_teacher, t2_scale, ignore_index,
-                  compute_grad, grad_scale};
+  TORCH_CHECK(teacher.has_value() || o.virtual_teacher > 0, "kdkernels: no teacher");
   const int64_t N = student.size(0);
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto loss = at::empty({N}, student.options().dtype(acc));
-  auto grad = compute_grad ? at::empty(student.sizes(), student.options())
+  auto grad = o.compute_grad ? at::empty(student.sizes(), student.options())
                            : at::empty({0}, student.options());
   auto temps_out = at::empty({N}, student.options().dtype(acc));
   auto flags = at::empty({N}, student.options().dtype(at::kChar));
   if (acc == at::kDouble) {
-    run_rows<double>(student, teacher, target, temperature, o, loss, grad, temps_out, flags);
+    run_rows<double>(student, teacher, target, temp_rows, o, loss, grad, temps_out, flags);
   } else {
-    run_rows<float>(student, teacher, target, temperature, o, loss, grad, temps_out, flags);
+    run_rows<float>(student, teacher, target, temp_rows, o, loss, grad, temps_out, flags);
   }
   return {loss, grad, temps_out, flags};
 }
@@ -554,12 +546,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
 }  // namespace
 
 TORCH_LIBRARY(kdkernels, m) {
-  m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor? temperature, "
-        "float temp_value, int temp_mode, float tau0, float beta, float tau_min, "
-        "float kd_weight, float wrong_kd_weight, float ce_weight, int correction, "
-        "float smooth_eps, float virtual_teacher, bool t2_scale, int ignore_index, "
-        "bool compute_grad, float grad_scale) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor? temp_rows, "
+        "float[] options) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("distill_cpu", &distill_cpu); }
@@ -577,6 +565,9 @@ extern "C" PyObject* KDK_PYINIT(TORCH_EXTENSION_NAME)(void) {
   if (module != nullptr) {
     PyModule_AddStringConstant(module, "CPU_CAPABILITY", KDK_CPU_CAPABILITY);
     PyModule_AddIntConstant(module, "FLOAT_LANES", Vectorized<float>::size());
+    // what this build was compiled against, checked by kdkernels/ops/cpp_distill.py
+    PyModule_AddStringConstant(module, "OPTION_NAMES", kdk::kOptionNames);
+    for (const auto& e : kdk::kEnums) PyModule_AddIntConstant(module, e.name, e.value);
   }
   return module;
 }

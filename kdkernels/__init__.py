@@ -10,9 +10,15 @@
 from . import functional, nn
 from ._core import DistillStats, distillation_loss
 from ._options import DynamicTemperature
+from .nn import (
+                 DistillationLoss,
+                 KDLoss,
+                 PreparingLessonsLoss,
+                 TeacherBiasLoss,
+                 TfKDRegLoss,
+                 TopScoreDifferenceLoss,
+)
 from .ops import backends
-from .nn import (DistillationLoss, KDLoss, PreparingLessonsLoss, TeacherBiasLoss, TfKDRegLoss,
-                 TopScoreDifferenceLoss)
 
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "backends", "distillation_loss", "DistillStats",

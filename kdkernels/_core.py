@@ -6,9 +6,19 @@ import torch
 
 from . import ops as _ops
 from ._dtd import dtd_weights, temperature_from_weights
-from ._options import (CORRECTIONS, FLAG_STILL_WRONG, FLAG_TEACHER_CORRECT, REDUCTIONS,
-                       TEMP_COSINE, TEMP_MAX_PROB, TEMP_ROWS, TEMP_SCALAR, WEIGHTINGS,
-                       DynamicTemperature, FusedOptions)
+from ._options import (
+    CORRECTIONS,
+    FLAG_STILL_WRONG,
+    FLAG_TEACHER_CORRECT,
+    REDUCTIONS,
+    TEMP_COSINE,
+    TEMP_MAX_PROB,
+    TEMP_ROWS,
+    TEMP_SCALAR,
+    WEIGHTINGS,
+    DynamicTemperature,
+    FusedOptions,
+)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -99,8 +109,8 @@ def reduce_rows(loss_rows, reduction, count=None):
 
 def _check_number(name, value, low=None, low_inclusive=True, high=None):
     # comparisons, not math.isfinite: they also work on the SymFloats of torch.compile(dynamic=True)
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) \
-            or not -math.inf < value < math.inf:
+    number = isinstance(value, (int, float, torch.SymInt, torch.SymFloat))
+    if isinstance(value, bool) or not number or not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         raise ValueError(f"{name} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
@@ -244,7 +254,8 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         raise TypeError("student_logits must be a floating-point tensor (float16, bfloat16, "
                         f"float32 or float64), got {getattr(s, 'dtype', type(s))}")
     if s.dim() < 1 or s.shape[-1] < 1:
-        raise ValueError(f"student_logits must have shape [..., C] with C >= 1, got {tuple(s.shape)}")
+        raise ValueError(f"student_logits must have shape [..., C] with C >= 1, got "
+                         f"{tuple(s.shape)}")
     lead, C = s.shape[:-1], s.shape[-1]
     if virtual_teacher is not None:
         if teacher_logits is not None:
@@ -336,7 +347,7 @@ def _plan(s, teacher_logits, target, temperature, kd_weight, ce_weight, wrong_kd
         if compute_grad and _host_scalars(s):  # on the CPU the kernel folds in 1 / count
             grad_scale = 1.0 / count.item()
     options = FusedOptions(
-        temp_mode=temp_mode, temperature=temp_value,
+        temp_mode=temp_mode, temp_value=temp_value,
         tau0=dyn.tau0 if dyn else 4.0, beta=dyn.beta if dyn else 1.0,
         tau_min=dyn.tau_min if dyn else 1.0,
         kd_weight=float(kd_weight),

@@ -1,16 +1,38 @@
-"""The options of the one fused primitive, as every backend receives them."""
-from dataclasses import dataclass
+"""The contract between the Python primitive and the kernels, declared once.
 
-CORRECTIONS = {None: 0, "swap": 1, "smooth": 2, "rectify": 3}
+:class:`FusedOptions` lists, in order, every scalar a backend receives besides the tensors; the
+enums below name the values of its integer fields and of the per-row flags. Everything else
+follows from this file:
+
+- the C++ op takes the options as one ``float[]`` in this order; setup.py writes the header
+  ``kdk_contract.h`` (the ``Options`` struct, its unpacking, the enums) from :func:`cpp_header`,
+  and the built extension reports the names and values it was built with, which the backend
+  checks at import (a stale build is reported, not run);
+- the fake kernel of the C++ op reads its options by name;
+- the Triton kernels' parameters carry the fields' names: the launcher passes
+  :meth:`FusedOptions.triton_kwargs` (``constexpr`` fields are compile-time switches there).
+
+Adding a scalar option: a field here, then its use in each kernel's math.
+"""
+from dataclasses import dataclass, field, fields
+
 REDUCTIONS = ("mean", "sum", "none")
 WEIGHTINGS = ("cosine", "max_prob")
 
 # How a row's temperature is found. ROWS: read from a [N] tensor; COSINE / MAX_PROB: the DTD
 # temperature computed in the kernel from the same row.
 TEMP_SCALAR, TEMP_ROWS, TEMP_COSINE, TEMP_MAX_PROB = 0, 1, 2, 3
-
+# The teacher correction applied to the rows the teacher gets wrong.
+CORRECTION_NONE, CORRECTION_SWAP, CORRECTION_SMOOTH, CORRECTION_RECTIFY = 0, 1, 2, 3
+CORRECTIONS = {None: CORRECTION_NONE, "swap": CORRECTION_SWAP, "smooth": CORRECTION_SMOOTH,
+               "rectify": CORRECTION_RECTIFY}
 # Bits of the per-row flags every backend writes.
 FLAG_TEACHER_CORRECT, FLAG_STILL_WRONG = 1, 2
+
+ENUMS = {name: globals()[name] for name in (
+    "TEMP_SCALAR", "TEMP_ROWS", "TEMP_COSINE", "TEMP_MAX_PROB",
+    "CORRECTION_NONE", "CORRECTION_SWAP", "CORRECTION_SMOOTH", "CORRECTION_RECTIFY",
+    "FLAG_TEACHER_CORRECT", "FLAG_STILL_WRONG")}
 
 
 @dataclass(frozen=True)
@@ -19,7 +41,8 @@ class DynamicTemperature:
     ``tau_i = tau0 - beta * w_i`` (or ``tau0 + beta * (mean(w) - w_i)`` with ``center=True``),
     clamped at ``tau_min``, where ``w_i`` measures how confusable row i is:
 
-    - ``weighting="cosine"``: ``w = (1 - cos(s, t))^2`` over the classes where both logits are finite;
+    - ``weighting="cosine"``: ``w = (1 - cos(s, t))^2`` over the classes where both logits are
+      finite;
     - ``weighting="max_prob"``: ``w = 1 / max_j softmax(s)_j``.
 
     Computed from detached logits; no gradient flows through it. Pass it as ``temperature=``.
@@ -42,21 +65,87 @@ class DynamicTemperature:
                              f"got {self.beta}")
 
 
+def _option(default, constexpr=False):
+    return field(default=default, metadata={"constexpr": constexpr})
+
+
 @dataclass(frozen=True)
 class FusedOptions:
     """Scalars a backend needs besides the tensors. Kernels trust these: validation is done."""
-    temp_mode: int = TEMP_SCALAR
-    temperature: float = 4.0
-    tau0: float = 4.0
-    beta: float = 1.0
-    tau_min: float = 1.0
-    kd_weight: float = 0.9
-    wrong_kd_weight: float = 0.9
-    ce_weight: float = 0.1
-    correction: int = 0
-    smooth_eps: float = 0.1
-    virtual_teacher: float = 0.0  # 0: read the teacher tensor; a in (0, 1]: build pd from labels
-    t2_scale: bool = True
-    ignore_index: int = -100
-    compute_grad: bool = True  # False: loss only (no_grad / evaluation), no N x C gradient written
-    grad_scale: float = 1.0  # the gradient is written times this (1 / rows for "mean" on CPU)
+    temp_mode: int = _option(TEMP_SCALAR, constexpr=True)
+    temp_value: float = _option(4.0)  # the temperature when temp_mode is TEMP_SCALAR
+    tau0: float = _option(4.0)  # DTD: tau = max(tau0 - beta w, tau_min)
+    beta: float = _option(1.0)
+    tau_min: float = _option(1.0)
+    kd_weight: float = _option(0.9)
+    wrong_kd_weight: float = _option(0.9)  # the KD weight on rows the teacher gets wrong
+    ce_weight: float = _option(0.1)
+    correction: int = _option(CORRECTION_NONE, constexpr=True)
+    smooth_eps: float = _option(0.1)
+    virtual_teacher: float = _option(0.0)  # 0: read the teacher tensor; a in (0, 1]: pd from labels
+    t2_scale: bool = _option(True, constexpr=True)
+    ignore_index: int = _option(-100)
+    compute_grad: bool = _option(True)  # False: the loss only, no N x C gradient written
+    grad_scale: float = _option(1.0)  # the gradient is written times this (1 / rows for "mean")
+
+    def pack(self):
+        """The options as the C++ and Triton ops take them: floats in declaration order."""
+        return [float(getattr(self, name)) for name in OPTION_NAMES]
+
+    @classmethod
+    def unpack(cls, values):
+        return cls(**{f.name: f.type(v) for f, v in zip(fields(cls), values)})
+
+    def triton_kwargs(self):
+        """Keyword arguments for the Triton forward kernel, whose parameters carry these names."""
+        return {name: getattr(self, name) for name in OPTION_NAMES}
+
+
+OPTION_NAMES = tuple(f.name for f in fields(FusedOptions))
+OPTION_INDEX = {name: i for i, name in enumerate(OPTION_NAMES)}
+CONSTEXPR_OPTIONS = tuple(f.name for f in fields(FusedOptions) if f.metadata["constexpr"])
+
+
+def cpp_header():
+    """kdk_contract.h for csrc/distill.cpp (written by setup.py at build time)."""
+    cpp = {int: "int64_t", float: "double", bool: "bool"}
+    members = "\n".join(f"  {cpp[f.type]} {f.name};" for f in fields(FusedOptions))
+    unpack = ",\n      ".join(
+        f"v[{i}] != 0" if f.type is bool else f"static_cast<{cpp[f.type]}>(v[{i}])"
+        for i, f in enumerate(fields(FusedOptions)))
+    enums = "\n".join(f"constexpr int64_t k{''.join(w.capitalize() for w in name.split('_'))} = "
+                      f"{value};" for name, value in ENUMS.items())
+    table = ",\n    ".join(f'{{"{name}", {value}}}' for name, value in ENUMS.items())
+    return f"""// Generated by setup.py from kdkernels/_options.py, the one declaration.
+#pragma once
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+#include <cstdint>
+
+namespace kdk {{
+
+{enums}
+
+struct Options {{
+{members}
+}};
+
+constexpr int64_t kNumOptions = {len(OPTION_NAMES)};
+constexpr const char* kOptionNames = "{','.join(OPTION_NAMES)}";
+
+inline Options unpack_options(c10::ArrayRef<double> v) {{
+  TORCH_CHECK(static_cast<int64_t>(v.size()) == kNumOptions, "kdkernels: expected ",
+              kNumOptions, " options, got ", v.size());
+  return Options{{
+      {unpack}}};
+}}
+
+struct EnumValue {{
+  const char* name;
+  int64_t value;
+}};
+constexpr EnumValue kEnums[] = {{
+    {table}}};
+
+}}  // namespace kdk
+"""

@@ -6,7 +6,7 @@ and their defaults are specified in docs/METHODS.md.
 """
 import torch
 
-from ._core import DistillStats, check_options, check_reduction, distillation_loss, reduce_rows
+from ._core import DistillStats, check_reduction, distillation_loss, reduce_rows
 from ._dtd import dtd_weights, temperature_from_weights
 from ._options import DynamicTemperature
 

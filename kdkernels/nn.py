@@ -25,9 +25,9 @@ class _Loss(torch.nn.Module):
 
     def _loss(self, student_logits, teacher_logits, target, return_stats, **overrides):
         return F.distillation_loss(student_logits, teacher_logits, target,
-                                   **dict(self._options, **overrides), ignore_index=self.ignore_index,
-                                   reduction=self.reduction, return_stats=return_stats,
-                                   backend=self.backend)
+                                   **dict(self._options, **overrides),
+                                   ignore_index=self.ignore_index, reduction=self.reduction,
+                                   return_stats=return_stats, backend=self.backend)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
@@ -48,7 +48,8 @@ class DistillationLoss(_Loss):
                               smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                               t2_scale=t2_scale), ignore_index, reduction, backend)
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
-        self.wrong_kd_weight, self.correction, self.smooth_eps = wrong_kd_weight, correction, smooth_eps
+        self.wrong_kd_weight, self.correction = wrong_kd_weight, correction
+        self.smooth_eps = smooth_eps
         self.virtual_teacher, self.t2_scale = virtual_teacher, t2_scale
 
     def forward(self, student_logits, teacher_logits=None, target=None, temperature=None,
@@ -59,7 +60,8 @@ class DistillationLoss(_Loss):
 
 class KDLoss(_Loss):
     """Hinton KD: ``kd_weight * T^2 * KL(q_T || p_T) + ce_weight * CE``. See
-    :func:`kdkernels.functional.kd_loss`. ``forward(student_logits, teacher_logits, target=None)``."""
+    :func:`kdkernels.functional.kd_loss`.
+    ``forward(student_logits, teacher_logits, target=None)``."""
 
     def __init__(self, temperature=4.0, kd_weight=0.9, ce_weight=0.1, t2_scale=True,
                  ignore_index=-100, reduction="mean", backend="auto"):
@@ -80,7 +82,8 @@ class TfKDRegLoss(_Loss):
                  reduction="mean", backend="auto"):
         super().__init__(F.tfkd_reg_options(a, temperature, kd_weight, ce_weight),
                          ignore_index, reduction, backend)
-        self.a, self.temperature, self.kd_weight, self.ce_weight = a, temperature, kd_weight, ce_weight
+        self.a, self.temperature = a, temperature
+        self.kd_weight, self.ce_weight = kd_weight, ce_weight
 
     def forward(self, student_logits, target, return_stats=False):
         return self._loss(student_logits, None, target, return_stats)
@@ -124,7 +127,8 @@ class TeacherBiasLoss(_Loss):
 
     def set_epoch(self, epoch):
         if self.total_epochs is None:
-            raise RuntimeError("set_epoch needs total_epochs; this loss was built with a fixed gamma")
+            raise RuntimeError("set_epoch needs total_epochs; this loss was built with a fixed "
+                               "gamma")
         self.gamma = F.teacher_bias_gamma(epoch, self.total_epochs)
         self.epoch = epoch
         self._set_options(F.teacher_bias_options(self.gamma, self.temperature, self.rectify),

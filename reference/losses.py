@@ -168,7 +168,8 @@ def tfkd_reg_loss(s, y, a=0.99, temperature=20.0, kd_weight=0.9, ce_weight=0.1,
     """Tf-KD reg, paper form: the virtual teacher pd softened at T, student at the same T."""
     valid = _valid_rows(s, y, ignore_index)
     C = s.shape[-1]
-    pd = torch.exp(virtual_teacher_logits(torch.where(valid, y, torch.zeros_like(y)), C, a, s.dtype))
+    y_safe = torch.where(valid, y, torch.zeros_like(y))
+    pd = torch.exp(virtual_teacher_logits(y_safe, C, a, s.dtype))
     q = torch.softmax(torch.log(pd) / temperature, -1)
     log_p = torch.log_softmax(s / temperature, -1)
     rows = kd_weight * temperature ** 2 * _kl(q, log_p) + ce_weight * _ce(s, y, valid)

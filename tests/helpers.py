@@ -2,7 +2,7 @@
 import torch
 
 import kdkernels
-import reference
+import kdkernels.reference as reference
 
 CUDA = torch.cuda.is_available()
 

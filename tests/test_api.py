@@ -2,13 +2,13 @@
 bad input, edge batches, gradcheck, torch.compile and the fallback when the extension is absent."""
 import pytest
 import torch
+from helpers import BACKEND_IDS, BACKENDS, make_inputs
 
 import kdkernels
 import kdkernels.functional as F
-import reference as R
+import kdkernels.reference as R
 from kdkernels.ops import cpp_distill
-
-from helpers import BACKEND_IDS, BACKENDS, INTERPRETED, make_inputs
+from kdkernels.reference.methods import METHODS
 
 f64 = torch.float64
 PUBLIC_FUNCTIONS = ["distillation_loss", "kd_loss", "tfkd_reg_loss", "dtd_temperature",
@@ -41,42 +41,17 @@ def _inputs(seed=0, N=10, C=13):
     return s, t, y
 
 
-METHOD_CASES = {
-    "kd": (lambda s, t, y, b: F.kd_loss(s, t, y, temperature=3.0, backend=b),
-           lambda s, t, y: R.kd_loss(s, t, y, temperature=3.0)),
-    "kd_no_labels": (lambda s, t, y, b: F.kd_loss(s, t, ce_weight=0.0, backend=b),
-                     lambda s, t, y: R.kd_loss(s, t, ce_weight=0.0)),
-    "tfkd_reg": (lambda s, t, y, b: F.tfkd_reg_loss(s, y, a=0.95, backend=b),
-                 lambda s, t, y: R.tfkd_reg_loss(s, y, a=0.95)),
-    "lessons_swap": (lambda s, t, y, b: F.preparing_lessons_loss(s, t, y, backend=b),
-                     lambda s, t, y: R.preparing_lessons_loss(s, t, y)),
-    "lessons_smooth_cosine": (
-        lambda s, t, y, b: F.preparing_lessons_loss(s, t, y, correction="smooth",
-                                                    temperature="cosine", backend=b),
-        lambda s, t, y: R.preparing_lessons_loss(s, t, y, correction="smooth",
-                                                 temperature=dict(weighting="cosine"))),
-    "lessons_swap_maxprob_centred": (
-        lambda s, t, y, b: F.preparing_lessons_loss(
-            s, t, y, temperature=kdkernels.DynamicTemperature(
-                tau0=5.0, beta=0.2, weighting="max_prob", center=True), backend=b),
-        lambda s, t, y: R.preparing_lessons_loss(
-            s, t, y, temperature=dict(tau0=5.0, beta=0.2, weighting="max_prob", center=True))),
-    "teacher_bias": (lambda s, t, y, b: F.teacher_bias_loss(s, t, y, epoch=3, total_epochs=10,
-                                                            backend=b),
-                     lambda s, t, y: R.teacher_bias_loss(s, t, y, 0.3)),
-}
-
-
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("method", list(METHOD_CASES))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_method_losses_match_reference_methods(backend, device, method):
-    fused, ref = METHOD_CASES[method]
+    """Every method of the shared table (kdkernels.reference.methods): module against oracle."""
+    entry = METHODS[method]
     s, t, y = _inputs()
     s1 = s.clone().to(device).requires_grad_()
-    loss = fused(s1, t.to(device), y.to(device), backend)
+    loss = entry.fused(backend)(s1, t.to(device), y.to(device))
     (g,) = torch.autograd.grad(loss, s1)
     s2 = s.clone().requires_grad_()
-    ref_loss = ref(s2, t, y)
+    ref_loss = entry.reference()(s2, t, y)
     (ref_g,) = torch.autograd.grad(ref_loss, s2)
     tol = 1e-5 if backend == "triton" else 1e-10  # Triton accumulates in float32
     torch.testing.assert_close(loss.cpu(), ref_loss, rtol=tol, atol=tol)
@@ -302,9 +277,20 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("case", range(len(_bad_calls())))
-def test_bad_input_raises_clear_error(case):
-    call, error, message = _bad_calls()[case]
+def _case_name(call, error, message):
+    """What a bad-input case checks, from the error it expects."""
+    words = "".join(c if c.isalnum() else " " for c in message).split()
+    return f"{error.__name__}-{'_'.join(words[:5])}"
+
+
+BAD_CALLS = _bad_calls()
+BAD_IDS = [_case_name(*case) for case in BAD_CALLS]
+BAD_IDS = [name if BAD_IDS.count(name) == 1 else f"{name}-{BAD_IDS[:i].count(name)}"
+           for i, name in enumerate(BAD_IDS)]
+
+
+@pytest.mark.parametrize("call,error,message", BAD_CALLS, ids=BAD_IDS)
+def test_bad_input_raises_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
 

@@ -2,14 +2,13 @@
 -inf teacher logits, ignored rows, reductions, gradients and per-row stats."""
 import pytest
 import torch
+from helpers import BACKEND_IDS, BACKENDS, INTERPRETED, assert_matches, make_inputs, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdkernels
 from kdkernels import DynamicTemperature
 from kdkernels.ops import triton_distill
-
-from helpers import BACKEND_IDS, BACKENDS, INTERPRETED, assert_matches, make_inputs, run
 
 CORRECTIONS = [None, "swap", "smooth", "rectify"]
 TEMPERATURES = {
@@ -260,10 +259,10 @@ def test_strided_labels_and_temperatures(backend, device, layout):
     assert not y.is_contiguous() and not temps.is_contiguous()
     assert_matches(backend, s, t, y, temperature=temps, correction="swap", ce_weight=0.3)
     # the op itself, called with the strided tensors (no copies made by the Python layer)
-    from kdkernels._options import TEMP_ROWS, FusedOptions
+    from kdkernels._options import CORRECTION_SWAP, TEMP_ROWS, FusedOptions
     from kdkernels.ops import resolve
     module = resolve(backend, torch.device(device))
-    options = FusedOptions(temp_mode=TEMP_ROWS, correction=1)
+    options = FusedOptions(temp_mode=TEMP_ROWS, correction=CORRECTION_SWAP)
     strided = module.forward(s, t, y, temps.float(), options)
     dense = module.forward(s, t, y.contiguous(), temps.float().contiguous(), options)
     torch.testing.assert_close(strided[0], dense[0])

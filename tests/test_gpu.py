@@ -3,12 +3,11 @@ sizes, int64 offsets past 2^31 elements, torch.compile over the Triton op, and n
 The same math runs under the Triton interpreter in test_backends.py; these need CUDA."""
 import pytest
 import torch
+from helpers import oracle, tolerances
 
 import kdkernels
 import kdkernels.functional as F
 from kdkernels import DynamicTemperature
-
-from helpers import oracle, tolerances
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -19,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _runnable_variants():
     """Variants built into this install that this CPU can execute."""
     cpu = cpp_distill._runtime_capability()
+    built = os.listdir(os.path.dirname(kdkernels.__file__))
     return [v for v in cpp_distill.VARIANTS[cpp_distill.VARIANTS.index(cpu):]
-            if any(f.startswith(f"_C_{v}.") for f in os.listdir(os.path.dirname(kdkernels.__file__)))]
+            if any(f.startswith(f"_C_{v}.") for f in built)]
 
 
 def test_the_best_variant_for_this_cpu_was_built_and_loaded():
@@ -52,8 +53,9 @@ def _fresh_install(tmp_path, env_extra):
     env_dir = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(purelib, "parent_environment.pth"), "w") as handle:
         handle.write("\n".join(site.getsitepackages()) + "\n")
     env = dict(os.environ, **env_extra)

@@ -6,10 +6,9 @@ import math
 import mpmath
 import pytest
 import torch
+from helpers import BACKEND_IDS, BACKENDS, make_inputs
 
 import kdkernels
-
-from helpers import BACKEND_IDS, BACKENDS, make_inputs
 
 mpmath.mp.dps = 40
 TEMPERATURES = [1.0, 2.0, 8.0, 100.0, 1e3, 1e4, 1e6]

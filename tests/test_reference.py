@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import reference as R
+import kdkernels.reference as R
 
 f64 = torch.float64
 

@@ -2,6 +2,7 @@
 compiled for sm_80 and sm_90, and must compile without spilling registers to local memory. The
 interpreter (test_backends.py) checks the math; only the compiler checks what it rejects."""
 import concurrent.futures
+import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -14,7 +15,15 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kdkernels._options import CORRECTIONS, TEMP_COSINE, TEMP_MAX_PROB, TEMP_ROWS, TEMP_SCALAR  # noqa: E402
+from kdkernels._options import (  # noqa: E402
+    CONSTEXPR_OPTIONS,
+    CORRECTIONS,
+    TEMP_COSINE,
+    TEMP_MAX_PROB,
+    TEMP_ROWS,
+    TEMP_SCALAR,
+    FusedOptions,
+)
 from kdkernels.ops import triton_distill  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -26,21 +35,25 @@ DTYPE_PAIRS = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp64", "f
 
 
 def _signature(kernel, student="bf16", teacher="bf16", acc="fp32", upstream="fp32"):
-    """Argument types as the launcher passes them: tensors by dtype, ints, floats."""
+    """Argument types as the launcher passes them: tensors by dtype, the options by their
+    declared types (kdkernels/_options.py), strides and the like as ints, the rest floats."""
     pointers = {"s_ptr": student, "t_ptr": teacher, "y_ptr": "i64", "temp_ptr": acc,
                 "loss_ptr": "fp32", "temp_out_ptr": "fp32", "flags_ptr": "i8", "coef_ptr": "fp32",
                 "index_ptr": "i64", "up_ptr": upstream, "grad_ptr": student}
-    ints = {"s_stride", "t_stride", "y_stride", "temp_stride", "up_stride", "ignore_index"}
+    declared = {f.name: {int: "i64", float: "fp32", bool: "i1"}[f.type]
+                for f in dataclasses.fields(FusedOptions)}
     signature = {}
     for name in kernel.arg_names:
         if name in pointers:
             signature[name] = "*" + pointers[name]
-        elif name in ints:
-            signature[name] = "i64"
         elif name == "C":
             signature[name] = "i32"
-        elif name.isupper():
+        elif name in CONSTEXPR_OPTIONS or name.isupper():
             signature[name] = "constexpr"
+        elif name in declared:
+            signature[name] = declared[name]
+        elif name.endswith("_stride"):
+            signature[name] = "i64"
         else:
             signature[name] = "fp32"
     return signature
@@ -55,8 +68,8 @@ def _forward_flags():
             continue  # these need labels
         if virtual and temp_mode in (TEMP_COSINE, TEMP_MAX_PROB):
             continue  # a dynamic temperature needs a teacher tensor
-        yield dict(TEMP_MODE=temp_mode, CORRECTION=correction, VIRTUAL=virtual,
-                   HAS_LABELS=labels, HAS_CE=ce, T2_SCALE=t2)
+        yield dict(temp_mode=temp_mode, correction=correction, t2_scale=t2, VIRTUAL=virtual,
+                   HAS_LABELS=labels, HAS_CE=ce)
 
 
 def _launches():
@@ -64,15 +77,16 @@ def _launches():
     blocks = [1 << k for k in range(14)]
     configs = {kind: sorted({triton_distill.launch_config(C, kind) for C in blocks})
                for kind in ("forward", "grad")}
-    common = dict(TEMP_MODE=TEMP_SCALAR, CORRECTION=0, VIRTUAL=False, HAS_LABELS=True,
-                  HAS_CE=True, T2_SCALE=True)
+    common = dict(temp_mode=TEMP_SCALAR, correction=0, t2_scale=True, VIRTUAL=False,
+                  HAS_LABELS=True, HAS_CE=True)
     largest_forward, largest_grad = configs["forward"][-1], configs["grad"][-1]
     for block, warps in configs["forward"]:  # every block size, the common flags
         yield "forward", dict(common, BLOCK=block), warps, ("bf16", "bf16")
     for flags in _forward_flags():  # every flag combination, at the largest block
         yield "forward", dict(flags, BLOCK=largest_forward[0]), largest_forward[1], ("bf16", "bf16")
     for student, teacher in DTYPE_PAIRS:
-        yield "forward", dict(common, BLOCK=largest_forward[0]), largest_forward[1], (student, teacher)
+        yield ("forward", dict(common, BLOCK=largest_forward[0]), largest_forward[1],
+               (student, teacher))
     for (block, warps), virtual, ce in itertools.product(configs["grad"], (False, True),
                                                          (False, True)):
         yield "grad", dict(BLOCK=block, VIRTUAL=virtual, HAS_CE=ce), warps, ("bf16", "bf16")

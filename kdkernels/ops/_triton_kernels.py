@@ -1,13 +1,24 @@
 """The Triton kernels of the triton backend and their torch.library ops. Imported by
 triton_distill only where they can run (a CUDA device, or TRITON_INTERPRET=1), so that importing
 kdkernels on a CPU-only machine loads neither triton nor torch's inductor."""
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _options
 from . import triton_distill as config
+
+# the enums of kdkernels/_options.py, as compile-time constants of the kernels
+TEMP_SCALAR = tl.constexpr(_options.TEMP_SCALAR)
+TEMP_ROWS = tl.constexpr(_options.TEMP_ROWS)
+TEMP_COSINE = tl.constexpr(_options.TEMP_COSINE)
+CORRECTION_SWAP = tl.constexpr(_options.CORRECTION_SWAP)
+CORRECTION_SMOOTH = tl.constexpr(_options.CORRECTION_SMOOTH)
+CORRECTION_RECTIFY = tl.constexpr(_options.CORRECTION_RECTIFY)
+FLAG_TEACHER_CORRECT = tl.constexpr(_options.FLAG_TEACHER_CORRECT)
+FLAG_STILL_WRONG = tl.constexpr(_options.FLAG_STILL_WRONG)
 
 
 @triton.jit
@@ -61,12 +72,14 @@ def _kl_term(x, log_x, log_p):  # x (log x - log p) with 0 log 0 = 0
 @triton.jit
 def _distill_kernel(
     s_ptr, s_stride, t_ptr, t_stride, y_ptr, y_stride, temp_ptr, temp_stride,
-    loss_ptr, temp_out_ptr, flags_ptr, coef_ptr, index_ptr,
-    C, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps,
-    log_a, log_rest, ignore_index,
-    BLOCK: tl.constexpr, TEMP_MODE: tl.constexpr, CORRECTION: tl.constexpr,
-    VIRTUAL: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    T2_SCALE: tl.constexpr, NUM_COEF: tl.constexpr,
+    loss_ptr, temp_out_ptr, flags_ptr, coef_ptr, index_ptr, C,
+    # the options, named as in kdkernels/_options.py (FusedOptions.triton_kwargs)
+    temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
+    ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
+    ignore_index, compute_grad, grad_scale,
+    # derived by the launcher
+    log_a, log_rest, BLOCK: tl.constexpr, VIRTUAL: tl.constexpr, HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr, NUM_COEF: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -99,9 +112,9 @@ def _distill_kernel(
     # (Measured on an H100: the same for loop 1 made the forward 5-19% slower than one
     # reduction per block and statistic, so loop 1 reduces per block.)
     # ---- the row's temperature ------------------------------------------------------
-    if TEMP_MODE == 0:
+    if temp_mode == TEMP_SCALAR:
         T = tl.zeros([], dtype=tl.float32) + temp_value
-    elif TEMP_MODE == 1:
+    elif temp_mode == TEMP_ROWS:
         T = tl.load(temp_ptr + row * temp_stride).to(tl.float32)
     else:  # DTD: a pre-pass over the row at T = 1
         m1 = tl.full([], NEG_INF, tl.float32)
@@ -113,7 +126,7 @@ def _distill_kernel(
             idx = start + cols
             mask = idx < C
             s = tl.load(s_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
-            if TEMP_MODE == 2:  # cosine over the classes where both logits are finite
+            if temp_mode == TEMP_COSINE:  # cosine over the classes where both logits are finite
                 t = _teacher_block(t_row, idx, mask, y, log_a, log_rest, VIRTUAL)
                 finite = mask & ((s - s) == 0) & ((t - t) == 0)
                 fs = tl.where(finite, s, 0.0)
@@ -126,7 +139,7 @@ def _distill_kernel(
                 m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
                 z1p = z1p * tl.exp(m1 - m_safe) + tl.exp(s - m_safe)
                 m1 = m_new
-        if TEMP_MODE == 2:
+        if temp_mode == TEMP_COSINE:
             norms = (tl.maximum(tl.sqrt(tl.sum(ss, 0)), 1e-12)
                      * tl.maximum(tl.sqrt(tl.sum(tt, 0)), 1e-12))
             w = (1.0 - tl.sum(st, 0) / norms) * (1.0 - tl.sum(st, 0) / norms)
@@ -192,9 +205,9 @@ def _distill_kernel(
         cross = cross * alpha_t + tl.sum(tl.where(et > 0, et * (t - s), 0.0), 0)
         if HAS_CE:
             z1 = z1 * tl.exp(m_s - ms_safe) + tl.sum(tl.exp(s - ms_safe), 0)
-        if CORRECTION == 2:
+        if correction == CORRECTION_SMOOTH:
             s_sum += tl.sum(tl.where(mask, s, 0.0), 0)
-        if CORRECTION == 3:
+        if correction == CORRECTION_RECTIFY:
             tx = tl.where(idx == y, NEG_INF, t)
             bx1 = tl.max(tx, 0)
             bx2 = tl.max(tl.where(idx == tl.argmax(tx, 0) + start, NEG_INF, tx), 0)
@@ -232,7 +245,7 @@ def _distill_kernel(
     kl = tl.where(has_teacher, kl, 0.0)
     kd_w = tl.where(wrong, wrong_kd_weight, kd_weight)
     kd_w = tl.where(has_teacher, kd_w, 0.0)
-    if T2_SCALE:
+    if t2_scale:
         kd_grad = kd_w * T
         kd_scale = kd_w * T * T
     else:
@@ -240,7 +253,7 @@ def _distill_kernel(
         kd_scale = kd_w
     q_coef = tl.where(has_teacher, kd_grad / zt, 0.0)
     const_term = tl.zeros([], dtype=tl.float32)
-    if CORRECTION == 1 or CORRECTION == 3:  # swap, rectify: new values at y and b
+    if correction == CORRECTION_SWAP or correction == CORRECTION_RECTIFY:  # new values at y, b
         s_b = tl.load(s_row + b).to(tl.float32)
         lp_y = (s_y - m_s) * inv_t - log_zs
         lp_b = (s_b - m_s) * inv_t - log_zs
@@ -248,7 +261,7 @@ def _distill_kernel(
         lq_b = -log_zt  # t_b is the maximum
         q_y = tl.exp(lq_y)
         q_b = tl.exp(lq_b)
-        if CORRECTION == 1:
+        if correction == CORRECTION_SWAP:
             # KL changes by (q_y - q_b)(lp_y - lp_b): both differences exact, not cancelled
             diff = q_b * _expm1((t_y - m_t) * inv_t)
             kl_fix = diff * (s_y - s_b) * inv_t
@@ -270,7 +283,7 @@ def _distill_kernel(
         kl = tl.where(wrong, kl + kl_fix, kl)
         fix_y = tl.where(wrong, kd_grad * q_change_y, 0.0)
         fix_b = tl.where(wrong, kd_grad * q_change_b, 0.0)
-    if CORRECTION == 2:  # smooth: target (1 - eps) onehot(y) + eps / C on wrong rows
+    if correction == CORRECTION_SMOOTH:  # wrong rows' target: (1 - eps) onehot(y) + eps / C
         ec = smooth_eps / C
         top = 1.0 - smooth_eps + ec
         h = tl.where(top > 0, top * tl.log(top), 0.0) + tl.where(
@@ -292,9 +305,9 @@ def _distill_kernel(
     loss = tl.where(bad, float("nan"), loss)
     tl.store(loss_ptr + row, loss)
     tl.store(temp_out_ptr + row, T)
-    flags = tl.where(still_wrong, 2, 0)
+    flags = tl.where(still_wrong, FLAG_STILL_WRONG, 0)
     if HAS_LABELS:
-        flags += tl.where(valid & ~wrong, 1, 0)
+        flags += tl.where(valid & ~wrong, FLAG_TEACHER_CORRECT, 0)
     tl.store(flags_ptr + row, flags.to(tl.int8))
 
     # ---- what the gradient kernel needs: O(1) per row --------------------------------
@@ -393,22 +406,21 @@ def _distill_grad_kernel(
 
 @torch.library.triton_op("kdkernels::distill_triton", mutates_args=())
 def distill_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
-                   target: Optional[torch.Tensor], temperature: Optional[torch.Tensor],
-                   temp_value: float, temp_mode: int, tau0: float, beta: float,
-                   tau_min: float, kd_weight: float, wrong_kd_weight: float,
-                   ce_weight: float, correction: int, smooth_eps: float,
-                   virtual_teacher: float, t2_scale: bool, ignore_index: int
+                   target: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor],
+                   options: List[float]
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                               torch.Tensor]:
     """Forward: per-row loss, temperature, flags, and the row coefficients (and label /
-    teacher-argmax indices) from which distill_triton_grad writes the gradient."""
+    teacher-argmax indices) from which distill_triton_grad writes the gradient. ``options``:
+    FusedOptions.pack()."""
+    o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     loss = student.new_empty(N, dtype=torch.float32)
     temps = student.new_empty(N, dtype=torch.float32)
     flags = student.new_empty(N, dtype=torch.int8)
     coef = student.new_empty((N, config.NUM_COEF), dtype=torch.float32)
     index = student.new_empty((N, 2), dtype=torch.int64)
-    log_a, log_rest = config.virtual_logits(virtual_teacher, C)
+    log_a, log_rest = config.virtual_logits(o.virtual_teacher, C)
     block, warps = config.launch_config(C, "forward")
     dummy = student  # stands in for absent tensors; constexpr flags keep it unread
     torch.library.wrap_triton(_distill_kernel)[(N,)](
@@ -417,25 +429,25 @@ def distill_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
         teacher.stride(0) if teacher is not None else 0,
         target if target is not None else dummy,
         target.stride(0) if target is not None else 0,
-        temperature if temperature is not None else dummy,
-        temperature.stride(0) if temperature is not None else 0,
-        loss, temps, flags, coef, index,
-        C, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps,
-        log_a, log_rest, ignore_index,
-        BLOCK=block, TEMP_MODE=temp_mode, CORRECTION=correction,
-        VIRTUAL=virtual_teacher > 0, HAS_LABELS=target is not None, HAS_CE=ce_weight != 0,
-        T2_SCALE=t2_scale, NUM_COEF=config.NUM_COEF, num_warps=warps)
+        temp_rows if temp_rows is not None else dummy,
+        temp_rows.stride(0) if temp_rows is not None else 0,
+        loss, temps, flags, coef, index, C, **o.triton_kwargs(),
+        log_a=log_a, log_rest=log_rest, BLOCK=block, VIRTUAL=o.virtual_teacher > 0,
+        HAS_LABELS=target is not None, HAS_CE=o.ce_weight != 0, NUM_COEF=config.NUM_COEF,
+        num_warps=warps)
     return loss, temps, flags, coef, index
+
 
 @torch.library.triton_op("kdkernels::distill_triton_grad", mutates_args=())
 def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
                         coef: torch.Tensor, index: torch.Tensor, upstream: torch.Tensor,
-                        virtual_teacher: float, has_ce: bool) -> torch.Tensor:
+                        options: List[float]) -> torch.Tensor:
     """The gradient wrt the student, each row times upstream[row] (upstream has N values,
     or one for every row)."""
+    o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-    log_a, log_rest = config.virtual_logits(virtual_teacher, C)
+    log_a, log_rest = config.virtual_logits(o.virtual_teacher, C)
     block, warps = config.launch_config(C, "grad")
     torch.library.wrap_triton(_distill_grad_kernel)[(N,)](
         student, student.stride(0),
@@ -443,6 +455,6 @@ def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
         teacher.stride(0) if teacher is not None else 0,
         coef, index, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, grad,
         C, log_a, log_rest,
-        BLOCK=block, VIRTUAL=virtual_teacher > 0, HAS_CE=has_ce, NUM_COEF=config.NUM_COEF,
-        num_warps=warps)
+        BLOCK=block, VIRTUAL=o.virtual_teacher > 0, HAS_CE=o.ce_weight != 0,
+        NUM_COEF=config.NUM_COEF, num_warps=warps)
     return grad

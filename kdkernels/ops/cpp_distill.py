@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from .._options import ENUMS, OPTION_INDEX, OPTION_NAMES
+
 NAME = "cpp"
 VARIANTS = ("avx512", "avx2", "default")  # best first
 
@@ -57,7 +59,20 @@ def _load():
     return None, None, f"not built or not importable ({'; '.join(errors)}); {REBUILD}"
 
 
+def _contract_mismatch(module):
+    """How the extension's build disagrees with kdkernels/_options.py (a stale build), or None."""
+    built = getattr(module, "OPTION_NAMES", "")
+    if built != ",".join(OPTION_NAMES):
+        return f"options {built!r}, expected {','.join(OPTION_NAMES)!r}"
+    wrong = {name: getattr(module, name, None) for name, value in ENUMS.items()
+             if getattr(module, name, None) != value}
+    return f"enum values {wrong}, expected {ENUMS}" if wrong else None
+
+
 _C, _VARIANT, _WHY_NOT = _load()
+if _C is not None and _contract_mismatch(_C):
+    _C, _WHY_NOT = None, (f"the built extension disagrees with this kdkernels "
+                          f"({_contract_mismatch(_C)}): a stale build; {REBUILD}")
 _HERE = _runtime_capability()  # once: availability must stay plain Python for torch.compile
 
 
@@ -72,17 +87,14 @@ def availability(device=None):
 
 if _C is not None:
     @torch.library.register_fake("kdkernels::distill_cpu")
-    def _fake(student, teacher, target, temperature, *args):
+    def _fake(student, teacher, target, temp_rows, options):
         N = student.shape[0]
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-        compute_grad = args[-2]
+        compute_grad = bool(options[OPTION_INDEX["compute_grad"]])
         return (student.new_empty(N, dtype=acc),
                 torch.empty_like(student) if compute_grad else student.new_empty(0),
                 student.new_empty(N, dtype=acc), student.new_empty(N, dtype=torch.int8))
 
 
 def forward(student, teacher, target, temp_rows, o):
-    return torch.ops.kdkernels.distill_cpu(
-        student, teacher, target, temp_rows, o.temperature, o.temp_mode, o.tau0, o.beta,
-        o.tau_min, o.kd_weight, o.wrong_kd_weight, o.ce_weight, o.correction, o.smooth_eps,
-        o.virtual_teacher, o.t2_scale, o.ignore_index, o.compute_grad, o.grad_scale)
+    return torch.ops.kdkernels.distill_cpu(student, teacher, target, temp_rows, o.pack())

@@ -5,8 +5,16 @@ import math
 import torch
 
 from .._dtd import dtd_weights, temperature_from_weights
-from .._options import (FLAG_STILL_WRONG, FLAG_TEACHER_CORRECT, TEMP_COSINE, TEMP_ROWS,
-                        TEMP_SCALAR)
+from .._options import (
+    CORRECTION_RECTIFY,
+    CORRECTION_SMOOTH,
+    CORRECTION_SWAP,
+    FLAG_STILL_WRONG,
+    FLAG_TEACHER_CORRECT,
+    TEMP_COSINE,
+    TEMP_ROWS,
+    TEMP_SCALAR,
+)
 
 NAME = "torch"
 
@@ -28,7 +36,8 @@ def _kl_term(x, log_p):  # x (log x - log p) with 0 log 0 = 0
 
 def expm1_and_psi(x):
     """expm1(x) and psi(x) = 1 - e^x (1 - x) (>= 0, ~x^2/2), both accurate near 0; psi(-inf) = 1.
-    Near 0 from F(x) = expm1(x) - x = sum_{k=2..9} x^k / k!: expm1 = x + F, psi = x^2 + (x - 1) F."""
+    Near 0 from F(x) = expm1(x) - x = sum_{k>=2} x^k / k!: expm1 = x + F,
+    psi = x^2 + (x - 1) F."""
     small = x.abs() < 0.5
     xs = torch.where(small, x, 0.0)
     last = 17 if x.dtype == torch.float64 else 9  # 0.5^(last+1) / (last+1)! under the dtype's eps
@@ -55,7 +64,8 @@ def log1p_excess(a):
 def kl_and_difference(s, t, T, p, q, log_p):
     """KL(q || p) per row and p - q, accurately at any temperature (docs/METHODS.md, "Computing
     KL without cancellation"): where |A| < 1/2, the cancellation-free form
-    KL = (E_p[psi(d)] - r(A)) / (1 + A), A = E_p[expm1(d)], d = (t - s) / T - c, c = E_q[(t - s) / T],
+    KL = (E_p[psi(d)] - r(A)) / (1 + A), A = E_p[expm1(d)], d = (t - s) / T - c,
+    c = E_q[(t - s) / T],
     and p - q = -p (expm1(d) - A) / (1 + A); elsewhere the usual one, which has nothing to lose
     there (q and p differ by much)."""
     Tc = T[:, None]
@@ -102,13 +112,16 @@ def _forward_rows(student, teacher, target, temp_rows, o):
         valid = target != o.ignore_index
         in_range = (target >= 0) & (target < C)
         y = torch.where(valid & in_range, target, 0)[:, None]
-    t = virtual_teacher(y[:, 0], C, o.virtual_teacher, acc) if o.virtual_teacher > 0 else teacher.to(acc)
+    if o.virtual_teacher > 0:
+        t = virtual_teacher(y[:, 0], C, o.virtual_teacher, acc)
+    else:
+        t = teacher.to(acc)
     # a teacher row with no finite logit has no distribution: its KD term is 0 (CE still counts)
     has_teacher = t.max(-1).values > -math.inf
     t = torch.where(has_teacher[:, None], t, 0.0)
 
     if o.temp_mode == TEMP_SCALAR:
-        T = torch.full((N,), o.temperature, dtype=acc, device=s.device)
+        T = torch.full((N,), o.temp_value, dtype=acc, device=s.device)
     elif o.temp_mode == TEMP_ROWS:
         T = temp_rows.to(acc)
     else:
@@ -130,12 +143,12 @@ def _forward_rows(student, teacher, target, temp_rows, o):
         b = t.argmax(-1, keepdim=True)
         q_y, q_b = q.gather(1, y)[:, 0], q.gather(1, b)[:, 0]
         lp_y, lp_b = log_p.gather(1, y)[:, 0], log_p.gather(1, b)[:, 0]
-        if o.correction == 1:  # swap: KL changes by (q_y - q_b)(lp_y - lp_b), both exact
+        if o.correction == CORRECTION_SWAP:  # KL changes by (q_y - q_b)(lp_y - lp_b), both exact
             diff = q_b * torch.expm1((t_y - t.gather(1, b)[:, 0]) / T)  # q_y - q_b
             kl = torch.where(wrong, kl + diff * (lp_y - lp_b), kl)
             fix_y, fix_b = torch.where(wrong, diff, 0.0), torch.where(wrong, -diff, 0.0)
             new_y, new_b = q_b, q_y
-        elif o.correction == 3:  # rectify
+        elif o.correction == CORRECTION_RECTIFY:
             new_y, new_b = (q_y + 1) / 2, q_b / 2
             k = (q_y + q_b) / (new_y + new_b)
             new_y, new_b = new_y * k, new_b * k
@@ -144,12 +157,12 @@ def _forward_rows(student, teacher, target, temp_rows, o):
             kl = torch.where(wrong, kl + change, kl)
             fix_y = torch.where(wrong, q_y - new_y, 0.0)
             fix_b = torch.where(wrong, q_b - new_b, 0.0)
-        if o.correction in (1, 3):
+        if o.correction in (CORRECTION_SWAP, CORRECTION_RECTIFY):
             w = wrong[:, None]
             target_dist = q.clone()
             target_dist.scatter_(1, b, torch.where(w, new_b[:, None], q_b[:, None]))
             target_dist.scatter_(1, y, torch.where(w, new_y[:, None], q_y[:, None]))
-        elif o.correction == 2:  # smooth: the target of a wrong row is (1 - eps) onehot + eps / C
+        elif o.correction == CORRECTION_SMOOTH:  # target (1 - eps) onehot(y) + eps / C
             smooth = torch.full_like(q, o.smooth_eps / C)
             smooth.scatter_add_(1, y, torch.full_like(smooth[:, :1], 1 - o.smooth_eps))
             kl_smooth = (torch.xlogy(smooth, smooth) - smooth * log_p).sum(-1)
@@ -169,7 +182,8 @@ def _forward_rows(student, teacher, target, temp_rows, o):
     grad = student.new_empty(0)
     if o.compute_grad:
         if y is not None:  # the correction's change of target at y and b
-            p_minus_q = p_minus_q.scatter_add(1, y, fix_y[:, None]).scatter_add(1, b, fix_b[:, None])
+            p_minus_q = (p_minus_q.scatter_add(1, y, fix_y[:, None])
+                         .scatter_add(1, b, fix_b[:, None]))
         grad = (kd_w * (T if o.t2_scale else 1 / T))[:, None] * p_minus_q
         if o.ce_weight != 0:
             grad = grad + o.ce_weight * (log_p1.exp() - torch.zeros_like(s).scatter_(1, y, 1.0))

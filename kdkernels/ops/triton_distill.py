@@ -83,9 +83,7 @@ def forward_deferred(student, teacher, target, temp_rows, o):
     writes the gradient later, in the backward, scaled by the upstream gradient on the device
     (no host sync, and no N x C buffer between forward and backward)."""
     loss, temps, flags, coef, index = torch.ops.kdkernels.distill_triton(
-        student, teacher, target, temp_rows, o.temperature, o.temp_mode, o.tau0, o.beta,
-        o.tau_min, o.kd_weight, o.wrong_kd_weight, o.ce_weight, o.correction, o.smooth_eps,
-        o.virtual_teacher, o.t2_scale, o.ignore_index)
+        student, teacher, target, temp_rows, o.pack())
     if student.dtype == torch.float64:  # the contract: losses in the accumulation dtype
         loss, temps = loss.double(), temps.double()
     return loss, (coef, index), temps, flags
@@ -95,7 +93,7 @@ def gradient(student, teacher, state, upstream, o):
     """d loss_rows / d student times `upstream` ([N] per row, or [1] for all rows)."""
     coef, index = state
     return torch.ops.kdkernels.distill_triton_grad(student, teacher, coef, index, upstream,
-                                                  o.virtual_teacher, o.ce_weight != 0)
+                                                  o.pack())
 
 
 def forward(student, teacher, target, temp_rows, o):
