@@ -13,6 +13,7 @@ class Method:
     teacher: Optional[str]  # None, "teacher" (CE-trained), "self" (student arch), "tolerant" (TSD)
     make_loss: Callable  # cfg -> fn(student_logits, teacher_logits, y, epoch)
     description: str
+    corrects: bool = False  # changes the teacher's values on the rows where it is wrong
 
 
 # Each maker returns fn(student_logits, teacher_logits, y, epoch) -> loss or (loss, stats).
@@ -72,14 +73,16 @@ METHODS = {m.name: m for m in [
     Method("kd", "teacher", _kd, "Hinton KD from the CE-trained teacher"),
     Method("tfkd_self", "self", _kd, "Tf-KD self: KD from a trained copy of the student"),
     Method("tfkd_reg", None, _tfkd_reg, "Tf-KD reg: virtual teacher from the labels"),
-    Method("lessons_swap", "teacher", _lessons("swap"), "Preparing Lessons: swap, fixed T"),
-    Method("lessons_smooth", "teacher", _lessons("smooth"), "Preparing Lessons: smooth, fixed T"),
+    Method("lessons_swap", "teacher", _lessons("swap"), "Preparing Lessons: swap, fixed T",
+           corrects=True),
+    Method("lessons_smooth", "teacher", _lessons("smooth"), "Preparing Lessons: smooth, fixed T",
+           corrects=True),
     Method("lessons_swap_cosine", "teacher", _lessons("swap", "cosine"),
-           "Preparing Lessons: swap + DTD (cosine)"),
+           "Preparing Lessons: swap + DTD (cosine)", corrects=True),
     Method("lessons_swap_max_prob", "teacher", _lessons("swap", "max_prob"),
-           "Preparing Lessons: swap + DTD (max_prob)"),
+           "Preparing Lessons: swap + DTD (max_prob)", corrects=True),
     Method("teacher_bias", "teacher", _teacher_bias,
-           "teacher's bias: rectify + gamma = epoch / total_epochs"),
+           "teacher's bias: rectify + gamma = epoch / total_epochs", corrects=True),
     Method("tsd_kd", "tolerant", _kd, "KD from a tolerant teacher trained with Top Score Difference"),
     Method("born_again", "generations", _kd,
            "generations: gen 0 from labels with TSD, gen m by KD from gen m-1"),
