@@ -203,6 +203,7 @@ def test_cifar_run_end_to_end(tmp_path):
     (["--teacher-swap-pairs", "3-8", "--teacher-swap-fraction", "0"],
      "--teacher-swap-fraction must be in"),
     (["--teacher-swap-fraction", "0.5"], "needs --teacher-swap-pairs"),
+    (["--threads", "0"], "--threads must be >= 1"),
 ])
 def test_bad_configuration_stops_before_training(args, message, tmp_path, capsys):
     """The CLI prints the library's error (which names the option) and exits with status 2."""
@@ -232,8 +233,12 @@ def test_progress_lines_outside_a_terminal(tmp_path, capsys):
     assert progress.mode(True) == "lines" and progress.mode(False) == "off"
     assert progress.mode(True, rank=1) == "off"
     args = ["--methods", "ce,kd", "--seeds", "1", "--epochs", "2", "--out", str(tmp_path / "r")]
+    threads = torch.get_num_threads()
     assert cli.main(args) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if ": epoch " in line]
+    assert torch.get_num_threads() == threads  # the driver's 1 thread does not outlive main
+    printed = capsys.readouterr().out
+    assert "(1 thread each)" in printed and "1 seed," in printed and "2 methods" in printed
+    lines = [line for line in printed.splitlines() if ": epoch " in line]
     assert [line.split(": epoch")[0] for line in lines] == [
         "kdkernels-train: ce seed 0", "kdkernels-train: teacher seed 0",
         "kdkernels-train: kd seed 0"]

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 
 from . import config, report, runner
@@ -30,9 +31,20 @@ def error(message):
 
 
 def main(argv=None):
-    """Parses, runs, reports; turns the library's errors into a message and an exit status."""
+    """Parses, runs, reports; turns the library's errors into a message and an exit status.
+    Leaves torch's thread count as it found it (tests call main in-process)."""
+    threads = torch.get_num_threads()
     try:
-        cfg = config.configure(sys.argv[1:] if argv is None else argv, __doc__)
+        return drive(sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(threads)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def drive(argv):
+    try:
+        cfg = config.configure(argv, __doc__)
         device = runner.choose_device(cfg)
         data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download)
     except (ValueError, RuntimeError, OSError) as problem:  # ConfigError is a ValueError
@@ -58,8 +70,6 @@ def main(argv=None):
         print(text)
         print(f"kdkernels-train: {time.time() - started:.0f} s of training; wrote "
               f"{', '.join(written)} in {cfg.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
@@ -72,7 +82,8 @@ def headline(cfg, data, world, device):
     return (f"kdkernels-train: {cfg.dataset} ({len(data.y_train)} train / {len(data.y_test)} "
             f"test), teacher {cfg.teacher_arch} ({cfg.teacher_epochs} epochs{swap}), student "
             f"{cfg.student_arch} ({cfg.epochs} epochs), {plural(cfg.seeds, 'seed')}, "
-            f"{plural(len(cfg.method_list), 'method')}, {world} process(es) on {device}; "
+            f"{plural(len(cfg.method_list), 'method')}, {world} process(es) on {device} "
+            f"({plural(torch.get_num_threads(), 'thread')} each); "
             f"backend {resolve('auto', device).NAME}; run folder {cfg.out}")
 
 

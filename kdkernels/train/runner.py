@@ -14,8 +14,9 @@ from .methods import METHODS, top_score_difference
 
 
 def choose_device(cfg):
-    """The torch.device of this process; starts the process group when launched by torchrun.
-    One GPU per local process: more processes than GPUs run on the CPU (auto) or stop (cuda)."""
+    """The torch.device of this process (and its CPU threads); starts the process group when
+    launched by torchrun. One GPU per local process: more processes than GPUs run on the CPU
+    (auto) or stop (cuda)."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     enough_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= local_processes
     if cfg.device == "auto":
@@ -26,6 +27,10 @@ def choose_device(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
     device = torch.device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu" and not cfg.dataset.startswith("cifar"):
+        torch.set_num_threads(1)  # MLPs on 64-784 features: a second thread only waits
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
