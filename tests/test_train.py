@@ -59,6 +59,7 @@ def test_teacher_error_setting(tmp_path, capsys):
     assert swap["fixed"] == 1.0
     for entry in (kd, swap):
         assert 0 <= entry["inherited"] <= 1 and entry["inherited_std"] is not None
+        assert entry["inherited_rows"] <= (1 - entry["last"]) * 359 + 1e-6  # 359 test rows
     assert swap["vs_kd_last_pairs"] == 2
     assert "| lessons_swap |" in printed.split("Paired against kd")[1]
     saved = json.loads((out / "config.json").read_text())
@@ -79,12 +80,14 @@ def test_exchange_labels_moves_the_asked_fraction_of_each_pair():
         data.exchange_labels(y, [(3, 8)], 0, seed=0)
 
 
-def test_inherited_share_counts_the_same_wrong_class():
+def test_inherited_errors_count_the_same_wrong_class():
     y = torch.tensor([0, 1, 2, 3, 4])
     student = torch.tensor([0, 2, 0, 1, 4])  # wrong on rows 1, 2, 3
     teacher = torch.tensor([0, 2, 1, 1, 3])  # same wrong class on rows 1 and 3
-    assert runner.inherited_share(student, teacher, y) == (pytest.approx(2 / 3), 3)
-    assert runner.inherited_share(y, teacher, y) == (None, 0)
+    assert runner.inherited_errors(student, teacher, y) == dict(
+        inherited=pytest.approx(2 / 3), inherited_rows=2, errors=3)
+    assert runner.inherited_errors(y, teacher, y) == dict(inherited=None, inherited_rows=0,
+                                                          errors=0)
 
 
 def _final_weights(out):
@@ -261,7 +264,8 @@ def test_progress_lines_every_interval(capsys):
 
 def _rows(method, lasts, inherited=None):
     return [dict(method=method, seed=seed, last=last, best=last, teacher_acc=None,
-                 inherited=None if inherited is None else inherited[seed], errors=None)
+                 inherited=None if inherited is None else inherited[seed],
+                 inherited_rows=None if inherited is None else 10 * inherited[seed], errors=None)
             for seed, last in enumerate(lasts)]
 
 
@@ -291,7 +295,8 @@ def test_one_seed_table_has_no_spread_and_json_matches_table(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert saved[0]["last_std"] is None
     # every '-' in the table is a null in the JSON, every number a value
-    columns = ["last", "best", "inherited", "teacher_acc", "wrong", "fixed", "temperature"]
+    columns = ["last", "best", "inherited", "inherited_rows", "teacher_acc", "wrong", "fixed",
+               "temperature"]
     for entry in saved:
         line = next(line for line in text.splitlines() if line.startswith(f"| {entry['method']} |"))
         cells = [c.strip() for c in line.strip("|").split("|")[1:]]

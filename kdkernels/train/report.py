@@ -9,8 +9,10 @@ import statistics
 from .methods import METHODS
 
 # per-seed values averaged per method: student top-1 (last and best epoch), the share of its test
-# errors inherited from the CE-trained teacher, its teacher's top-1, and the loss statistics
-KEYS = ["last", "best", "inherited", "teacher_acc", "wrong", "fixed", "temperature"]
+# errors inherited from the CE-trained teacher and their number, its teacher's top-1, and the
+# loss statistics
+KEYS = ["last", "best", "inherited", "inherited_rows", "teacher_acc", "wrong", "fixed",
+        "temperature"]
 PAIRED = ["last", "inherited"]  # compared seed by seed against plain KD
 
 
@@ -95,18 +97,21 @@ def markdown(table):
     spread = "mean ± std over " if seeds[-1] > 1 else ""
     lines = [f"Student and teacher test top-1 (%) and inherited errors: {spread}{seed_text}.",
              "",
-             "| method | student top-1 (last) | student top-1 (best) | inherited errors | "
-             "teacher top-1 | teacher wrong (train) | fixed by correction | mean T |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | student top-1 (last) | student top-1 (best) | inherited errors "
+             "(share) | inherited errors (rows) | teacher top-1 | teacher wrong (train) "
+             "| fixed by correction | mean T |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for e in table:
         mean_t = "-" if e["temperature"] is None else f"{e['temperature']:.2f}"
+        rows = "-" if e["inherited_rows"] is None else f"{e['inherited_rows']:.1f}"
         lines.append(
             f"| {e['method']} | {pct(e['last'], e['last_std'])} | {pct(e['best'], e['best_std'])} "
-            f"| {pct(e['inherited'], e['inherited_std'], 1)} "
+            f"| {pct(e['inherited'], e['inherited_std'], 1)} | {rows} "
             f"| {pct(e['teacher_acc'], e['teacher_acc_std'], 1)} | {pct(e['wrong'], digits=1)} "
             f"| {pct(e['fixed'], digits=1)} | {mean_t} |")
-    lines += ["", "Inherited errors: the share of the student's test errors on which the "
-              "CE-trained teacher predicts the same wrong class."]
+    lines += ["", "Inherited errors: the student's test errors on which the CE-trained teacher "
+              "predicts the same wrong class, as a share of the student's test errors and as a "
+              "number of test rows (mean over seeds)."]
     compared = [e for e in table if e["vs_kd_last"] is not None]
     if compared:
         lines += ["", "Paired against kd, seed by seed (differences in percentage points"
@@ -176,7 +181,8 @@ def plot(table, rows, path, title):
 
 
 def reference_lines(table, rows):
-    """(label, value, linestyle): the mean CE student and the mean CE-trained teacher."""
+    """(label, value, linestyle): the mean CE student and the mean teacher (the CE-trained
+    teacher-arch model of the methods that distil from it)."""
     lines = []
     ce = next((e for e in table if e["method"] == "ce"), None)
     if ce is not None and ce["last"] is not None:
@@ -184,7 +190,7 @@ def reference_lines(table, rows):
     teacher = [r["teacher_acc"] for r in rows if r.get("teacher_acc") is not None
                and METHODS[r["method"]].teacher == "teacher"]
     if teacher:
-        lines.append(("CE-trained teacher (mean)", statistics.mean(teacher), ":"))
+        lines.append(("teacher (mean)", statistics.mean(teacher), ":"))
     return lines
 
 

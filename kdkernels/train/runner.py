@@ -37,14 +37,15 @@ def choose_device(cfg):
     return device
 
 
-def inherited_share(student_pred, teacher_pred, y):
-    """(share, errors): of the student's `errors` wrong predictions, the share on which the
-    teacher predicts the same wrong class; share is None when the student makes no error."""
+def inherited_errors(student_pred, teacher_pred, y):
+    """The student's test errors (`errors`), those on which the teacher predicts the same wrong
+    class (`inherited_rows`), and their share (`inherited`, None when the student makes no
+    error)."""
     wrong = student_pred != y
     errors = int(wrong.sum())
-    if errors == 0:
-        return None, 0
-    return int((wrong & (student_pred == teacher_pred)).sum()) / errors, errors
+    inherited_rows = int((wrong & (student_pred == teacher_pred)).sum())
+    return dict(inherited=inherited_rows / errors if errors else None,
+                inherited_rows=inherited_rows, errors=errors)
 
 
 class Runner:
@@ -119,12 +120,11 @@ class Runner:
         if teacher is not None:
             teacher_acc = (self.predictions(teacher) == y).float().mean().item()
         row = dict(method=name, seed=seed, last=result["last"], best=result["best"],
-                   teacher_acc=teacher_acc, inherited=None, errors=None)
+                   teacher_acc=teacher_acc, inherited=None, inherited_rows=None, errors=None)
         row.update(result["stats"] or {})
         if self.measures_inheritance:
             main_teacher = self.teacher_for("teacher", seed)
-            row["inherited"], row["errors"] = inherited_share(
-                self.predictions(net), self.predictions(main_teacher), y)
+            row.update(inherited_errors(self.predictions(net), self.predictions(main_teacher), y))
         return row
 
 
