@@ -52,9 +52,9 @@ def log_minor_label(value, _):
 
 
 def plot(rows, path, title, skipped=None):
-    """Per method (columns): speed-up over the eager reference (top, bars; the reference itself is
-    the dashed line at 1) and absolute median times (bottom, markers on a log scale, the reference
-    included). One legend under the panels, then the contenders that were not run and why."""
+    """One row of panels per method: speed-up over the eager reference (left, bars; the reference
+    itself is the dashed line at 1) and absolute median times (right, markers on a log scale, the
+    reference included). One legend under the panels, then the contenders not run and why."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -64,17 +64,17 @@ def plot(rows, path, title, skipped=None):
     methods = list(dict.fromkeys(r["method"] for r in picked))
     names = list(dict.fromkeys(r["contender"] for r in picked))
     colours = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(names)}
-    # a panel's width follows its number of cases (shape x dtype), so the labels never overlap
-    widths = [len({(r["shape"], r["dtype"]) for r in picked if r["method"] == m}) for m in methods]
-    fig, axes = plt.subplots(2, len(methods), figsize=(max(1.25 * sum(widths) + 2, 7), 7.5),
-                             squeeze=False, gridspec_kw={"width_ratios": widths})
-    for column, method in enumerate(methods):
+    most_cases = max(len({(r["shape"], r["dtype"]) for r in picked if r["method"] == m})
+                     for m in methods)
+    fig, axes = plt.subplots(len(methods), 2, squeeze=False,
+                             figsize=(max(2 * 0.9 * most_cases + 2.5, 9), 2.9 * len(methods) + 1))
+    for row, method in enumerate(methods):
         mine = [r for r in picked if r["method"] == method]
         cases = list(dict.fromkeys(f"{r['shape']}\n{r['dtype']}" for r in mine))
         value = {(r["contender"], f"{r['shape']}\n{r['dtype']}"): r for r in mine}
-        for row, (key, shown) in enumerate([("speedup_vs_eager", [n for n in names
-                                                                   if n != REFERENCE]),
-                                            ("median_ms", names)]):
+        for column, (key, shown) in enumerate([("speedup_vs_eager",
+                                                [n for n in names if n != REFERENCE]),
+                                               ("median_ms", names)]):
             ax = axes[row][column]
             width = 0.8 / max(len(shown), 1)
             for k, name in enumerate(shown):
@@ -85,29 +85,32 @@ def plot(rows, path, title, skipped=None):
                     bars = ax.bar(xs, heights, width, color=colours[name])
                     ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
                 else:  # a bar's length means nothing on a log axis: markers
-                    ax.plot(xs, heights, "o", ms=7, color=colours[name])
+                    ax.plot(xs, heights, "o", ms=6, color=colours[name])
             ax.set_xticks(range(len(cases)), cases, fontsize=7)
+            ax.set_xlim(-0.5, len(cases) - 0.5)
             if key == "speedup_vs_eager":
                 ax.axhline(1, color="black", lw=0.8, ls="--")
-                ax.set_title(f"{method}, fwd+bwd", fontsize=9)
-                ax.set_ylabel("speed-up vs eager reference (x)" if column == 0 else "")
-                ax.set_ylim(0, ax.get_ylim()[1] * 1.08)  # room for the bar labels
+                ax.set_title(f"{method}, fwd+bwd: speed-up vs eager reference", fontsize=9)
+                ax.set_ylabel("x", fontsize=8)
+                ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # room for the bar labels
             else:
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.yaxis.set_minor_formatter(FuncFormatter(log_minor_label))
-                ax.set_ylabel("median time per call (ms, log scale)" if column == 0 else "")
-                ax.set_xlim(-0.5, len(cases) - 0.5)
+                ax.tick_params(axis="y", which="both", labelsize=7)
+                ax.set_title(f"{method}, fwd+bwd: median time per call", fontsize=9)
+                ax.set_ylabel("ms (log scale)", fontsize=8)
             ax.grid(axis="y", which="both", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[n]) for n in names]  # bar or marker
-    labels = [n + (" (= 1x, dashed line above)" if n == REFERENCE else "") for n in names]
+    labels = [n + (" (= 1x, the dashed line)" if n == REFERENCE else "") for n in names]
+    legend_height = 0.9 / fig.get_size_inches()[1]  # the legend and the note: 0.9 inch
     fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 5), frameon=False,
-               fontsize=8, bbox_to_anchor=(0.5, 0.035))
+               fontsize=8, bbox_to_anchor=(0.5, legend_height * 0.3))
     if skipped:
-        fig.text(0.5, 0.008, f"not run: {skipped_note(skipped)}", ha="center", fontsize=7,
-                 color="0.3", wrap=True)
+        fig.text(0.5, legend_height * 0.08, f"not run: {skipped_note(skipped)}", ha="center",
+                 fontsize=7, color="0.3", wrap=True)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, legend_height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
