@@ -127,7 +127,7 @@ def test_two_process_gloo_run(tmp_path):
            "--out", out] + SMALL
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
+    assert "2 processes" in done.stdout
     rows = summary(out)
     assert [e["method"] for e in rows] == ["ce", "kd"]
     assert all(0.3 < e["last"] <= 1 for e in rows)
@@ -240,7 +240,7 @@ def test_progress_lines_outside_a_terminal(tmp_path, capsys):
     assert cli.main(args) == 0
     assert torch.get_num_threads() == threads  # the driver's 1 thread does not outlive main
     printed = capsys.readouterr().out
-    assert "(1 thread each)" in printed and "1 seed," in printed and "2 methods" in printed
+    assert "1 seed," in printed and "2 methods, 1 process on cpu (1 thread each)" in printed
     lines = [line for line in printed.splitlines() if ": epoch " in line]
     assert [line.split(": epoch")[0] for line in lines] == [
         "kdkernels-train: ce seed 0", "kdkernels-train: teacher seed 0",

@@ -1,6 +1,6 @@
-"""kdkernels-train: train a teacher, then students under every method, and print one table.
+"""kdkernels-train: train a teacher, then students under every method, and print the tables.
 
-    kdkernels-train                         # digits, every method, 3 seeds (about 2 minutes on 2 CPUs)
+    kdkernels-train                         # digits, every method, 3 seeds (under a minute)
     kdkernels-train --methods kd,teacher_bias --seeds 5
     kdkernels-train --teacher-swap-pairs 3-8,1-7 --methods ce,kd,lessons_swap --seeds 10
                                             # a teacher wrong on part of classes 3, 8, 1 and 7
@@ -82,7 +82,8 @@ def headline(cfg, data, world, device):
     return (f"kdkernels-train: {cfg.dataset} ({len(data.y_train)} train / {len(data.y_test)} "
             f"test), teacher {cfg.teacher_arch} ({cfg.teacher_epochs} epochs{swap}), student "
             f"{cfg.student_arch} ({cfg.epochs} epochs), {plural(cfg.seeds, 'seed')}, "
-            f"{plural(len(cfg.method_list), 'method')}, {world} process(es) on {device} "
+            f"{plural(len(cfg.method_list), 'method')}, "
+            f"{plural(world, 'process', 'processes')} on {device} "
             f"({plural(torch.get_num_threads(), 'thread')} each); "
             f"backend {resolve('auto', device).NAME}; run folder {cfg.out}")
 

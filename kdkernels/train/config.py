@@ -49,7 +49,8 @@ def parser(description=None):
                    help=f"comma-separated, or 'all': {', '.join(METHODS)}")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--teacher-epochs", type=int, help="epochs of the teachers (default per data set)")
+    p.add_argument("--teacher-epochs", type=int,
+                   help="epochs of the teachers (default per data set)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float, default=5e-4)

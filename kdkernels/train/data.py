@@ -80,8 +80,9 @@ def cifar(name, data_dir, download=False):
         getattr(torchvision.datasets, name.upper())(data_dir, download=True)
         folder = find_cifar_dir(name, data_dir)
     if folder is None:
-        raise FileNotFoundError(f"no {name} python-pickle files under --data-dir {data_dir!r} (expected "
-                         f"{CIFAR_FILES[name][4]}/ or its files; --download fetches them)")
+        raise FileNotFoundError(f"no {name} python-pickle files under --data-dir {data_dir!r} "
+                                f"(expected {CIFAR_FILES[name][4]}/ or its files; --download "
+                                f"fetches them)")
     train_files, test_files, label_key, num_classes, _ = CIFAR_FILES[name]
     x_train, y_train = _read_pickles(folder, train_files, label_key)
     x_test, y_test = _read_pickles(folder, test_files, label_key)

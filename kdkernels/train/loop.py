@@ -6,6 +6,7 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from .data import augment
 from .progress import Progress, mode
 

@@ -83,7 +83,8 @@ METHODS = {m.name: m for m in [
            "Preparing Lessons: swap + DTD (max_prob)", corrects=True),
     Method("teacher_bias", "teacher", _teacher_bias,
            "teacher's bias: rectify + gamma = epoch / total_epochs", corrects=True),
-    Method("tsd_kd", "tolerant", _kd, "KD from a tolerant teacher trained with Top Score Difference"),
+    Method("tsd_kd", "tolerant", _kd,
+           "KD from a tolerant teacher trained with Top Score Difference"),
     Method("born_again", "generations", _kd,
            "generations: gen 0 from labels with TSD, gen m by KD from gen m-1"),
 ]}

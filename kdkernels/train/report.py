@@ -16,8 +16,9 @@ KEYS = ["last", "best", "inherited", "inherited_rows", "teacher_acc", "wrong", "
 PAIRED = ["last", "inherited"]  # compared seed by seed against plain KD
 
 
-def plural(n, word):
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+def plural(n, word, many=None):
+    """'1 seed', '3 seeds'; `many` for irregular plurals ('processes')."""
+    return f"{n} {word}" if n == 1 else f"{n} {many or word + 's'}"
 
 
 def mean_std(values):
@@ -93,7 +94,8 @@ def p_value(p):
 
 def markdown(table):
     seeds = sorted({e["seeds"] for e in table})
-    seed_text = plural(seeds[0], "seed") if len(seeds) == 1 else f"{'/'.join(map(str, seeds))} seeds"
+    seed_text = (plural(seeds[0], "seed") if len(seeds) == 1
+                 else f"{'/'.join(map(str, seeds))} seeds")
     spread = "mean ± std over " if seeds[-1] > 1 else ""
     lines = [f"Student and teacher test top-1 (%) and inherited errors: {spread}{seed_text}.",
              "",
@@ -164,7 +166,7 @@ def plot(table, rows, path, title):
     ax.set_yticks(range(len(table)), [e["method"] for e in table])
     ax.invert_yaxis()
     references = reference_lines(table, rows)
-    for (text, value, style) in references:
+    for _, value, style in references:
         ax.axvline(100 * value, color="#aa3377", ls=style, lw=1.2, zorder=1)
     handles = [Line2D([], [], marker="o", color="#225599", ls="",
                       label="mean ± std over " + plural(seeds, "seed") if seeds > 1

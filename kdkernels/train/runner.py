@@ -69,9 +69,9 @@ class Runner:
         torch.manual_seed(seed * 7919 + sum(map(ord, arch)))
         net = models.build(arch, self.data)
         path = os.path.join(self.cfg.out, "checkpoints", f"{key}-seed{seed}.pt")
-        result = train(net, loss_fn, self.data if data is None else data, self.cfg, seed, self.device, path,
-                       teacher=teacher, budget=self.budget, desc=f"{key} seed {seed}",
-                       epochs=epochs)
+        data = self.data if data is None else data
+        result = train(net, loss_fn, data, self.cfg, seed, self.device, path, teacher=teacher,
+                       budget=self.budget, desc=f"{key} seed {seed}", epochs=epochs)
         self.cache[(key, seed)] = (net, result)
         return net, result
 
