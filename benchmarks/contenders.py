@@ -21,25 +21,32 @@ def liger_kd():
     return fn
 
 
-def contenders(method, device, compiled=True):
-    """{name: fn(s, t, y) -> loss} for one method on one device type."""
+def contenders(method, device, compiled=True, skipped=None):
+    """{name: fn(s, t, y) -> loss} for one method on one device type. The contenders left out
+    here go into `skipped` (when given) as {name: why}."""
+    skipped = {} if skipped is None else skipped
     entry = METHODS[method]
     found = {}
     for name, info in backends().items():
         if not info.available:
+            skipped[f"kdkernels-{name}"] = info.reason
             continue
         if name == "triton" and device != "cuda":
-            continue  # the interpreter is for tests, not timing
-        if name == "cpp" and device != "cpu":
+            skipped["kdkernels-triton"] = "CUDA only (the CPU interpreter is for tests)"
             continue
+        if name == "cpp" and device != "cpu":
+            continue  # a CPU kernel: not a contender on the GPU
         found[f"kdkernels-{name}"] = entry.fused(name)
     ref = entry.reference()
     found["eager-reference"] = ref
     if compiled:  # the runner resets Dynamo per case: each case gets its own compilation
         found["compile-reference"] = torch.compile(ref, dynamic=False)
+    else:
+        skipped["compile-reference"] = "--no-compile"
     if method == "kd":
         try:
             found["liger-kl"] = liger_kd()
-        except ImportError:
-            pass
+        except ImportError as error:
+            skipped["liger-kl"] = ("Liger-Kernel not installed" if error.name == "liger_kernel"
+                                   else f"Liger-Kernel does not import: {error}")
     return found

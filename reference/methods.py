@@ -2,9 +2,10 @@
 method's hyper-parameters) and the reference loss with the same hyper-parameters. The tests, the
 benchmarks and the training driver share this table.
 
-``METHODS[name].fused(backend="auto", **overrides)`` returns ``fn(s, t, y)`` (the kdkernels
-module); ``METHODS[name].reference(**overrides)`` the oracle's ``fn(s, t, y)``; the defaults are
-``METHODS[name].defaults``.
+``METHODS[name].fused(backend="auto", **overrides)`` returns ``fn(s, t, y, **kw)`` (the kdkernels
+module, called with the teacher and labels it takes; ``kw`` e.g. ``return_stats=True``; the
+module's own methods, e.g. ``set_epoch``, stay reachable); ``METHODS[name].reference(**overrides)``
+the oracle's ``fn(s, t, y)``; the defaults are ``METHODS[name].defaults``.
 """
 from dataclasses import dataclass, field
 from typing import Callable
@@ -39,9 +40,23 @@ def _dynamic(temperature):
     return temperature
 
 
+class _Call:
+    """A module called as fn(s, t, y, **kw) whatever its own arguments; attributes pass through."""
+
+    def __init__(self, module, call):
+        self.module, self._call = module, call
+
+    def __call__(self, s, t, y, **kw):
+        return self._call(self.module, s, t, y, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
 def _kd_module(backend, **hyper):
-    loss = kdkernels.KDLoss(backend=backend, **hyper)
-    return lambda s, t, y: loss(s, t, y if hyper.get("ce_weight", 0.1) else None)
+    labelled = hyper.get("ce_weight", 0.1) != 0
+    return _Call(kdkernels.KDLoss(backend=backend, **hyper),
+                 lambda m, s, t, y, **kw: m(s, t, y if labelled else None, **kw))
 
 
 def _kd_oracle(s, t, y, ce_weight=0.1, **hyper):
@@ -49,12 +64,13 @@ def _kd_oracle(s, t, y, ce_weight=0.1, **hyper):
 
 
 def _tfkd_module(backend, **hyper):
-    loss = kdkernels.TfKDRegLoss(backend=backend, **hyper)
-    return lambda s, t, y: loss(s, y)
+    return _Call(kdkernels.TfKDRegLoss(backend=backend, **hyper),
+                 lambda m, s, t, y, **kw: m(s, y, **kw))
 
 
 def _lessons_module(backend, **hyper):
-    return kdkernels.PreparingLessonsLoss(backend=backend, **hyper)
+    return _Call(kdkernels.PreparingLessonsLoss(backend=backend, **hyper),
+                 lambda m, s, t, y, **kw: m(s, t, y, **kw))
 
 
 def _lessons_oracle(s, t, y, temperature=4.0, **hyper):
@@ -62,7 +78,8 @@ def _lessons_oracle(s, t, y, temperature=4.0, **hyper):
 
 
 def _bias_module(backend, **hyper):
-    return kdkernels.TeacherBiasLoss(backend=backend, **hyper)
+    return _Call(kdkernels.TeacherBiasLoss(backend=backend, **hyper),
+                 lambda m, s, t, y, **kw: m(s, t, y, **kw))
 
 
 def _bias_oracle(s, t, y, gamma, temperature=4.0):
@@ -77,6 +94,7 @@ METHODS = {m.name: m for m in [
     Method("tfkd_reg", _tfkd_module, lambda s, t, y, **h: R.tfkd_reg_loss(s, y, **h),
            dict(a=0.95, temperature=20.0), uses_teacher=False),
     Method("lessons_swap", _lessons_module, _lessons_oracle, dict(correction="swap")),
+    Method("lessons_smooth", _lessons_module, _lessons_oracle, dict(correction="smooth")),
     Method("lessons_swap_dtd", _lessons_module, _lessons_oracle,
            dict(correction="swap", temperature=DTD(weighting="cosine"))),
     Method("lessons_smooth_cosine", _lessons_module, _lessons_oracle,

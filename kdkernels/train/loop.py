@@ -6,9 +6,9 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from .data import augment
+from .progress import Progress, mode
 
 
 class Interrupted(Exception):
@@ -102,9 +102,8 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
         teacher.to(device).eval()
 
     x_train, y_train = data.x_train, data.y_train
-    # one bar per model over its epochs; off when not on a terminal (disable=None), e.g. in logs
-    bar = tqdm(total=epochs, initial=state["epoch"], desc=desc, leave=False,
-               disable=True if rank != 0 or not cfg.progress else None)
+    # a bar per model on a terminal, log lines elsewhere
+    progress = Progress(desc, epochs, state["epoch"], mode(cfg.progress, rank))
     for epoch in range(state["epoch"], epochs):
         net.train()
         # the batch order depends on (seed, epoch) alone, so a resumed run sees the same batches
@@ -143,11 +142,10 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                              "state": state}, checkpoint)
-        bar.update(1)
-        bar.set_postfix(test_acc=f"{acc:.4f}")
+        progress.epoch(epoch + 1, acc)
         if budget is not None:
             budget.spend()
-    bar.close()
+    progress.close()
     model.eval()
     return {"last": state["history"][-1], "best": max(state["history"]), "stats": state["stats"],
             "history": state["history"]}

@@ -5,6 +5,7 @@ from typing import Callable, Optional
 import torch
 
 import kdkernels
+from kdkernels.reference.methods import METHODS as LOSSES
 
 
 @dataclass(frozen=True)
@@ -13,6 +14,7 @@ class Method:
     teacher: Optional[str]  # None, "teacher" (CE-trained), "self" (student arch), "tolerant" (TSD)
     make_loss: Callable  # cfg -> fn(student_logits, teacher_logits, y, epoch)
     description: str
+    corrects: bool = False  # changes the teacher's values on the rows where it is wrong
 
 
 # Each maker returns fn(student_logits, teacher_logits, y, epoch) -> loss or (loss, stats).
@@ -27,33 +29,34 @@ def _label_smoothing(cfg):
     return lambda s, t, y, epoch: ce(s, y)
 
 
-def _with_stats(module):
-    return lambda s, t, y, epoch: module(s, t, y, return_stats=True)
+def _shared(name, **hyper):
+    """A loss from the one table of methods (kdkernels.reference.methods), with statistics."""
+    loss = LOSSES[name].fused(**hyper)
+    return lambda s, t, y, epoch: loss(s, t, y, return_stats=True)
 
 
 def _kd(cfg):
-    return _with_stats(kdkernels.KDLoss(temperature=cfg.temperature, kd_weight=cfg.kd_weight,
-                                        ce_weight=cfg.ce_weight))
+    return _shared("kd", temperature=cfg.temperature, kd_weight=cfg.kd_weight,
+                   ce_weight=cfg.ce_weight)
 
 
 def _tfkd_reg(cfg):
-    loss = kdkernels.TfKDRegLoss(a=cfg.tfkd_a, temperature=cfg.tfkd_temperature,
-                                 kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
-    return lambda s, t, y, epoch: loss(s, y, return_stats=True)
+    return _shared("tfkd_reg", a=cfg.tfkd_a, temperature=cfg.tfkd_temperature,
+                   kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
 
 
 def _lessons(correction, weighting=None):
     def make(cfg):
         temperature = cfg.temperature if weighting is None else kdkernels.DynamicTemperature(
             tau0=cfg.tau0, beta=cfg.beta, weighting=weighting)
-        return _with_stats(kdkernels.PreparingLessonsLoss(
-            correction, temperature=temperature, smooth_eps=cfg.smooth_eps,
-            kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight))
+        return _shared(f"lessons_{correction}", temperature=temperature,
+                       smooth_eps=cfg.smooth_eps, kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight)
     return make
 
 
 def _teacher_bias(cfg):
-    loss = kdkernels.TeacherBiasLoss(total_epochs=cfg.epochs, temperature=cfg.temperature)
+    loss = LOSSES["teacher_bias"].fused(total_epochs=cfg.epochs, gamma=None,
+                                        temperature=cfg.temperature)
 
     def fn(s, t, y, epoch):
         loss.set_epoch(epoch)  # gamma = epoch / total_epochs
@@ -72,15 +75,18 @@ METHODS = {m.name: m for m in [
     Method("kd", "teacher", _kd, "Hinton KD from the CE-trained teacher"),
     Method("tfkd_self", "self", _kd, "Tf-KD self: KD from a trained copy of the student"),
     Method("tfkd_reg", None, _tfkd_reg, "Tf-KD reg: virtual teacher from the labels"),
-    Method("lessons_swap", "teacher", _lessons("swap"), "Preparing Lessons: swap, fixed T"),
-    Method("lessons_smooth", "teacher", _lessons("smooth"), "Preparing Lessons: smooth, fixed T"),
+    Method("lessons_swap", "teacher", _lessons("swap"), "Preparing Lessons: swap, fixed T",
+           corrects=True),
+    Method("lessons_smooth", "teacher", _lessons("smooth"), "Preparing Lessons: smooth, fixed T",
+           corrects=True),
     Method("lessons_swap_cosine", "teacher", _lessons("swap", "cosine"),
-           "Preparing Lessons: swap + DTD (cosine)"),
+           "Preparing Lessons: swap + DTD (cosine)", corrects=True),
     Method("lessons_swap_max_prob", "teacher", _lessons("swap", "max_prob"),
-           "Preparing Lessons: swap + DTD (max_prob)"),
+           "Preparing Lessons: swap + DTD (max_prob)", corrects=True),
     Method("teacher_bias", "teacher", _teacher_bias,
-           "teacher's bias: rectify + gamma = epoch / total_epochs"),
-    Method("tsd_kd", "tolerant", _kd, "KD from a tolerant teacher trained with Top Score Difference"),
+           "teacher's bias: rectify + gamma = epoch / total_epochs", corrects=True),
+    Method("tsd_kd", "tolerant", _kd,
+           "KD from a tolerant teacher trained with Top Score Difference"),
     Method("born_again", "generations", _kd,
            "generations: gen 0 from labels with TSD, gen m by KD from gen m-1"),
 ]}

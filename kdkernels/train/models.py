@@ -64,9 +64,10 @@ ARCHITECTURES = sorted(RESNETS) + sorted(MLPS)
 def build(name, dataset):
     if name in RESNETS:
         if not dataset.image:
-            raise SystemExit(f"--arch {name} needs image data (cifar10/cifar100), not {dataset.name}")
+            raise ValueError(f"architecture {name} needs image data (cifar10/cifar100), not "
+                             f"{dataset.name}")
         depth, widths = RESNETS[name]
         return CifarResNet(depth, widths, dataset.num_classes)
     if name in MLPS:
         return mlp(dataset.x_train[0].numel(), dataset.num_classes, MLPS[name])
-    raise SystemExit(f"unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
+    raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")

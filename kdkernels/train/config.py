@@ -1,0 +1,203 @@
+"""The driver's configuration: the command-line options, their defaults per data set, and every
+check on them. Errors are ConfigError (a ValueError) naming the option; only cli.py turns them into
+a message and an exit status."""
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from . import data as datasets
+from . import models
+from .methods import METHODS
+
+DEFAULTS = {  # per data set: the small ones run in minutes on 2 CPU cores
+    # teacher_epochs: a teacher trained to zero training error makes no mistakes to correct,
+    # so on the small sets the teachers train briefly and err on a few percent of the rows.
+    "digits": dict(epochs=30, teacher_epochs=4, batch_size=64, lr=0.05, teacher_arch="mlp_large",
+                   student_arch="mlp_tiny"),
+    "mnist": dict(epochs=20, teacher_epochs=3, batch_size=64, lr=0.05, teacher_arch="mlp_large",
+                  student_arch="mlp_tiny"),
+    "cifar10": dict(epochs=240, teacher_epochs=240, batch_size=64, lr=0.05,
+                    teacher_arch="resnet56", student_arch="resnet20"),
+    "cifar100": dict(epochs=240, teacher_epochs=240, batch_size=64, lr=0.05,
+                     teacher_arch="resnet32x4", student_arch="resnet8x4"),
+}
+
+# what a run saves in config.json, and what --resume restores
+SAVED_KEYS = ["dataset", "data_dir", "methods", "seeds", "epochs", "teacher_epochs", "batch_size",
+              "lr", "weight_decay", "teacher_arch", "student_arch", "temperature", "kd_weight",
+              "ce_weight", "tau0", "beta", "smooth_eps", "ls_eps", "tfkd_a", "tfkd_temperature",
+              "tsd_eta", "tsd_k", "generations", "teacher_swap_pairs", "teacher_swap_fraction"]
+
+DEFAULT_SWAP_FRACTION = 0.6
+
+
+class ConfigError(ValueError):
+    """A bad option; the message names it."""
+
+
+def parser(description=None):
+    p = argparse.ArgumentParser(prog="kdkernels-train", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=sorted(DEFAULTS))
+    p.add_argument("--data-dir", help="folder with the CIFAR python-pickle files")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR with torchvision")
+    p.add_argument("--methods", default="all",
+                   help=f"comma-separated, or 'all': {', '.join(METHODS)}")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--teacher-epochs", type=int,
+                   help="epochs of the teachers (default per data set)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--teacher-arch")
+    p.add_argument("--student-arch")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--kd-weight", type=float, default=0.9)
+    p.add_argument("--ce-weight", type=float, default=0.1)
+    p.add_argument("--tau0", type=float, default=4.0, help="DTD base temperature")
+    p.add_argument("--beta", type=float, default=1.0, help="DTD strength")
+    p.add_argument("--smooth-eps", type=float, default=0.1)
+    p.add_argument("--ls-eps", type=float, default=0.1, help="label smoothing baseline")
+    p.add_argument("--tfkd-a", type=float, default=0.99)
+    p.add_argument("--tfkd-temperature", type=float, default=20.0)
+    p.add_argument("--tsd-eta", type=float, default=0.6)
+    p.add_argument("--tsd-k", type=int, default=5)
+    p.add_argument("--generations", type=int, default=2, help="born-again generations after 0")
+    p.add_argument("--teacher-swap-pairs", metavar="A-B[,C-D...]",
+                   help="the teacher-error setting: train the teachers (teacher and tolerant "
+                        "teacher) with the labels of these class pairs exchanged on a fraction "
+                        "of their training rows, e.g. 3-8,1-7; students still learn from the "
+                        "true labels")
+    p.add_argument("--teacher-swap-fraction", type=float,
+                   help="fraction of each listed class's training rows whose label goes to its "
+                        f"partner (default {DEFAULT_SWAP_FRACTION}; above 0.5 the teacher "
+                        "learns the exchange)")
+    p.add_argument("--out", help="run folder (default runs/<dataset>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per process (default: 1 for the small MLP data sets, "
+                        "whose tiny matrix products only lose time to a second thread, above "
+                        "all on a shared machine; torch's default otherwise)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar on a terminal, no progress lines elsewhere")
+    p.add_argument("--interrupt-after", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def option(key):
+    return "--" + key.replace("_", "-")
+
+
+def parse_pairs(text, num_classes):
+    """'3-8,1-7' -> [(3, 8), (1, 7)]; each class at most once, all below num_classes."""
+    pairs, seen = [], set()
+    for item in text.split(","):
+        parts = item.strip().split("-")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"--teacher-swap-pairs: {item.strip()!r} is not a pair of class "
+                              f"numbers like 3-8")
+        a, b = int(parts[0]), int(parts[1])
+        if a == b or max(a, b) >= num_classes:
+            raise ConfigError(f"--teacher-swap-pairs: {a}-{b} needs two different classes "
+                              f"in 0..{num_classes - 1}")
+        if {a, b} & seen:
+            raise ConfigError(f"--teacher-swap-pairs: class {sorted({a, b} & seen)[0]} is in "
+                              f"two pairs")
+        seen |= {a, b}
+        pairs.append((a, b))
+    return pairs
+
+
+def check(cfg):
+    """Fills the per-data-set defaults and checks every option, before any training."""
+    for key, value in DEFAULTS[cfg.dataset].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    names = list(METHODS) if cfg.methods == "all" else [m.strip() for m in cfg.methods.split(",")
+                                                         if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ConfigError(f"--methods: unknown method(s) {unknown or cfg.methods!r}; choose "
+                          f"from {', '.join(METHODS)}")
+    cfg.method_list = names
+    for key in ["seeds", "epochs", "teacher_epochs", "batch_size", "generations", "tsd_k"]:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{option(key)} must be >= 1, got {getattr(cfg, key)}")
+    for key in ["lr", "temperature", "tau0", "tfkd_temperature"]:
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{option(key)} must be > 0, got {value}")
+    for key in ["kd_weight", "ce_weight", "beta", "weight_decay"]:
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{option(key)} must be >= 0, got {value}")
+    for key in ["smooth_eps", "ls_eps", "tsd_eta"]:
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise ConfigError(f"{option(key)} must be in [0, 1], got {getattr(cfg, key)}")
+    if not 0 < cfg.tfkd_a <= 1:
+        raise ConfigError(f"--tfkd-a must be in (0, 1], got {cfg.tfkd_a}")
+    check_teacher_swap(cfg)
+    for key in ["teacher_arch", "student_arch"]:
+        arch = getattr(cfg, key)
+        if arch not in models.ARCHITECTURES:
+            raise ConfigError(f"{option(key)} {arch!r} unknown; choose from "
+                              f"{', '.join(models.ARCHITECTURES)}")
+        if (arch in models.RESNETS) != cfg.dataset.startswith("cifar"):
+            raise ConfigError(f"{option(key)} {arch} does not fit --dataset {cfg.dataset}")
+    if cfg.dataset.startswith("cifar"):
+        if not cfg.data_dir:
+            raise ConfigError(f"--dataset {cfg.dataset} needs --data-dir")
+        if not cfg.download and datasets.find_cifar_dir(cfg.dataset, cfg.data_dir) is None:
+            raise ConfigError(f"--data-dir {cfg.data_dir!r} holds no {cfg.dataset} python-pickle "
+                              f"files (pass --download to fetch them with torchvision)")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available")
+    return cfg
+
+
+def check_teacher_swap(cfg):
+    if cfg.teacher_swap_pairs is None:
+        if cfg.teacher_swap_fraction is not None:
+            raise ConfigError("--teacher-swap-fraction needs --teacher-swap-pairs")
+        cfg.swap_pairs = []
+        return
+    cfg.swap_pairs = parse_pairs(cfg.teacher_swap_pairs, datasets.NUM_CLASSES[cfg.dataset])
+    if cfg.teacher_swap_fraction is None:
+        cfg.teacher_swap_fraction = DEFAULT_SWAP_FRACTION
+    if not 0 < cfg.teacher_swap_fraction <= 1:
+        raise ConfigError(f"--teacher-swap-fraction must be in (0, 1], got "
+                          f"{cfg.teacher_swap_fraction}")
+
+
+def configure(argv, description=None):
+    """Parses argv (or restores a run for --resume) and checks it; raises ConfigError."""
+    cfg = parser(description).parse_args(argv)
+    if cfg.resume:
+        path = os.path.join(cfg.resume, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume {cfg.resume!r}: no config.json there")
+        with open(path) as handle:
+            saved = json.load(handle)
+        for key in SAVED_KEYS:
+            setattr(cfg, key, saved.get(key))
+        cfg.out = cfg.resume
+    else:
+        cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.exists(os.path.join(cfg.out, "config.json")):
+            raise ConfigError(f"--out {cfg.out} already holds a run: --resume {cfg.out} "
+                              f"continues it")
+    return check(cfg)
+
+
+def saved(cfg):
+    return {key: getattr(cfg, key) for key in SAVED_KEYS}
