@@ -55,6 +55,7 @@ def write_contract_header():
     spec = importlib.util.spec_from_file_location(
         "kdkernels_options", os.path.join(HERE, "kdkernels", "_options.py"))
     options = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = options  # dataclasses look their module up there
     spec.loader.exec_module(options)
     os.makedirs(GENERATED, exist_ok=True)
     write_if_changed(os.path.join(GENERATED, "kdk_contract.h"), options.cpp_header())

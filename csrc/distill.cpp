@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -35,6 +37,8 @@ using at::vec::Vectorized;
 // (setup.py writes kdk_contract.h from it).
 using kdk::Options;
 using kdk::kCorrectionNone, kdk::kCorrectionRectify, kdk::kCorrectionSmooth, kdk::kCorrectionSwap;
+using kdk::kDivergenceJsd, kdk::kDivergenceKl, kdk::kDivergenceReverseKl, kdk::kDivergenceSkewKl,
+    kdk::kDivergenceSkewReverseKl;
 using kdk::kFlagStillWrong, kdk::kFlagTeacherCorrect;
 using kdk::kTempCosine, kdk::kTempMaxProb, kdk::kTempRows, kdk::kTempScalar;
 
@@ -262,6 +266,111 @@ StableKl<acc_t> stable_kl(const acc_t* s, const acc_t* t, const acc_t* es, const
   return {kl, A, std::abs(A) < acc_t(0.5) && std::isfinite(kl) && hsum(vorphan) == 0};
 }
 
+// ---- the divergences (docs/METHODS.md, "Divergences") -----------------------------------
+
+// Per entry of a target r and a student p (classes, or a sparse teacher's outcomes), with their
+// logs: the divergence's term d (summing to D) and G = dD/dp_j up to a constant (it cancels in
+// the gradient p_j (G_j - sum_k p_k G_k)). G is 0 where p = 0.
+template <typename acc_t>
+struct DivTerms {
+  Vectorized<acc_t> d, G;
+};
+
+template <typename acc_t>
+inline DivTerms<acc_t> div_terms(int64_t kind, acc_t param, const Vectorized<acc_t>& P,
+                                 const Vectorized<acc_t>& lP, const Vectorized<acc_t>& R,
+                                 const Vectorized<acc_t>& lR) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(0), live_p = P > zero, live_r = R > zero;
+  Vec d, G;
+  if (kind == kDivergenceKl) {  // r log(r / p)
+    d = Vec::blendv(zero, R * (lR - lP), live_r);
+    G = Vec::blendv(zero, zero - R / P, live_p);
+  } else if (kind == kDivergenceReverseKl) {  // p log(p / r)
+    d = Vec::blendv(zero, P * (lP - lR), live_p);
+    G = lP - lR;
+  } else if (kind == kDivergenceJsd) {  // beta r log(r / m) + (1 - beta) p log(p / m)
+    const Vec lm = (Vec(1 - param) * P + Vec(param) * R).log();
+    d = Vec(param) * Vec::blendv(zero, R * (lR - lm), live_r) +
+        Vec(1 - param) * Vec::blendv(zero, P * (lP - lm), live_p);
+    G = Vec(1 - param) * (lP - lm);
+  } else if (kind == kDivergenceSkewKl) {  // r log(r / m), m = a r + (1 - a) p
+    const Vec m = Vec(param) * R + Vec(1 - param) * P;
+    d = Vec::blendv(zero, R * (lR - m.log()), live_r);
+    G = Vec::blendv(zero, Vec(-(1 - param)) * R / m, m > zero);
+  } else if (kind == kDivergenceSkewReverseKl) {  // p log(p / m), m = a p + (1 - a) r
+    const Vec m = Vec(param) * P + Vec(1 - param) * R;
+    d = Vec::blendv(zero, P * (lP - m.log()), live_p);
+    G = lP - m.log() + Vec(1) - Vec(param) * P / m;
+  } else {  // total variation, |p - r| / 2
+    const Vec diff = P - R;
+    d = Vec(acc_t(0.5)) * diff.abs();
+    G = Vec::blendv(zero, Vec(acc_t(0.5)), diff > zero) - Vec::blendv(zero, Vec(acc_t(0.5)), diff < zero);
+  }
+  return {d, Vec::blendv(zero, G, live_p)};
+}
+
+template <typename acc_t>
+inline acc_t first_lane(const Vectorized<acc_t>& v) {
+  acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  return lanes[0];
+}
+
+// div_terms of one entry.
+template <typename acc_t>
+inline std::pair<acc_t, acc_t> div_term(int64_t kind, acc_t param, acc_t P, acc_t lP, acc_t R,
+                                        acc_t lR) {
+  using Vec = Vectorized<acc_t>;
+  auto terms = div_terms<acc_t>(kind, param, Vec(P), Vec(lP), Vec(R), Vec(lR));
+  return {first_lane(terms.d), first_lane(terms.G)};
+}
+
+// One target value that differs from the row's base target (the correction at y and b).
+template <typename acc_t>
+struct TargetFix {
+  int64_t j;
+  acc_t r, log_r;
+};
+
+// D over a dense row for the divergences other than forward KL. The base target is the teacher,
+// r_j = et_j / zt, or (a smoothed row) the uniform `uniform`; `fixes` replace it at up to two
+// classes. Writes G_j into G and returns (D, sum_j p_j G_j).
+template <typename acc_t>
+std::pair<acc_t, acc_t> dense_divergence(const acc_t* s, const acc_t* t, int64_t C,
+                                         const acc_t* es, const acc_t* et, acc_t ms, acc_t mt,
+                                         acc_t inv_t, acc_t zs, acc_t zt, bool uniform_base,
+                                         acc_t uniform, const TargetFix<acc_t>* fixes, int nfix,
+                                         const Options& o, acc_t* G) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t param = acc_t(o.divergence_param), log_zs = std::log(zs), log_zt = std::log(zt);
+  const acc_t inv_zs = 1 / zs, inv_zt = 1 / zt, log_uniform = std::log(uniform);
+  Vec vD(0), vGbar(0);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec P = load(es + j, n) * Vec(inv_zs);
+    Vec lP = (load(s + j, n) - Vec(ms)) * Vec(inv_t) - Vec(log_zs);
+    Vec R = uniform_base ? Vec(uniform) : load(et + j, n) * Vec(inv_zt);
+    Vec lR = uniform_base ? Vec(log_uniform) : (load(t + j, n) - Vec(mt)) * Vec(inv_t) - Vec(log_zt);
+    auto terms = div_terms<acc_t>(o.divergence, param, P, lP, R, lR);
+    terms.G.store(G + j, n);
+    vD = vD + keep(terms.d, n, acc_t(0));
+    vGbar = vGbar + keep(P * terms.G, n, acc_t(0));
+  });
+  acc_t D = hsum(vD), Gbar = hsum(vGbar);
+  for (int f = 0; f < nfix; ++f) {
+    const int64_t j = fixes[f].j;
+    const acc_t P = es[j] * inv_zs, lP = (s[j] - ms) * inv_t - log_zs;
+    const acc_t R = uniform_base ? uniform : et[j] * inv_zt;
+    const acc_t lR = uniform_base ? log_uniform : (t[j] - mt) * inv_t - log_zt;
+    auto [d_old, G_old] = div_term<acc_t>(o.divergence, param, P, lP, R, lR);
+    auto [d_new, G_new] = div_term<acc_t>(o.divergence, param, P, lP, fixes[f].r, fixes[f].log_r);
+    D += d_new - d_old;
+    Gbar += P * (G_new - G_old);
+    G[j] = G_new;
+  }
+  return {D, Gbar};
+}
+
 struct RowOut {
   double loss, temperature;
   int8_t flags;
@@ -361,7 +470,8 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   const acc_t log_zs = std::log(zs), log_zt = std::log(zt);
   acc_t kl = 0;
   StableKl<acc_t> stable{0, 0, false};
-  if (has_teacher) {
+  const bool kl_div = o.divergence == kDivergenceKl;
+  if (has_teacher && kl_div) {
     const acc_t cross = hsum(vcross) / zt;  // E_q[(t - mt) - (s - ms)]
     stable = stable_kl(s, t, bp, bq, C, inv_t, (cross + mt - ms) * inv_t, ms, mt, zs, bd);
     kl = stable.usable ? stable.kl : cross * inv_t + log_zs - log_zt;
@@ -376,6 +486,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   acc_t q_coef = has_teacher ? kd_grad / zt : acc_t(0), const_term = 0;  // g = kd_grad p - q_coef e_t + ...
   acc_t fix_y = 0, fix_b = 0;
   int64_t b = 0;
+  acc_t r_y = 0, r_b = 0, lr_y = 0, lr_b = 0;  // the corrected target at y and b
   if (wrong && o.correction != kCorrectionNone) {
     auto log_p = [&](int64_t j) { return (s[j] - ms) * inv_t - log_zs; };
     if (smooth) {
@@ -392,7 +503,6 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
       if (b == C) b = 0;          // only for a NaN row, which is poisoned anyway
       const acc_t q_y = bq[y] / zt, q_b = bq[b] / zt;
       const acc_t lq_y = (t_y - mt) * inv_t - log_zt, lq_b = (t[b] - mt) * inv_t - log_zt;
-      acc_t r_y, r_b, lr_y, lr_b;
       if (o.correction == kCorrectionSwap) {
         r_y = q_b; lr_y = lq_b; r_b = q_y; lr_b = lq_y;
         still_wrong = false;
@@ -421,6 +531,26 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
       }
     }
   }
+  acc_t g_mean = 0;  // the other divergences: sum_j p_j G_j, with G_j in bd
+  if (!kl_div) {
+    TargetFix<acc_t> fixes[2];
+    int nfix = 0;
+    const acc_t ec = acc_t(o.smooth_eps) / acc_t(C);
+    const bool smoothed = wrong && smooth;
+    if (smoothed) {
+      const acc_t top = 1 - acc_t(o.smooth_eps) + ec;
+      fixes[nfix++] = {y, top, std::log(top)};
+    } else if (wrong && o.correction != kCorrectionNone) {
+      fixes[nfix++] = {y, r_y, lr_y};
+      fixes[nfix++] = {b, r_b, lr_b};
+    }
+    kl = 0;
+    if (has_teacher) {
+      std::tie(kl, g_mean) = dense_divergence<acc_t>(s, t, C, bp, bq, ms, mt, inv_t, zs, zt,
+                                                    smoothed, ec, fixes, nfix, o, bd);
+    }
+    q_coef = const_term = fix_y = fix_b = 0;
+  }
   double loss = static_cast<double>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * kl);
   const acc_t ce_w = acc_t(o.ce_weight);
   if (ce_w != 0) loss += static_cast<double>(ce_w * (std::log(z1) + ms - s[y]));
@@ -442,9 +572,11 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   // p - q from the cancellation-free form where it applies (not on rows "smooth" replaced)
   const bool stable_grad = stable.usable && q_coef != 0;
   const acc_t e_coef = stable_grad ? -gs * kd_grad / (zs * (1 + stable.A)) : acc_t(0);
+  const bool divergence_grad = !kl_div && has_teacher;  // p_j (G_j - sum_k p_k G_k)
   for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {  // g may be bp itself: same index, read first
     Vec ep = load(bp + j, n);
-    Vec gv = stable_grad
+    Vec gv = divergence_grad ? Vec(p_coef) * ep * (load(bd + j, n) - Vec(g_mean))
+        : stable_grad
         ? Vec(e_coef) * (load(bd + j, n) - Vec(stable.A) * ep)
         : Vec(p_coef) * ep - Vec(q_coef) * load(bq + j, n) + Vec(const_term);
     if (ce_w != 0) gv = gv + Vec(c1) * (e1_from_p ? ipow(ep, int_t) : load(b1 + j, n));
@@ -457,12 +589,234 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
   return {loss, static_cast<double>(T), flags};
 }
 
+// One row against a sparse (top-k) teacher: v, idx its k values and class ids (a negative or
+// out-of-range id is an unused slot). The divergence compares distributions over outcomes
+// (docs/METHODS.md, "Sparse (top-k) teachers"): each of the k classes, the label when a swap or
+// rectify needs it and it is not among them (teacher mass 0 before the correction), and the rest,
+// which carries the teacher's tail (tail: values are log-probabilities, 1 - sum exp(v) the mass
+// of every other class) or nothing. Only the student row is dense: one pass for its softmax, one
+// for the gradient. bp, b1: scratch of C values; outcome: scratch of 6 (k + 2) values.
+template <typename acc_t>
+RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64_t* idx,
+                          int64_t k, int64_t y, bool labelled, bool ignored, acc_t T,
+                          const Options& o, acc_t* g, acc_t* bp, acc_t* b1, acc_t* outcome) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  const bool dtd = o.temp_mode == kTempCosine || o.temp_mode == kTempMaxProb;
+  const bool smooth = o.correction == kCorrectionSmooth;
+  const acc_t ce_w = acc_t(o.ce_weight);
+  auto used = [&](int64_t j) { return idx[j] >= 0 && idx[j] < C; };
+  if (ignored && !dtd) {
+    if (o.compute_grad) std::fill(g, g + C, acc_t(0));
+    return {0.0, static_cast<double>(T), 0};
+  }
+  const acc_t ms = range_max(s, 0, C);
+  acc_t z1 = 0;
+  if (o.temp_mode == kTempMaxProb || ce_w != 0) {  // exp(s - max) at T = 1, kept in b1
+    Vec vz(0);
+    for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+      Vec e = vexp(load(s + j, n) - Vec(ms));
+      e.store(b1 + j, n);
+      vz = vz + keep(e, n, acc_t(0));
+    });
+    z1 = hsum(vz);
+  }
+  if (o.temp_mode == kTempCosine) {  // over the teacher's classes: the finite pairs
+    acc_t ss = 0, tt = 0, st = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      if (!used(j) || !std::isfinite(s[idx[j]]) || !std::isfinite(v[j])) continue;
+      ss += s[idx[j]] * s[idx[j]];
+      tt += v[j] * v[j];
+      st += s[idx[j]] * v[j];
+    }
+    const acc_t c = 1 - st / (std::max(std::sqrt(ss), acc_t(1e-12)) *
+                              std::max(std::sqrt(tt), acc_t(1e-12)));
+    T = std::max(acc_t(o.tau0) - acc_t(o.beta) * c * c, acc_t(o.tau_min));
+  } else if (o.temp_mode == kTempMaxProb) {
+    T = std::max(acc_t(o.tau0) - acc_t(o.beta) * z1, acc_t(o.tau_min));
+  }
+  if (ignored) {
+    if (o.compute_grad) std::fill(g, g + C, acc_t(0));
+    return {0.0, static_cast<double>(T), 0};
+  }
+  if (!(T > 0) || (labelled && (y < 0 || y >= C))) {  // bad value: this row only is poisoned
+    if (o.compute_grad) std::fill(g, g + C, nan);
+    return {static_cast<double>(nan), static_cast<double>(T), 0};
+  }
+  const acc_t inv_t = 1 / T;
+
+  // The student at T: es_j in bp, their sum, and (smooth) the sum of the shifted logits.
+  Vec vzs(0), vsd(0);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec ds = load(s + j, n) - Vec(ms);
+    Vec es = vexp(ds * Vec(inv_t));
+    es.store(bp + j, n);
+    vzs = vzs + keep(es, n, acc_t(0));
+    if (smooth) vsd = vsd + keep(ds, n, acc_t(0));
+  });
+  const acc_t zs = hsum(vzs), log_zs = std::log(zs);
+
+  // The teacher: its argmax b (first by class id), the label among its classes, wrong.
+  int64_t n_used = 0, pos_y = k, pos_b = -1;
+  acc_t best = -inf, mass = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    if (!used(j)) continue;
+    ++n_used;
+    if (o.teacher_tail) mass += std::exp(v[j]);
+    if (pos_b < 0 || v[j] > best || (v[j] == best && idx[j] < idx[pos_b])) {
+      best = v[j];
+      pos_b = j;
+    }
+    if (labelled && idx[j] == y) pos_y = j;
+  }
+  const bool in_k = pos_y < k;
+  const bool wrong = labelled && best > -inf && (!in_k || v[pos_y] < best);
+  const bool extra = wrong && !in_k &&
+                     (o.correction == kCorrectionSwap || o.correction == kCorrectionRectify);
+  const bool rest_empty = n_used + (extra ? 1 : 0) >= C;  // no class left for the tail
+  const acc_t tail = o.teacher_tail && !rest_empty ? std::max(acc_t(1) - mass, acc_t(0)) : 0;
+
+  // The outcomes: 0..k-1 the classes, k the label's slot, k + 1 the rest.
+  const int64_t M = k + 2;
+  acc_t *P = outcome, *lP = P + M, *R = lP + M, *lR = R + M, *d = lR + M, *G = d + M;
+  for (int64_t j = 0; j < k; ++j) {
+    R[j] = used(j) ? v[j] : -inf;  // log-weights first, tempered below
+    P[j] = used(j) ? bp[idx[j]] / zs : 0;
+    lP[j] = used(j) ? (s[idx[j]] - ms) * inv_t - log_zs : -inf;
+  }
+  R[k] = -inf;
+  P[k] = extra ? bp[y] / zs : 0;
+  lP[k] = extra ? (s[y] - ms) * inv_t - log_zs : -inf;
+  R[k + 1] = tail > 0 ? std::log(tail) : -inf;
+  // The rest's mass summed directly, the explicit classes' es set aside (in d) meanwhile: zs
+  // minus theirs would lose the rest's digits when they hold nearly all the mass.
+  acc_t rest = 0;
+  if (!rest_empty) {
+    for (int64_t j = 0; j < k; ++j) d[j] = used(j) ? bp[idx[j]] : acc_t(0);
+    d[k] = extra ? bp[y] : acc_t(0);
+    for (int64_t j = 0; j < k; ++j) {
+      if (used(j)) bp[idx[j]] = 0;
+    }
+    if (extra) bp[y] = 0;
+    Vec vrest(0);
+    for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+      vrest = vrest + keep(load(bp + j, n), n, acc_t(0));
+    });
+    rest = hsum(vrest);
+    for (int64_t j = 0; j < k; ++j) {
+      if (used(j)) bp[idx[j]] = d[j];
+    }
+    if (extra) bp[y] = d[k];
+  }
+  P[k + 1] = rest_empty ? 0 : std::max(rest, acc_t(0)) / zs;
+  lP[k + 1] = P[k + 1] > 0 ? std::log(P[k + 1]) : -inf;
+  acc_t mq = -inf;
+  for (int64_t j = 0; j < M; ++j) mq = std::max(mq, R[j]);
+  const bool has_teacher = mq > -inf;
+  acc_t zq = 0;
+  for (int64_t j = 0; j < M; ++j) {
+    lR[j] = has_teacher ? (R[j] - mq) * inv_t : -inf;
+    zq += std::exp(lR[j]);
+  }
+  for (int64_t j = 0; j < M; ++j) {
+    lR[j] -= std::log(zq);
+    R[j] = std::exp(lR[j]);
+  }
+
+  // The correction at the label's and the argmax's outcomes.
+  bool still_wrong = wrong;
+  if (wrong && (o.correction == kCorrectionSwap || o.correction == kCorrectionRectify)) {
+    if (o.correction == kCorrectionSwap) {
+      std::swap(R[pos_y], R[pos_b]);
+      std::swap(lR[pos_y], lR[pos_b]);
+      still_wrong = false;
+    } else {
+      const acc_t q_y = R[pos_y], q_b = R[pos_b];
+      const acc_t new_y = (q_y + 1) / 2, new_b = q_b / 2, scale = (q_y + q_b) / (new_y + new_b);
+      R[pos_y] = new_y * scale;
+      R[pos_b] = new_b * scale;
+      lR[pos_y] = std::log(R[pos_y]);
+      lR[pos_b] = std::log(R[pos_b]);
+      acc_t other = 0;  // the largest target mass on a class other than the label
+      for (int64_t j = 0; j <= k; ++j) {
+        if (j != pos_y) other = std::max(other, R[j]);
+      }
+      still_wrong = other > R[pos_y];
+    }
+  }
+
+  // D and G over the outcomes.
+  acc_t D = 0, g_mean = 0;
+  const acc_t param = acc_t(o.divergence_param);
+  for_vectors<acc_t>(M, [&](int64_t j, int64_t n) {
+    Vec vP = load(P + j, n);
+    auto terms = div_terms<acc_t>(o.divergence, param, vP, load(lP + j, n), load(R + j, n),
+                                  load(lR + j, n));
+    terms.d.store(d + j, n);
+    terms.G.store(G + j, n);
+    D += hsum(keep(terms.d, n, acc_t(0)));
+    g_mean += hsum(keep(vP * terms.G, n, acc_t(0)));
+  });
+  const bool smoothed = wrong && smooth;  // the target is no longer the teacher: dense
+  const acc_t eps = acc_t(o.smooth_eps), ec = eps / acc_t(C);
+  if (smoothed) {
+    const acc_t sum_log_p = hsum(vsd) * inv_t - acc_t(C) * log_zs;
+    D = xlogy_self(1 - eps + ec) + acc_t(C - 1) * xlogy_self(ec) -
+        (1 - eps) * ((s[y] - ms) * inv_t - log_zs) - ec * sum_log_p;
+    still_wrong = false;
+  }
+  if (!has_teacher) D = 0;
+  const acc_t kd_w = has_teacher ? acc_t(wrong ? o.wrong_kd_weight : o.kd_weight) : acc_t(0);
+  const acc_t kd_grad = kd_w * (o.t2_scale ? T : inv_t);
+  double loss = static_cast<double>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * D);
+  if (ce_w != 0) loss += static_cast<double>(ce_w * (std::log(z1) + ms - s[y]));
+  int8_t flags = 0;
+  if (labelled) {
+    flags = static_cast<int8_t>((wrong ? 0 : kFlagTeacherCorrect) |
+                                (still_wrong ? kFlagStillWrong : 0));
+  }
+  if (!o.compute_grad) return {loss, static_cast<double>(T), flags};
+
+  // The gradient: kd_grad p_j (G of j's outcome - sum p G) + ce_w (softmax(s) - onehot(y)); the
+  // rest's coefficient everywhere, then the explicit outcomes' classes.
+  const acc_t gs = acc_t(o.grad_scale);
+  const acc_t c1 = ce_w != 0 ? gs * ce_w / z1 : acc_t(0);
+  const acc_t p_coef = gs * kd_grad / zs;
+  const acc_t rest_coef = smoothed ? p_coef : p_coef * (G[k + 1] - g_mean);
+  const acc_t shift = smoothed ? -gs * kd_grad * ec : acc_t(0);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec gv = Vec(rest_coef) * load(bp + j, n) + Vec(shift);
+    if (ce_w != 0) gv = gv + Vec(c1) * load(b1 + j, n);
+    gv.store(g + j, n);
+  });
+  if (smoothed) {
+    g[y] -= gs * kd_grad * (1 - eps);
+  } else if (has_teacher) {  // set, not corrected: p_j (G_rest - G_j) may be huge
+    const acc_t kd_scale = gs * kd_grad;
+    auto explicit_class = [&](int64_t c, int64_t j) {
+      g[c] = kd_scale * P[j] * (G[j] - g_mean) + (ce_w != 0 ? c1 * b1[c] : acc_t(0));
+    };
+    for (int64_t j = 0; j < k; ++j) {
+      if (used(j)) explicit_class(idx[j], j);
+    }
+    if (extra) explicit_class(y, k);
+  }
+  if (labelled) g[y] -= gs * ce_w;
+  return {loss, static_cast<double>(T), flags};
+}
+
 template <typename acc_t>
 void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+              const c10::optional<at::Tensor>& teacher_indices,
               const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& temps,
               const Options& o, at::Tensor& loss, at::Tensor& grad, at::Tensor& temperature,
               at::Tensor& flags) {
   const int64_t N = student.size(0), C = student.size(1);
+  const bool sparse = teacher_indices.has_value();
+  const int64_t k = sparse ? teacher_indices->size(1) : 0;
+  const int64_t* idx_ptr = sparse ? teacher_indices->const_data_ptr<int64_t>() : nullptr;
+  const int64_t idx_stride = sparse ? teacher_indices->stride(0) : 0;
   const bool labelled = target.has_value();
   const bool virtual_teacher = o.virtual_teacher > 0;
   const int64_t* y_ptr = labelled ? target->const_data_ptr<int64_t>() : nullptr;
@@ -484,24 +838,36 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
     // converted s and t (bf16 / fp16 inputs), the tempered exps of s and t, exp(s - max) at T=1;
     // a gradient that needs converting is written into bp first
     // and es expm1(d) of the cancellation-free KL
-    std::vector<acc_t> scratch(6 * C);
+    // (a sparse teacher: its k values in tbuf, 6 (k + 2) values per outcome after bd)
+    std::vector<acc_t> scratch(6 * C + (sparse ? 7 * k + 12 : 0));
     acc_t *sbuf = scratch.data(), *tbuf = sbuf + C, *bp = tbuf + C, *bq = bp + C, *b1 = bq + C,
           *bd = b1 + C;
+    if (sparse) {
+      tbuf = bd + C;
+      bd = tbuf + k;  // the outcomes
+    }
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = labelled ? y_ptr[i * y_stride] : -1;
       const bool ignored = labelled && y == o.ignore_index;
       const acc_t* s = load_row<acc_t>(student, i, C, sbuf);
-      const acc_t* t;
-      if (virtual_teacher) {
-        std::fill(tbuf, tbuf + C, log_rest);
-        if (!ignored && y >= 0 && y < C) tbuf[y] = log_a;
-        t = tbuf;
-      } else {
-        t = load_row<acc_t>(*teacher, i, C, tbuf);
-      }
       const acc_t T = temp_ptr ? temp_ptr[i * temp_stride] : acc_t(o.temp_value);
       acc_t* g = write_grad && grad_is_acc ? grad.data_ptr<acc_t>() + i * C : bp;
-      RowOut r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1, bd);
+      RowOut r;
+      if (sparse) {
+        const acc_t* v = load_row<acc_t>(*teacher, i, k, tbuf);
+        r = distill_row_sparse<acc_t>(s, C, v, idx_ptr + i * idx_stride, k, y, labelled,
+                                      ignored, T, o, g, bp, b1, bd);
+      } else {
+        const acc_t* t;
+        if (virtual_teacher) {
+          std::fill(tbuf, tbuf + C, log_rest);
+          if (!ignored && y >= 0 && y < C) tbuf[y] = log_a;
+          t = tbuf;
+        } else {
+          t = load_row<acc_t>(*teacher, i, C, tbuf);
+        }
+        r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1, bd);
+      }
       if (write_grad && !grad_is_acc) store_row<acc_t>(bp, grad, i, C);
       loss_ptr[i] = static_cast<acc_t>(r.loss);
       temp_out[i] = static_cast<acc_t>(r.temperature);
@@ -512,13 +878,23 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
     const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
-    const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& temp_rows,
-    c10::ArrayRef<double> options) {
+    const c10::optional<at::Tensor>& teacher_indices, const c10::optional<at::Tensor>& target,
+    const c10::optional<at::Tensor>& temp_rows, c10::ArrayRef<double> options) {
   const Options o = kdk::unpack_options(options);
   TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1,
               "kdkernels: student must be [N, C] with unit class stride");
-  TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() && teacher->stride(1) == 1),
-              "kdkernels: teacher must match the student, with unit class stride");
+  if (teacher_indices.has_value()) {
+    TORCH_CHECK(teacher_indices->scalar_type() == at::kLong && teacher_indices->dim() == 2 &&
+                teacher_indices->size(0) == student.size(0) && teacher_indices->stride(1) == 1 &&
+                teacher.has_value() && teacher->sizes() == teacher_indices->sizes() &&
+                teacher->stride(1) == 1,
+                "kdkernels: a sparse teacher is [N, k] int64 indices and [N, k] values, unit "
+                "stride along k");
+  } else {
+    TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() &&
+                teacher->stride(1) == 1),
+                "kdkernels: teacher must match the student, with unit class stride");
+  }
   TORCH_CHECK(!target.has_value() || (target->scalar_type() == at::kLong && target->dim() == 1 &&
               target->size(0) == student.size(0)),
               "kdkernels: target must be int64 of shape [N] (any stride)");
@@ -536,9 +912,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
   auto temps_out = at::empty({N}, student.options().dtype(acc));
   auto flags = at::empty({N}, student.options().dtype(at::kChar));
   if (acc == at::kDouble) {
-    run_rows<double>(student, teacher, target, temp_rows, o, loss, grad, temps_out, flags);
+    run_rows<double>(student, teacher, teacher_indices, target, temp_rows, o, loss, grad,
+                     temps_out, flags);
   } else {
-    run_rows<float>(student, teacher, target, temp_rows, o, loss, grad, temps_out, flags);
+    run_rows<float>(student, teacher, teacher_indices, target, temp_rows, o, loss, grad,
+                    temps_out, flags);
   }
   return {loss, grad, temps_out, flags};
 }
@@ -546,8 +924,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
 }  // namespace
 
 TORCH_LIBRARY(kdkernels, m) {
-  m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor? temp_rows, "
-        "float[] options) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? teacher_indices, Tensor? target, "
+        "Tensor? temp_rows, float[] options) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("distill_cpu", &distill_cpu); }

@@ -9,7 +9,7 @@
 """
 from . import functional, nn
 from ._core import DistillStats, distillation_loss
-from ._options import DynamicTemperature
+from ._options import DynamicTemperature, SparseTeacher
 from .nn import (
                  DistillationLoss,
                  KDLoss,
@@ -22,5 +22,5 @@ from .ops import backends
 
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "backends", "distillation_loss", "DistillStats",
-           "DynamicTemperature", "DistillationLoss", "KDLoss", "TfKDRegLoss",
+           "DynamicTemperature", "SparseTeacher", "DistillationLoss", "KDLoss", "TfKDRegLoss",
            "PreparingLessonsLoss", "TeacherBiasLoss", "TopScoreDifferenceLoss"]

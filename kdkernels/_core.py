@@ -8,6 +8,9 @@ from . import ops as _ops
 from ._dtd import dtd_weights, temperature_from_weights
 from ._options import (
     CORRECTIONS,
+    DIVERGENCE_KL,
+    DIVERGENCE_REVERSE_KL,
+    DIVERGENCES,
     FLAG_STILL_WRONG,
     FLAG_TEACHER_CORRECT,
     REDUCTIONS,
@@ -18,6 +21,7 @@ from ._options import (
     WEIGHTINGS,
     DynamicTemperature,
     FusedOptions,
+    SparseTeacher,
 )
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,16 +48,17 @@ class _FusedDistill(torch.autograd.Function):
     writes the gradient, already scaled by the upstream gradient, in the backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, target, temp_rows, count, backend, options, reduction):
+    def forward(ctx, student, teacher, teacher_indices, target, temp_rows, count, backend,
+                options, reduction):
         ctx.reduction, ctx.backend, ctx.options = reduction, backend, options
         ctx.deferred = hasattr(backend, "gradient")
         if ctx.deferred:  # the backward's kernel writes the gradient (Triton)
             loss_rows, state, temperature, flags = backend.forward_deferred(
-                student, teacher, target, temp_rows, options)
-            ctx.save_for_backward(student, teacher, count, *state)
+                student, teacher, target, temp_rows, options, teacher_indices)
+            ctx.save_for_backward(student, teacher, teacher_indices, count, *state)
         else:
-            loss_rows, grad, temperature, flags = backend.forward(student, teacher, target,
-                                                                  temp_rows, options)
+            loss_rows, grad, temperature, flags = backend.forward(
+                student, teacher, target, temp_rows, options, teacher_indices)
             ctx.prescaled = options.grad_scale != 1.0  # "mean" on CPU: 1 / count applied
             ctx.save_for_backward(grad, count)
         loss = reduce_rows(loss_rows, reduction, count)
@@ -63,15 +68,16 @@ class _FusedDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_temperature, _grad_flags):
         if ctx.deferred:
-            student, teacher, count, *state = ctx.saved_tensors
+            student, teacher, teacher_indices, count, *state = ctx.saved_tensors
             if ctx.reduction == "none":
                 upstream = grad_loss.reshape(-1)
             elif ctx.reduction == "sum":
                 upstream = grad_loss.reshape(1)
             else:
                 upstream = (grad_loss / count).reshape(1)
-            grad = ctx.backend.gradient(student, teacher, state, upstream, ctx.options)
-            return grad, None, None, None, None, None, None, None
+            grad = ctx.backend.gradient(student, teacher, state, upstream, ctx.options,
+                                        teacher_indices)
+            return grad, None, None, None, None, None, None, None, None
         grad, count = ctx.saved_tensors
         if ctx.reduction == "none":
             scale = grad_loss[:, None]
@@ -89,7 +95,7 @@ class _FusedDistill(torch.autograd.Function):
             grad = grad * scale
         else:
             grad = grad.mul_(scale)  # last use of the saved gradient: no second N x C buffer
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def check_reduction(reduction):
@@ -125,7 +131,8 @@ def _host_scalars(tensor):
 
 def check_options(*, temperature=4.0, kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None,
                   correction=None, smooth_eps=0.1, virtual_teacher=None, t2_scale=True,
-                  ignore_index=-100, reduction="mean", backend="auto"):
+                  divergence="kl", jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100,
+                  reduction="mean", backend="auto"):
     """Checks the primitive's hyper-parameters (everything but the tensors), with the messages
     the functions and the modules (at construction) share."""
     check_reduction(reduction)
@@ -136,6 +143,10 @@ def check_options(*, temperature=4.0, kd_weight=0.9, ce_weight=0.1, wrong_kd_wei
     if wrong_kd_weight is not None:
         _check_number("wrong_kd_weight", wrong_kd_weight)
     _check_number("smooth_eps", smooth_eps, low=0, high=1)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
+    _check_number("jsd_beta", jsd_beta, low=0, high=1)
+    _check_number("skew_alpha", skew_alpha, low=0, high=1)
     if virtual_teacher is not None:
         _check_number("virtual_teacher", virtual_teacher, low=0, low_inclusive=False, high=1)
     if not isinstance(t2_scale, bool):
@@ -188,6 +199,44 @@ def _check_teacher(teacher, student):
                          f"on {student.device}")
 
 
+def _check_sparse_teacher(teacher, student):
+    lead, C = student.shape[:-1], student.shape[-1]
+    indices, values = teacher.indices, teacher.values
+    if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point \
+            or indices.dtype == torch.bool:
+        raise TypeError(f"SparseTeacher.indices must be an integer tensor, got "
+                        f"{getattr(indices, 'dtype', type(indices))}")
+    if not isinstance(values, torch.Tensor) or values.dtype not in _FLOATS:
+        raise TypeError(f"SparseTeacher.values must be a floating-point tensor, got "
+                        f"{getattr(values, 'dtype', type(values))}")
+    if indices.dim() != len(lead) + 1 or indices.shape[:-1] != lead or indices.shape[-1] < 1:
+        raise ValueError(f"SparseTeacher.indices must have shape {tuple(lead)} + (k,), k >= 1 "
+                         f"(the student's rows), got {tuple(indices.shape)}")
+    if values.shape != indices.shape:
+        raise ValueError(f"SparseTeacher.values shape {tuple(values.shape)} does not match "
+                         f"its indices {tuple(indices.shape)}")
+    for name, x in (("indices", indices), ("values", values)):
+        if x.device != student.device:
+            raise ValueError(f"SparseTeacher.{name} is on {x.device} but student_logits on "
+                             f"{student.device}")
+    if not _host_scalars(indices) or not indices.numel():
+        return  # on CUDA these checks would cost a sync: out-of-range indices count as unused
+    if bool((indices >= C).any()):
+        raise ValueError(f"SparseTeacher.indices holds classes >= {C}: e.g. "
+                         f"{int(indices[indices >= C][0])}")
+    ordered = indices.reshape(-1, indices.shape[-1]).sort(-1).values
+    if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
+        raise ValueError("SparseTeacher.indices repeats a class within a row")
+    if teacher.tail:
+        used = indices >= 0
+        mass = torch.where(used, values.double().exp(), 0.0).sum(-1)
+        slack = max(1e-4, 2 * torch.finfo(values.dtype).eps)  # values rounded to their dtype
+        if bool((torch.where(used, values, 0.0) > slack).any()) or bool((mass > 1 + slack).any()):
+            raise ValueError("SparseTeacher(tail=True) takes log-probabilities: values <= 0 whose "
+                             f"exponentials sum to at most 1 per row (largest sum "
+                             f"{float(mass.max()):.6g})")
+
+
 def _check_temperature_rows(temperature, lead, device):
     if not temperature.dtype.is_floating_point:
         raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
@@ -202,23 +251,26 @@ def _check_temperature_rows(temperature, lead, device):
 
 def distillation_loss(student_logits, teacher_logits=None, target=None, *, temperature=4.0,
                       kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None, correction=None,
-                      smooth_eps=0.1, virtual_teacher=None, t2_scale=True, ignore_index=-100,
-                      reduction="mean", return_stats=False, backend="auto"):
+                      smooth_eps=0.1, virtual_teacher=None, t2_scale=True, divergence="kl",
+                      jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100, reduction="mean",
+                      return_stats=False, backend="auto"):
     r"""The general distillation primitive every method of kdkernels is built on.
 
     Per row i (the last dimension holds the C classes; leading dimensions are rows)::
 
-        l_i = w_i * T_i^2 * KL(A(q_i) || p_i) + ce_weight * CE(s_i, y_i)
+        l_i = w_i * T_i^2 * D(A(q_i), p_i) + ce_weight * CE(s_i, y_i)
         p_i = softmax(s_i / T_i),  q_i = softmax(t_i / T_i)
 
     with ``w_i = kd_weight`` where the teacher is right (or without labels) and ``wrong_kd_weight``
-    where it is wrong (its argmax is not the label), and ``A`` the teacher correction.
+    where it is wrong (its argmax is not the label), ``A`` the teacher correction and ``D`` the
+    divergence, ``KL(q || p)`` by default.
 
     Args:
         student_logits: [..., C] float16 / bfloat16 / float32 / float64; receives the gradient.
         teacher_logits: [..., C] logits, any of those dtypes (may differ from the student's);
-            ``-inf`` marks a masked class. No gradient flows to the teacher. Omit it only with
-            ``virtual_teacher``.
+            ``-inf`` marks a masked class. No gradient flows to the teacher. Or a
+            :class:`SparseTeacher` (top-k indices and values, no dense teacher). Omit it only
+            with ``virtual_teacher``.
         target: [...] integer labels in [0, C) or ``ignore_index``. Needed by ``ce_weight != 0``,
             a correction, ``wrong_kd_weight`` and ``virtual_teacher``.
         temperature: a float > 0, a [...] tensor of per-row temperatures > 0, a
@@ -233,6 +285,12 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         virtual_teacher: ``a`` in (0, 1]: Tf-KD reg's teacher built from the labels
             (``pd_y = a``, ``(1-a)/(C-1)`` elsewhere), softened at T; no teacher tensor is read.
         t2_scale: multiply the KD term by T^2 (default True).
+        divergence: ``"kl"`` (forward, ``KL(q || p)``), ``"reverse_kl"`` (``KL(p || q)``),
+            ``"jsd"`` (TRL's generalized JSD with ``jsd_beta``: ``beta KL(q || m) + (1 - beta)
+            KL(p || m)``, ``m = beta q + (1 - beta) p``; beta 0 and 1 give the two KLs),
+            ``"skew_kl"`` (DistiLLM, ``KL(q || a q + (1 - a) p)``, a = ``skew_alpha``),
+            ``"skew_reverse_kl"`` (``KL(p || a p + (1 - a) q)``) or ``"tv"`` (total variation).
+        jsd_beta, skew_alpha: in [0, 1].
         ignore_index: label of rows that count for nothing (loss 0, gradient 0).
         reduction: ``"mean"`` (over rows whose label is not ignored; every row without labels),
             ``"sum"``, or ``"none"`` (shape [...], 0 on ignored rows).
@@ -245,10 +303,11 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
     Values inside tensors (label range, temperatures > 0) are checked for CPU tensors; on CUDA the
     check would cost a device sync, and a bad value instead makes its row's loss NaN.
     """
-    check_options(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-                  wrong_kd_weight=wrong_kd_weight, correction=correction, smooth_eps=smooth_eps,
-                  virtual_teacher=virtual_teacher, t2_scale=t2_scale, ignore_index=ignore_index,
-                  reduction=reduction, backend=backend)
+    hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
+                 correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
+                 t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
+                 skew_alpha=skew_alpha, ignore_index=ignore_index)
+    check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
     s = student_logits
     if not isinstance(s, torch.Tensor) or s.dtype not in _FLOATS:
         raise TypeError("student_logits must be a floating-point tensor (float16, bfloat16, "
@@ -262,6 +321,11 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
             raise ValueError("give either teacher_logits or virtual_teacher, not both")
     elif teacher_logits is None:
         raise ValueError("teacher_logits is required (or virtual_teacher for Tf-KD reg)")
+    elif isinstance(teacher_logits, SparseTeacher):
+        _check_sparse_teacher(teacher_logits, s)
+        if correction == "smooth" and divergence != "kl":
+            raise ValueError("correction='smooth' with a SparseTeacher works with divergence='kl'"
+                             f" only (its target is dense), got divergence={divergence!r}")
     else:
         _check_teacher(teacher_logits, s)
     if target is not None:
@@ -279,9 +343,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
     if isinstance(temperature, torch.Tensor):
         _check_temperature_rows(temperature, lead, s.device)
 
-    plan = _plan(s, teacher_logits, target, temperature, kd_weight, ce_weight, wrong_kd_weight,
-                 correction, smooth_eps, virtual_teacher, t2_scale, ignore_index, reduction,
-                 backend)
+    plan = _plan(s, teacher_logits, target, temperature, reduction, backend, **hyper)
     loss, temperature_used, flags = _run(plan, reduction)
     if reduction == "none":
         loss = loss.reshape(lead)
@@ -299,7 +361,8 @@ class _Plan(NamedTuple):
     """What one call runs: [N, C] row views of the inputs, the backend, its options, and the
     count of rows that "mean" divides by."""
     student: torch.Tensor
-    teacher: Optional[torch.Tensor]
+    teacher: Optional[torch.Tensor]  # [N, C] logits, or [N, k] values of a sparse teacher
+    teacher_indices: Optional[torch.Tensor]  # [N, k] for a sparse teacher
     target: Optional[torch.Tensor]
     temp_rows: Optional[torch.Tensor]
     backend: object
@@ -313,11 +376,19 @@ def _rows(x, C):
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _plan(s, teacher_logits, target, temperature, kd_weight, ce_weight, wrong_kd_weight,
-          correction, smooth_eps, virtual_teacher, t2_scale, ignore_index, reduction, backend):
+def _plan(s, teacher_logits, target, temperature, reduction, backend, *, kd_weight, ce_weight,
+          wrong_kd_weight, correction, smooth_eps, virtual_teacher, t2_scale, divergence,
+          jsd_beta, skew_alpha, ignore_index):
     C = s.shape[-1]
     s2 = _rows(s, C)
-    t2 = _rows(teacher_logits.detach(), C) if teacher_logits is not None else None
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    t2 = t_idx = None
+    if sparse:  # [N, k] each: small, so a contiguous copy costs nothing
+        k = teacher_logits.indices.shape[-1]
+        t2 = teacher_logits.values.detach().reshape(-1, k).contiguous()
+        t_idx = teacher_logits.indices.reshape(-1, k).long().contiguous()
+    elif teacher_logits is not None:
+        t2 = _rows(teacher_logits.detach(), C)
     y2 = target.reshape(-1).long() if target is not None else None
     N = s2.shape[0]
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
@@ -328,7 +399,7 @@ def _plan(s, teacher_logits, target, temperature, kd_weight, ce_weight, wrong_kd
         temp_mode = TEMP_COSINE if dyn.weighting == "cosine" else TEMP_MAX_PROB
         if dyn.center:  # the batch mean needs a pre-pass over all rows
             valid = y2 != ignore_index if y2 is not None else None
-            w = dtd_weights(s2, t2, dyn.weighting)
+            w = dtd_weights(s2, t2, dyn.weighting, t_idx)
             temp_mode = TEMP_ROWS
             temp_rows = temperature_from_weights(w, dyn.tau0, dyn.beta, True, dyn.tau_min, valid)
     elif isinstance(temperature, torch.Tensor):
@@ -356,8 +427,17 @@ def _plan(s, teacher_logits, target, temperature, kd_weight, ce_weight, wrong_kd
         smooth_eps=float(smooth_eps),
         virtual_teacher=float(virtual_teacher) if virtual_teacher is not None else 0.0,
         t2_scale=bool(t2_scale), ignore_index=ignore_index, compute_grad=compute_grad,
-        grad_scale=grad_scale)
-    return _Plan(s2, t2, y2, temp_rows, _ops.resolve(backend, s.device), options, count)
+        grad_scale=grad_scale, divergence=_divergence_code(divergence, jsd_beta),
+        divergence_param=float(jsd_beta if divergence == "jsd" else skew_alpha),
+        teacher_tail=sparse and teacher_logits.tail)
+    return _Plan(s2, t2, t_idx, y2, temp_rows, _ops.resolve(backend, s.device), options, count)
+
+
+def _divergence_code(divergence, jsd_beta):
+    """The kernels' enum; TRL's JSD at beta 0 and 1 is the forward and the reverse KL."""
+    if divergence == "jsd" and jsd_beta in (0, 1):
+        return DIVERGENCE_KL if jsd_beta == 0 else DIVERGENCE_REVERSE_KL
+    return DIVERGENCES[divergence]
 
 
 def _run(plan, reduction):
@@ -370,9 +450,10 @@ def _run(plan, reduction):
         return (loss, torch.zeros(0, dtype=acc, device=s.device),
                 torch.zeros(0, dtype=torch.int8, device=s.device))
     if plan.options.compute_grad:
-        return _FusedDistill.apply(s, plan.teacher, plan.target, plan.temp_rows, plan.count,
-                                   plan.backend, plan.options, reduction)
+        return _FusedDistill.apply(s, plan.teacher, plan.teacher_indices, plan.target,
+                                   plan.temp_rows, plan.count, plan.backend, plan.options,
+                                   reduction)
     # evaluation: the loss alone, no gradient written, no graph
     loss_rows, _, temperature_used, flags = plan.backend.forward(
-        s, plan.teacher, plan.target, plan.temp_rows, plan.options)
+        s, plan.teacher, plan.target, plan.temp_rows, plan.options, plan.teacher_indices)
     return reduce_rows(loss_rows, reduction, plan.count), temperature_used, flags

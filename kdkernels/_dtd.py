@@ -3,13 +3,19 @@ the public ``dtd_temperature``. The kernels compute the uncentred forms themselv
 import torch
 
 
-def dtd_weights(student, teacher, weighting):
-    """Per-row confusability w from detached [N, C] logits (float32 or float64 accumulation)."""
+def dtd_weights(student, teacher, weighting, teacher_indices=None):
+    """Per-row confusability w from detached [N, C] logits (float32 or float64 accumulation);
+    a sparse teacher ([N, k] values at teacher_indices) counts over its k classes."""
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    s, t = student.detach().to(acc), teacher.detach().to(acc)
+    s = student.detach().to(acc)
     if weighting == "max_prob":
         # 1 / max softmax(s) = sum_j exp(s_j - max s)
         return torch.exp(torch.logsumexp(s, -1) - s.max(-1).values)
+    t = teacher.detach().to(acc)
+    if teacher_indices is not None:  # the finite pairs are the teacher's classes
+        used = teacher_indices >= 0
+        s = s.gather(1, torch.where(used, teacher_indices, 0))
+        t = torch.where(used, t, -torch.inf)
     finite = torch.isfinite(s) & torch.isfinite(t)
     s = torch.where(finite, s, 0.0)
     t = torch.where(finite, t, 0.0)

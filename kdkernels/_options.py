@@ -26,13 +26,20 @@ TEMP_SCALAR, TEMP_ROWS, TEMP_COSINE, TEMP_MAX_PROB = 0, 1, 2, 3
 CORRECTION_NONE, CORRECTION_SWAP, CORRECTION_SMOOTH, CORRECTION_RECTIFY = 0, 1, 2, 3
 CORRECTIONS = {None: CORRECTION_NONE, "swap": CORRECTION_SWAP, "smooth": CORRECTION_SMOOTH,
                "rectify": CORRECTION_RECTIFY}
+# The divergence D(q, p) between the (corrected) teacher q and the student p (docs/METHODS.md).
+(DIVERGENCE_KL, DIVERGENCE_REVERSE_KL, DIVERGENCE_JSD, DIVERGENCE_SKEW_KL,
+ DIVERGENCE_SKEW_REVERSE_KL, DIVERGENCE_TV) = 0, 1, 2, 3, 4, 5
+DIVERGENCES = {"kl": DIVERGENCE_KL, "reverse_kl": DIVERGENCE_REVERSE_KL, "jsd": DIVERGENCE_JSD,
+               "skew_kl": DIVERGENCE_SKEW_KL, "skew_reverse_kl": DIVERGENCE_SKEW_REVERSE_KL,
+               "tv": DIVERGENCE_TV}
 # Bits of the per-row flags every backend writes.
 FLAG_TEACHER_CORRECT, FLAG_STILL_WRONG = 1, 2
 
 ENUMS = {name: globals()[name] for name in (
     "TEMP_SCALAR", "TEMP_ROWS", "TEMP_COSINE", "TEMP_MAX_PROB",
     "CORRECTION_NONE", "CORRECTION_SWAP", "CORRECTION_SMOOTH", "CORRECTION_RECTIFY",
-    "FLAG_TEACHER_CORRECT", "FLAG_STILL_WRONG")}
+    "DIVERGENCE_KL", "DIVERGENCE_REVERSE_KL", "DIVERGENCE_JSD", "DIVERGENCE_SKEW_KL",
+    "DIVERGENCE_SKEW_REVERSE_KL", "DIVERGENCE_TV", "FLAG_TEACHER_CORRECT", "FLAG_STILL_WRONG")}
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,26 @@ class DynamicTemperature:
                              f"got {self.beta}")
 
 
+@dataclass(frozen=True)
+class SparseTeacher:
+    """A teacher given by its top-k classes per row, for offline distillation from stored
+    predictions: no dense teacher tensor is built anywhere.
+
+    indices: [..., k] integer class ids (a negative id marks an unused slot, for rows with fewer
+        classes); values: [..., k] the teacher's logits at those classes, or, with ``tail=True``,
+        its log-probabilities at T=1, whose leftover mass ``1 - sum(exp(values))`` is the
+        tail: every other class taken together.
+
+    Without a tail the teacher is exactly the dense one with ``-inf`` outside its k classes. With
+    a tail the divergence compares coarse distributions: the k classes and the tail (the
+    student's mass outside the k classes). Temperature re-tempers each outcome's probability,
+    ``q^(1/T) / Z``. docs/METHODS.md, "Sparse (top-k) teachers".
+    """
+    indices: object  # torch.Tensor (this module does not import torch: setup.py loads it)
+    values: object
+    tail: bool = False
+
+
 def _option(default, constexpr=False):
     return field(default=default, metadata={"constexpr": constexpr})
 
@@ -85,6 +112,9 @@ class FusedOptions:
     virtual_teacher: float = _option(0.0)  # 0: read the teacher tensor; a in (0, 1]: pd from labels
     t2_scale: bool = _option(True, constexpr=True)
     ignore_index: int = _option(-100)
+    divergence: int = _option(DIVERGENCE_KL, constexpr=True)
+    divergence_param: float = _option(0.5)  # JSD's beta (in (0, 1)), the skew divergences' alpha
+    teacher_tail: bool = _option(False, constexpr=True)  # sparse log-probs: 1 - sum exp is a tail
     compute_grad: bool = _option(True)  # False: the loss only, no N x C gradient written
     grad_scale: float = _option(1.0)  # the gradient is written times this (1 / rows for "mean")
 

@@ -6,7 +6,10 @@ autograd differentiate it. Generic over device and dtype; the tests run it in fl
 ``kdkernels.reference.methods.METHODS`` pairs each method's fused loss with its reference.
 """
 from .losses import (  # noqa: F401
+    DIVERGENCES,
+    densify,
     distillation_loss,
+    divergence_rows,
     dtd_temperature,
     kd_loss,
     preparing_lessons_loss,

@@ -26,6 +26,36 @@ def _kl(target, log_p):
     return (torch.xlogy(target, target) - target * safe_log_p).sum(-1)
 
 
+DIVERGENCES = ("kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
+
+
+def _xlog(x, y):
+    """x log(x / y) with 0 log(0 / y) = 0 (and x log(x / 0) = inf for x > 0); the logs see 1
+    where x = 0, so that the branch torch.where leaves out has a finite gradient."""
+    live = x > 0
+    x_safe, y_safe = torch.where(live, x, torch.ones_like(x)), torch.where(live, y, torch.ones_like(y))
+    return torch.where(live, x * (torch.log(x_safe) - torch.log(y_safe)), torch.zeros_like(x))
+
+
+def divergence_rows(q, p, kind="kl", jsd_beta=0.5, skew_alpha=0.1):
+    """D(q, p) per row, q the (corrected) teacher distribution, p the student's, over the last
+    dimension (classes, or the coarse outcomes of a sparse teacher with a tail)."""
+    if kind == "kl" or (kind == "jsd" and jsd_beta == 0):
+        return _xlog(q, p).sum(-1)
+    if kind == "reverse_kl" or (kind == "jsd" and jsd_beta == 1):
+        return _xlog(p, q).sum(-1)
+    if kind == "jsd":  # TRL's generalized JSD: beta KL(q || m) + (1 - beta) KL(p || m)
+        m = (1 - jsd_beta) * p + jsd_beta * q
+        return (jsd_beta * _xlog(q, m) + (1 - jsd_beta) * _xlog(p, m)).sum(-1)
+    if kind == "skew_kl":  # DistiLLM: KL(q || a q + (1 - a) p)
+        return _xlog(q, skew_alpha * q + (1 - skew_alpha) * p).sum(-1)
+    if kind == "skew_reverse_kl":  # KL(p || a p + (1 - a) q)
+        return _xlog(p, skew_alpha * p + (1 - skew_alpha) * q).sum(-1)
+    if kind == "tv":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(kind)
+
+
 def _ce(s, y, valid):
     y_safe = torch.where(valid, y, torch.zeros_like(y))
     return -torch.log_softmax(s, -1).gather(1, y_safe[:, None])[:, 0]
@@ -81,18 +111,38 @@ def virtual_teacher_logits(y, num_classes, a, dtype):
     return torch.log(pd)
 
 
+def densify(indices, values, num_classes):
+    """A sparse (top-k) teacher as dense logits: its values at its indices, -inf elsewhere
+    (negative indices are unused slots)."""
+    used = indices >= 0
+    dense = torch.full((indices.shape[0], num_classes + 1), float("-inf"), dtype=values.dtype,
+                       device=values.device)
+    dense.scatter_(1, torch.where(used, indices, num_classes), torch.where(used, values, 0.0))
+    return dense[:, :num_classes]
+
+
 def distillation_loss(s, t, y=None, temperature=4.0, kd_weight=0.9, ce_weight=0.1,
                       wrong_kd_weight=None, correction=None, smooth_eps=0.1, virtual_teacher=None,
-                      t2_scale=True, ignore_index=-100, reduction="mean"):
+                      t2_scale=True, ignore_index=-100, reduction="mean", divergence="kl",
+                      jsd_beta=0.5, skew_alpha=0.1):
     """The general loss every method maps onto. Returns (loss, stats) where stats holds the
     per-row teacher_correct mask, temperature and still_wrong mask.
 
-    l_i = w_i * T_i^2 * KL(A(q_T) || p_T) + ce_weight * CE(s, y), w_i = kd_weight on rows the
-    teacher gets right (or with no labels), wrong_kd_weight on the rows it gets wrong."""
+    l_i = w_i * T_i^2 * D(A(q_T), p_T) + ce_weight * CE(s, y), w_i = kd_weight on rows the
+    teacher gets right (or with no labels), wrong_kd_weight on the rows it gets wrong; D the
+    divergence (KL(q || p) by default). t may be a sparse teacher (indices, values, tail): without
+    a tail it is the dense teacher with -inf outside its indices; with one, see
+    _sparse_tail_loss."""
     N, C = s.shape
     valid = _valid_rows(s, y, ignore_index)
     if wrong_kd_weight is None:
         wrong_kd_weight = kd_weight
+    if t is not None and not isinstance(t, torch.Tensor):  # a sparse teacher
+        if t.tail:
+            return _sparse_tail_loss(s, t, y, temperature, kd_weight, ce_weight, wrong_kd_weight,
+                                     correction, smooth_eps, t2_scale, valid, reduction,
+                                     divergence, jsd_beta, skew_alpha)
+        t = densify(t.indices, t.values.detach().to(s.dtype), C)
     if virtual_teacher is not None:
         t = virtual_teacher_logits(torch.where(valid, y, torch.zeros_like(y)), C, virtual_teacher,
                                    s.dtype)
@@ -131,7 +181,11 @@ def distillation_loss(s, t, y=None, temperature=4.0, kd_weight=0.9, ce_weight=0.
     elif correction == "rectify":  # Teacher's bias, applied to q_T with a = y
         target = torch.where(wrong[:, None], rectify(q, y_safe, b), q)
 
-    kl = torch.where(has_teacher, _kl(target, log_p), torch.zeros_like(T))
+    if divergence == "kl":
+        d = _kl(target, log_p)
+    else:
+        d = divergence_rows(target, log_p.exp(), divergence, jsd_beta, skew_alpha)
+    kl = torch.where(has_teacher, d, torch.zeros_like(T))
     T_pow = T ** 2 if t2_scale else torch.ones_like(T)
     w = torch.where(wrong, torch.full_like(T, wrong_kd_weight), torch.full_like(T, kd_weight))
     rows_loss = w * T_pow * kl
@@ -147,6 +201,86 @@ def distillation_loss(s, t, y=None, temperature=4.0, kd_weight=0.9, ce_weight=0.
     else:
         still_wrong, teacher_correct = None, None
     stats = {"teacher_correct": teacher_correct, "temperature": T, "still_wrong": still_wrong}
+    return reduce_rows(rows_loss, valid, reduction), stats
+
+
+def _sparse_tail_loss(s, teacher, y, temperature, kd_weight, ce_weight, wrong_kd_weight,
+                      correction, smooth_eps, t2_scale, valid, reduction, kind, jsd_beta,
+                      skew_alpha):
+    """A top-k teacher given as log-probabilities with its tail (the mass outside its k classes):
+    the divergence compares coarse distributions over the outcomes: each of the k classes, the
+    label when a correction needs it and it is not among them (teacher mass 0 before the
+    correction), and the tail, every other class (its mass dropped when no class is left for it).
+    Tempering: q ~ exp(log q_1 / T) on each outcome, the tail's mass 1 - sum_k q_k included."""
+    N, C = s.shape
+    rows = torch.arange(N, device=s.device)
+    idx, v = teacher.indices, teacher.values.detach().to(s.dtype)
+    used = idx >= 0
+    at = torch.where(used, idx, 0)
+    T = (temperature.detach().to(s.dtype) if isinstance(temperature, torch.Tensor)
+         else torch.full((N,), float(temperature), dtype=s.dtype, device=s.device))
+    log_p = torch.log_softmax(s / T[:, None], -1)
+    p = log_p.exp()
+    wrong = torch.zeros(N, dtype=torch.bool, device=s.device)
+    y_safe = torch.zeros(N, dtype=torch.long, device=s.device)
+    in_k = torch.zeros(N, dtype=torch.bool, device=s.device)
+    pos_y = torch.zeros(N, dtype=torch.long, device=s.device)
+    pos_b = torch.zeros(N, dtype=torch.long, device=s.device)
+    if y is not None:
+        y_safe = torch.where(valid, y, torch.zeros_like(y))
+        is_y = used & (idx == y_safe[:, None])
+        in_k = is_y.any(-1)
+        pos_y = is_y.long().argmax(-1)
+        best = torch.where(used, v, float("-inf")).max(-1).values
+        first = torch.where(used & (v == best[:, None]), idx, C).min(-1).values  # first maximum
+        pos_b = (used & (idx == first[:, None])).long().argmax(-1)
+        value_y = torch.where(is_y, v, 0.0).sum(-1)
+        wrong = valid & (best > float("-inf")) & (~in_k | (value_y < best))
+    extra = wrong & ~in_k & (correction in ("swap", "rectify"))
+    k = idx.shape[1]
+    pos_y = torch.where(in_k, pos_y, k)  # the label's outcome: among the k, or its own slot
+    member = torch.zeros(N, C + 1, dtype=torch.bool, device=s.device)
+    member.scatter_(1, torch.where(used, idx, C), True)
+    member[rows, torch.where(extra, y_safe, C)] = True
+    member = member[:, :C]
+    # the tail's outcome: the classes not among the others; with none left, the stored tail
+    # mass is rounding and is dropped
+    tail_mass = (1 - torch.where(used, v.exp(), 0.0).sum(-1)).clamp(min=0)
+    tail_mass = torch.where(member.all(-1), torch.zeros_like(tail_mass), tail_mass)
+    logits = torch.cat([torch.where(used, v, float("-inf")), tail_mass.log()[:, None]], -1)
+    q = torch.softmax(logits / T[:, None], -1)  # [N, k + 1]: the classes, then the tail
+    has_teacher = used.any(-1) | (tail_mass > 0)
+    P = torch.cat([torch.where(used, p.gather(1, at), 0.0),
+                   torch.where(extra, p[rows, y_safe], 0.0)[:, None],
+                   torch.where(member, 0.0, p).sum(-1, keepdim=True)], -1)
+    Q = torch.cat([q[:, :k], torch.zeros_like(q[:, :1]), q[:, k:]], -1)
+    target = Q.clone()
+    if correction == "swap":
+        target[rows, pos_y], target[rows, pos_b] = Q[rows, pos_b], Q[rows, pos_y]
+    elif correction == "rectify":
+        q_y, q_b = Q[rows, pos_y], Q[rows, pos_b]
+        new_y, new_b = (q_y + 1) / 2, q_b / 2
+        scale = (q_y + q_b) / (new_y + new_b)
+        target[rows, pos_y], target[rows, pos_b] = new_y * scale, new_b * scale
+    target = torch.where(wrong[:, None], target, Q)
+    d = divergence_rows(target, P, kind, jsd_beta, skew_alpha)
+    if correction == "smooth":  # the target is no longer the teacher: dense, as without a tail
+        smooth = torch.full_like(p, smooth_eps / C)
+        smooth[rows, y_safe] += 1 - smooth_eps
+        d = torch.where(wrong, _kl(smooth, log_p), d)
+    d = torch.where(has_teacher, d, torch.zeros_like(d))
+    w = torch.where(wrong, torch.full_like(T, wrong_kd_weight), torch.full_like(T, kd_weight))
+    rows_loss = w * (T ** 2 if t2_scale else torch.ones_like(T)) * d
+    if ce_weight != 0:
+        rows_loss = rows_loss + ce_weight * _ce(s, y, valid)
+    stats = {"temperature": T, "teacher_correct": None, "still_wrong": None}
+    if y is not None:
+        classes = target[:, :k + 1].clone()
+        classes[rows, pos_y] = -1
+        still_wrong = wrong & (classes.max(-1).values > target[rows, pos_y])
+        if correction in ("swap", "smooth"):
+            still_wrong = torch.zeros_like(wrong)
+        stats.update(teacher_correct=valid & ~wrong, still_wrong=still_wrong)
     return reduce_rows(rows_loss, valid, reduction), stats
 
 

@@ -76,7 +76,8 @@ def _distill_kernel(
     # the options, named as in kdkernels/_options.py (FusedOptions.triton_kwargs)
     temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
     ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
-    ignore_index, compute_grad, grad_scale,
+    ignore_index, divergence: tl.constexpr, divergence_param, teacher_tail: tl.constexpr,
+    compute_grad, grad_scale,
     # derived by the launcher
     log_a, log_rest, BLOCK: tl.constexpr, VIRTUAL: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr, NUM_COEF: tl.constexpr,

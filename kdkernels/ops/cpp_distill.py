@@ -87,7 +87,7 @@ def availability(device=None):
 
 if _C is not None:
     @torch.library.register_fake("kdkernels::distill_cpu")
-    def _fake(student, teacher, target, temp_rows, options):
+    def _fake(student, teacher, teacher_indices, target, temp_rows, options):
         N = student.shape[0]
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
         compute_grad = bool(options[OPTION_INDEX["compute_grad"]])
@@ -96,5 +96,6 @@ if _C is not None:
                 student.new_empty(N, dtype=acc), student.new_empty(N, dtype=torch.int8))
 
 
-def forward(student, teacher, target, temp_rows, o):
-    return torch.ops.kdkernels.distill_cpu(student, teacher, target, temp_rows, o.pack())
+def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
+    return torch.ops.kdkernels.distill_cpu(student, teacher, teacher_indices, target, temp_rows,
+                                           o.pack())

@@ -9,6 +9,11 @@ from .._options import (
     CORRECTION_RECTIFY,
     CORRECTION_SMOOTH,
     CORRECTION_SWAP,
+    DIVERGENCE_JSD,
+    DIVERGENCE_KL,
+    DIVERGENCE_REVERSE_KL,
+    DIVERGENCE_SKEW_KL,
+    DIVERGENCE_SKEW_REVERSE_KL,
     FLAG_STILL_WRONG,
     FLAG_TEACHER_CORRECT,
     TEMP_COSINE,
@@ -86,22 +91,66 @@ def kl_and_difference(s, t, T, p, q, log_p):
     return kl, torch.where(live | (q > 0), p_minus_q, 0.0)
 
 
-def forward(student, teacher, target, temp_rows, o):
+def divergence_terms(P, Q, kind, param):
+    """Per entry, the divergence's term d(P, Q) (summing to D) and G = dD/dP, for the non-KL
+    divergences; P, Q may be classes or coarse outcomes. Every d(P, 0) is linear in P, so an
+    outcome gathering many classes of teacher mass 0 has the d and G of its classes."""
+    live = P > 0
+    P1 = torch.where(live, P, 1.0)
+
+    def xlog(x, y):  # x log(x / y), 0 where x = 0
+        ok = x > 0
+        return torch.where(ok, x * (torch.log(torch.where(ok, x, 1.0))
+                                    - torch.log(torch.where(ok, y, 1.0))), 0.0)
+    if kind == DIVERGENCE_REVERSE_KL:
+        d = xlog(P, Q)
+        G = torch.log(P1) - torch.log(Q)
+    elif kind == DIVERGENCE_JSD:
+        m = (1 - param) * P + param * Q
+        d = param * xlog(Q, m) + (1 - param) * xlog(P, m)
+        G = (1 - param) * (torch.log(P1) - torch.log(torch.where(live, m, 1.0)))
+    elif kind == DIVERGENCE_SKEW_KL:
+        r = param * Q + (1 - param) * P
+        d = xlog(Q, r)
+        G = -(1 - param) * Q / torch.where(r > 0, r, 1.0)
+    elif kind == DIVERGENCE_SKEW_REVERSE_KL:
+        r = param * P + (1 - param) * Q
+        r1 = torch.where(live, r, 1.0)
+        d = xlog(P, r)
+        G = torch.log(P1) - torch.log(r1) + 1 - param * P / r1
+    else:  # total variation
+        d = 0.5 * (P - Q).abs()
+        G = 0.5 * torch.sign(P - Q)
+    return d, torch.where(live, G, 0.0)
+
+
+def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
     """The backends' contract, a few rows at a time: the two dozen N x C temporaries of the math
-    below then stay in cache."""
+    below then stay in cache. With ``teacher_indices``, ``teacher`` holds the values of a sparse
+    (top-k) teacher at those indices."""
     N, C = student.shape
     rows = max(1, (1 << 18) // max(C, 1))
-    if N <= rows:
-        return _forward_rows(student, teacher, target, temp_rows, o)
-    parts = [_forward_rows(student[i:i + rows],
-                           None if teacher is None else teacher[i:i + rows],
-                           None if target is None else target[i:i + rows],
-                           None if temp_rows is None else temp_rows[i:i + rows], o)
+
+    def part(x, i):
+        return None if x is None else x[i:i + rows]
+    parts = [_forward_rows(student[i:i + rows], part(teacher, i), part(target, i),
+                           part(temp_rows, i), o, part(teacher_indices, i))
              for i in range(0, N, rows)]
     return tuple(torch.cat(values) for values in zip(*parts))
 
 
-def _forward_rows(student, teacher, target, temp_rows, o):
+def _temperatures(s, t_for_dtd, temp_rows, o):
+    N = s.shape[0]
+    if o.temp_mode == TEMP_SCALAR:
+        return torch.full((N,), o.temp_value, dtype=s.dtype, device=s.device)
+    if o.temp_mode == TEMP_ROWS:
+        return temp_rows.to(s.dtype)
+    weighting = "cosine" if o.temp_mode == TEMP_COSINE else "max_prob"
+    return temperature_from_weights(dtd_weights(s, t_for_dtd, weighting), o.tau0, o.beta, False,
+                                    o.tau_min)
+
+
+def _forward_rows(student, teacher, target, temp_rows, o, teacher_indices):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     N, C = student.shape
     s = student.to(acc)
@@ -112,63 +161,16 @@ def _forward_rows(student, teacher, target, temp_rows, o):
         valid = target != o.ignore_index
         in_range = (target >= 0) & (target < C)
         y = torch.where(valid & in_range, target, 0)[:, None]
-    if o.virtual_teacher > 0:
-        t = virtual_teacher(y[:, 0], C, o.virtual_teacher, acc)
+    if teacher_indices is not None:
+        T, log_p, kl, direction, wrong, still_wrong, has_teacher = _sparse_teacher(
+            s, teacher_indices, teacher.to(acc), y, valid, temp_rows, o)
     else:
-        t = teacher.to(acc)
-    # a teacher row with no finite logit has no distribution: its KD term is 0 (CE still counts)
-    has_teacher = t.max(-1).values > -math.inf
-    t = torch.where(has_teacher[:, None], t, 0.0)
-
-    if o.temp_mode == TEMP_SCALAR:
-        T = torch.full((N,), o.temp_value, dtype=acc, device=s.device)
-    elif o.temp_mode == TEMP_ROWS:
-        T = temp_rows.to(acc)
-    else:
-        weighting = "cosine" if o.temp_mode == TEMP_COSINE else "max_prob"
-        T = temperature_from_weights(dtd_weights(s, t, weighting), o.tau0, o.beta, False, o.tau_min)
-    Tc = T[:, None]
-    log_p = torch.log_softmax(s / Tc, -1)
-    q = torch.softmax(t / Tc, -1)
-    p = log_p.exp()
-    kl, p_minus_q = kl_and_difference(s, t, T, p, q, log_p)
-
-    # the correction of wrong rows, as the kernels apply it: new target values at y and b
-    wrong = torch.zeros(N, dtype=torch.bool, device=s.device)
-    fix_y = fix_b = torch.zeros(N, dtype=acc, device=s.device)
-    target_dist = q  # for the still-wrong flag
-    if y is not None:
-        t_y = t.gather(1, y)[:, 0]
-        wrong = valid & (t_y < t.max(-1).values)
-        b = t.argmax(-1, keepdim=True)
-        q_y, q_b = q.gather(1, y)[:, 0], q.gather(1, b)[:, 0]
-        lp_y, lp_b = log_p.gather(1, y)[:, 0], log_p.gather(1, b)[:, 0]
-        if o.correction == CORRECTION_SWAP:  # KL changes by (q_y - q_b)(lp_y - lp_b), both exact
-            diff = q_b * torch.expm1((t_y - t.gather(1, b)[:, 0]) / T)  # q_y - q_b
-            kl = torch.where(wrong, kl + diff * (lp_y - lp_b), kl)
-            fix_y, fix_b = torch.where(wrong, diff, 0.0), torch.where(wrong, -diff, 0.0)
-            new_y, new_b = q_b, q_y
-        elif o.correction == CORRECTION_RECTIFY:
-            new_y, new_b = (q_y + 1) / 2, q_b / 2
-            k = (q_y + q_b) / (new_y + new_b)
-            new_y, new_b = new_y * k, new_b * k
-            change = (_kl_term(new_y, lp_y) + _kl_term(new_b, lp_b)
-                      - _kl_term(q_y, lp_y) - _kl_term(q_b, lp_b))
-            kl = torch.where(wrong, kl + change, kl)
-            fix_y = torch.where(wrong, q_y - new_y, 0.0)
-            fix_b = torch.where(wrong, q_b - new_b, 0.0)
-        if o.correction in (CORRECTION_SWAP, CORRECTION_RECTIFY):
-            w = wrong[:, None]
-            target_dist = q.clone()
-            target_dist.scatter_(1, b, torch.where(w, new_b[:, None], q_b[:, None]))
-            target_dist.scatter_(1, y, torch.where(w, new_y[:, None], q_y[:, None]))
-        elif o.correction == CORRECTION_SMOOTH:  # target (1 - eps) onehot(y) + eps / C
-            smooth = torch.full_like(q, o.smooth_eps / C)
-            smooth.scatter_add_(1, y, torch.full_like(smooth[:, :1], 1 - o.smooth_eps))
-            kl_smooth = (torch.xlogy(smooth, smooth) - smooth * log_p).sum(-1)
-            kl = torch.where(wrong, kl_smooth, kl)
-            p_minus_q = torch.where(wrong[:, None], p - smooth, p_minus_q)
-            target_dist = torch.where(wrong[:, None], smooth, q)
+        if o.virtual_teacher > 0:
+            t = virtual_teacher(y[:, 0], C, o.virtual_teacher, acc)
+        else:
+            t = teacher.to(acc)
+        T, log_p, kl, direction, wrong, still_wrong, has_teacher = _dense_teacher(
+            s, t, y, valid, temp_rows, o)
 
     kd_w = (o.kd_weight + (o.wrong_kd_weight - o.kd_weight) * wrong.to(acc)) * has_teacher
     loss = kd_w * (T * T if o.t2_scale else 1.0) * kl
@@ -181,10 +183,7 @@ def _forward_rows(student, teacher, target, temp_rows, o):
     loss = torch.where(bad, torch.nan, torch.where(valid, loss, 0.0))
     grad = student.new_empty(0)
     if o.compute_grad:
-        if y is not None:  # the correction's change of target at y and b
-            p_minus_q = (p_minus_q.scatter_add(1, y, fix_y[:, None])
-                         .scatter_add(1, b, fix_b[:, None]))
-        grad = (kd_w * (T if o.t2_scale else 1 / T))[:, None] * p_minus_q
+        grad = (kd_w * (T if o.t2_scale else 1 / T))[:, None] * direction
         if o.ce_weight != 0:
             grad = grad + o.ce_weight * (log_p1.exp() - torch.zeros_like(s).scatter_(1, y, 1.0))
         grad = torch.where(valid[:, None], grad, 0.0)
@@ -192,8 +191,167 @@ def _forward_rows(student, teacher, target, temp_rows, o):
 
     flags = torch.zeros(N, dtype=torch.int8, device=s.device)
     if y is not None:
-        label_mass = target_dist.gather(1, y)[:, 0]
-        still_wrong = wrong & (target_dist.scatter(1, y, -1.0).max(-1).values > label_mass)
         flags = (torch.where(valid & ~wrong, FLAG_TEACHER_CORRECT, 0)
                  + torch.where(still_wrong, FLAG_STILL_WRONG, 0)).to(torch.int8)
     return loss, grad, T, flags
+
+
+def _dense_teacher(s, t, y, valid, temp_rows, o):
+    """(T, log p, D per row, dD/ds without 1/T, wrong, still wrong, has teacher)."""
+    N, C = s.shape
+    # a teacher row with no finite logit has no distribution: its KD term is 0 (CE still counts)
+    has_teacher = t.max(-1).values > -math.inf
+    t = torch.where(has_teacher[:, None], t, 0.0)
+    T = _temperatures(s, t, temp_rows, o)
+    Tc = T[:, None]
+    log_p = torch.log_softmax(s / Tc, -1)
+    q = torch.softmax(t / Tc, -1)
+    p = log_p.exp()
+    kl_div = o.divergence == DIVERGENCE_KL
+    if kl_div:
+        kl, p_minus_q = kl_and_difference(s, t, T, p, q, log_p)
+
+    # the correction of wrong rows, as the kernels apply it: new target values at y and b
+    wrong = torch.zeros(N, dtype=torch.bool, device=s.device)
+    target_dist = q
+    if y is not None:
+        t_y = t.gather(1, y)[:, 0]
+        wrong = valid & (t_y < t.max(-1).values)
+        b = t.argmax(-1, keepdim=True)
+        q_y, q_b = q.gather(1, y)[:, 0], q.gather(1, b)[:, 0]
+        lp_y, lp_b = log_p.gather(1, y)[:, 0], log_p.gather(1, b)[:, 0]
+        fix_y = fix_b = None
+        if o.correction == CORRECTION_SWAP:  # KL changes by (q_y - q_b)(lp_y - lp_b), both exact
+            diff = q_b * torch.expm1((t_y - t.gather(1, b)[:, 0]) / T)  # q_y - q_b
+            change = diff * (lp_y - lp_b)
+            fix_y, fix_b = diff, -diff
+            new_y, new_b = q_b, q_y
+        elif o.correction == CORRECTION_RECTIFY:
+            new_y, new_b = (q_y + 1) / 2, q_b / 2
+            k = (q_y + q_b) / (new_y + new_b)
+            new_y, new_b = new_y * k, new_b * k
+            change = (_kl_term(new_y, lp_y) + _kl_term(new_b, lp_b)
+                      - _kl_term(q_y, lp_y) - _kl_term(q_b, lp_b))
+            fix_y, fix_b = q_y - new_y, q_b - new_b
+        if fix_y is not None:
+            w = wrong[:, None]
+            target_dist = q.clone()
+            target_dist.scatter_(1, b, torch.where(w, new_b[:, None], q_b[:, None]))
+            target_dist.scatter_(1, y, torch.where(w, new_y[:, None], q_y[:, None]))
+            if kl_div:
+                kl = torch.where(wrong, kl + change, kl)
+                p_minus_q = (p_minus_q.scatter_add(1, y, torch.where(wrong, fix_y, 0.0)[:, None])
+                             .scatter_add(1, b, torch.where(wrong, fix_b, 0.0)[:, None]))
+        elif o.correction == CORRECTION_SMOOTH:  # target (1 - eps) onehot(y) + eps / C
+            smooth = torch.full_like(q, o.smooth_eps / C)
+            smooth.scatter_add_(1, y, torch.full_like(smooth[:, :1], 1 - o.smooth_eps))
+            target_dist = torch.where(wrong[:, None], smooth, q)
+            if kl_div:
+                kl_smooth = (torch.xlogy(smooth, smooth) - smooth * log_p).sum(-1)
+                kl = torch.where(wrong, kl_smooth, kl)
+                p_minus_q = torch.where(wrong[:, None], p - smooth, p_minus_q)
+    if kl_div:
+        direction = p_minus_q
+    else:
+        d, G = divergence_terms(p, target_dist, o.divergence, o.divergence_param)
+        kl = d.sum(-1)
+        direction = torch.where(p > 0, p * (G - (p * G).sum(-1, keepdim=True)), 0.0)
+
+    still_wrong = torch.zeros_like(wrong)
+    if y is not None:
+        label_mass = target_dist.gather(1, y)[:, 0]
+        still_wrong = wrong & (target_dist.scatter(1, y, -1.0).max(-1).values > label_mass)
+    kl = torch.where(has_teacher, kl, 0.0)
+    return T, log_p, kl, direction, wrong, still_wrong, has_teacher
+
+
+def _sparse_teacher(s, indices, values, y, valid, temp_rows, o):
+    """The same for a sparse teacher: coarse outcomes (its k classes, the label when a
+    correction needs it outside them, and the rest of the classes, which carries the tail's mass
+    or none). docs/METHODS.md, "Sparse (top-k) teachers"."""
+    N, C = s.shape
+    rows = torch.arange(N, device=s.device)
+    k = indices.shape[1]
+    used = indices >= 0
+    at = torch.where(used, indices, 0)
+    if o.temp_mode == TEMP_COSINE:  # over the teacher's classes, as for a dense teacher
+        dense = torch.full((N, C + 1), -math.inf, dtype=s.dtype, device=s.device)
+        dense.scatter_(1, torch.where(used, indices, C), torch.where(used, values, 0.0))
+        T = _temperatures(s, dense[:, :C], temp_rows, o)
+    else:
+        T = _temperatures(s, None, temp_rows, o)
+    Tc = T[:, None]
+    log_p = torch.log_softmax(s / Tc, -1)
+    p = log_p.exp()
+    teacher_logits = torch.where(used, values, -math.inf)
+    wrong = torch.zeros(N, dtype=torch.bool, device=s.device)
+    in_k = torch.zeros(N, dtype=torch.bool, device=s.device)
+    pos_y = torch.full((N,), k, dtype=torch.long, device=s.device)
+    pos_b = torch.zeros(N, dtype=torch.long, device=s.device)
+    if y is not None:
+        is_y = used & (indices == y)
+        in_k = is_y.any(-1)
+        pos_y = torch.where(in_k, is_y.long().argmax(-1), k)
+        best = teacher_logits[:, :k].max(-1).values
+        first = torch.where(used & (values == best[:, None]), indices, C).min(-1).values
+        pos_b = (used & (indices == first[:, None])).long().argmax(-1)
+        value_y = torch.where(is_y, values, 0.0).sum(-1)
+        wrong = valid & (best > -math.inf) & (~in_k | (value_y < best))
+    extra = wrong & ~in_k & (o.correction in (CORRECTION_SWAP, CORRECTION_RECTIFY))
+    y_class = y[:, 0] if y is not None else torch.zeros(N, dtype=torch.long, device=s.device)
+
+    # outcomes: the k classes, the label's slot, the rest
+    member = torch.zeros(N, C + 1, dtype=torch.bool, device=s.device)
+    member.scatter_(1, torch.where(used, indices, C), True)
+    member[rows, torch.where(extra, y_class, C)] = True
+    rest = ~member[:, :C]
+    if o.teacher_tail:  # log-probabilities: the mass outside the k classes is one more outcome
+        tail = (1 - torch.where(used, values.exp(), 0.0).sum(-1)).clamp(min=0)
+        tail = torch.where(rest.any(-1), tail, 0.0)  # no class left for it: rounding, dropped
+        teacher_logits = torch.cat([teacher_logits, tail.log()[:, None]], -1)
+    q = torch.softmax(teacher_logits / Tc, -1)
+    q = torch.nan_to_num(q, nan=0.0)  # a row with no mass at all
+    has_teacher = used.any(-1) | ((q[:, k:].sum(-1) > 0) if o.teacher_tail else False)
+    q_rest = q[:, k] if o.teacher_tail else torch.zeros(N, dtype=s.dtype, device=s.device)
+    P = torch.cat([torch.where(used, p.gather(1, at), 0.0),
+                   torch.where(extra, p[rows, y_class], 0.0)[:, None],
+                   torch.where(rest, p, 0.0).sum(-1, keepdim=True)], -1)
+    Q = torch.cat([q[:, :k], torch.zeros_like(P[:, :1]), q_rest[:, None]], -1)
+    target = Q.clone()
+    if o.correction == CORRECTION_SWAP:
+        target[rows, pos_y], target[rows, pos_b] = Q[rows, pos_b], Q[rows, pos_y]
+    elif o.correction == CORRECTION_RECTIFY:
+        q_y, q_b = Q[rows, pos_y], Q[rows, pos_b]
+        new_y, new_b = (q_y + 1) / 2, q_b / 2
+        scale = (q_y + q_b) / (new_y + new_b)
+        target[rows, pos_y], target[rows, pos_b] = new_y * scale, new_b * scale
+    target = torch.where(wrong[:, None], target, Q)
+
+    if o.divergence == DIVERGENCE_KL:
+        d = _kl_term(target, torch.log(P))
+        G = torch.where(P > 0, -target / torch.where(P > 0, P, 1.0),
+                        torch.where(target > 0, -math.inf, 0.0))
+    else:
+        d, G = divergence_terms(P, target, o.divergence, o.divergence_param)
+    kl = d.sum(-1)
+    mean_G = (P * G).sum(-1, keepdim=True)
+    # each class: p_j (G of its outcome - mean G); the rest's G, then the explicit outcomes
+    direction = p * (G[:, k + 1:] - mean_G)
+    explicit_used = torch.cat([used, extra[:, None]], -1)
+    explicit = torch.where(explicit_used, torch.cat([at, y_class[:, None]], -1), C)  # C: unused
+    direction = torch.cat([direction, direction[:, :1]], -1).scatter(
+        1, explicit, P[:, :k + 1] * (G[:, :k + 1] - mean_G))[:, :C]
+    direction = torch.where(p > 0, direction, 0.0)
+    if o.correction == CORRECTION_SMOOTH:  # the target is no longer the teacher: dense
+        smooth = torch.full_like(p, o.smooth_eps / C)
+        smooth[rows, y_class] += 1 - o.smooth_eps
+        kl = torch.where(wrong, (torch.xlogy(smooth, smooth) - smooth * log_p).sum(-1), kl)
+        direction = torch.where(wrong[:, None], p - smooth, direction)
+
+    still_wrong = torch.zeros_like(wrong)
+    if y is not None and o.correction != CORRECTION_SMOOTH:
+        classes = target[:, :k + 1].clone()
+        classes[rows, pos_y] = -1
+        still_wrong = wrong & (classes.max(-1).values > target[rows, pos_y])
+    kl = torch.where(has_teacher, kl, 0.0)
+    return T, log_p, kl, direction, wrong, still_wrong, has_teacher

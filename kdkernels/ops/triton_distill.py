@@ -78,7 +78,7 @@ def virtual_logits(virtual_teacher, C):
     return math.log(virtual_teacher), rest
 
 
-def forward_deferred(student, teacher, target, temp_rows, o):
+def forward_deferred(student, teacher, target, temp_rows, o, teacher_indices=None):
     """The forward kernel alone: (loss_rows, state, temperature, flags); `gradient(state, ...)`
     writes the gradient later, in the backward, scaled by the upstream gradient on the device
     (no host sync, and no N x C buffer between forward and backward)."""
@@ -89,20 +89,21 @@ def forward_deferred(student, teacher, target, temp_rows, o):
     return loss, (coef, index), temps, flags
 
 
-def gradient(student, teacher, state, upstream, o):
+def gradient(student, teacher, state, upstream, o, teacher_indices=None):
     """d loss_rows / d student times `upstream` ([N] per row, or [1] for all rows)."""
     coef, index = state
     return torch.ops.kdkernels.distill_triton_grad(student, teacher, coef, index, upstream,
                                                   o.pack())
 
 
-def forward(student, teacher, target, temp_rows, o):
+def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
     """The backends' common contract: the gradient written at once (times o.grad_scale)."""
-    loss, state, temps, flags = forward_deferred(student, teacher, target, temp_rows, o)
+    loss, state, temps, flags = forward_deferred(student, teacher, target, temp_rows, o,
+                                                 teacher_indices)
     if not o.compute_grad:
         return loss, student.new_empty(0), temps, flags
     upstream = torch.full((1,), o.grad_scale, dtype=torch.float32, device=student.device)
-    return loss, gradient(student, teacher, state, upstream, o), temps, flags
+    return loss, gradient(student, teacher, state, upstream, o, teacher_indices), temps, flags
 
 
 if _INSTALLED and (_interpreting() or torch.cuda.is_available()):
