@@ -659,11 +659,12 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
 
   // The teacher: its argmax b (first by class id), the label among its classes, wrong.
   int64_t n_used = 0, pos_y = k, pos_b = -1;
-  acc_t best = -inf, mass = 0;
+  acc_t best = -inf;
+  double mass = 0;  // the tail is often a small difference of masses near 1
   for (int64_t j = 0; j < k; ++j) {
     if (!used(j)) continue;
     ++n_used;
-    if (o.teacher_tail) mass += std::exp(v[j]);
+    if (o.teacher_tail) mass += std::exp(static_cast<double>(v[j]));
     if (pos_b < 0 || v[j] > best || (v[j] == best && idx[j] < idx[pos_b])) {
       best = v[j];
       pos_b = j;
@@ -675,7 +676,7 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
   const bool extra = wrong && !in_k &&
                      (o.correction == kCorrectionSwap || o.correction == kCorrectionRectify);
   const bool rest_empty = n_used + (extra ? 1 : 0) >= C;  // no class left for the tail
-  const acc_t tail = o.teacher_tail && !rest_empty ? std::max(acc_t(1) - mass, acc_t(0)) : 0;
+  const acc_t tail = o.teacher_tail && !rest_empty ? acc_t(std::max(1 - mass, 0.0)) : 0;
 
   // The outcomes: 0..k-1 the classes, k the label's slot, k + 1 the rest.
   const int64_t M = k + 2;

@@ -430,7 +430,11 @@ def _plan(s, teacher_logits, target, temperature, reduction, backend, *, kd_weig
         grad_scale=grad_scale, divergence=_divergence_code(divergence, jsd_beta),
         divergence_param=float(jsd_beta if divergence == "jsd" else skew_alpha),
         teacher_tail=sparse and teacher_logits.tail)
-    return _Plan(s2, t2, t_idx, y2, temp_rows, _ops.resolve(backend, s.device), options, count)
+    runner = _ops.resolve(backend, s.device)
+    if sparse and t_idx.shape[1] > getattr(runner, "MAX_K", math.inf):
+        raise ValueError(f"SparseTeacher has k={t_idx.shape[1]} classes per row; the "
+                         f"{runner.NAME} backend takes at most {runner.MAX_K}")
+    return _Plan(s2, t2, t_idx, y2, temp_rows, runner, options, count)
 
 
 def _divergence_code(divergence, jsd_beta):

@@ -33,7 +33,8 @@ def _xlog(x, y):
     """x log(x / y) with 0 log(0 / y) = 0 (and x log(x / 0) = inf for x > 0); the logs see 1
     where x = 0, so that the branch torch.where leaves out has a finite gradient."""
     live = x > 0
-    x_safe, y_safe = torch.where(live, x, torch.ones_like(x)), torch.where(live, y, torch.ones_like(y))
+    x_safe = torch.where(live, x, torch.ones_like(x))
+    y_safe = torch.where(live, y, torch.ones_like(y))
     return torch.where(live, x * (torch.log(x_safe) - torch.log(y_safe)), torch.zeros_like(x))
 
 

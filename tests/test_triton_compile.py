@@ -18,6 +18,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from kdkernels._options import (  # noqa: E402
     CONSTEXPR_OPTIONS,
     CORRECTIONS,
+    DIVERGENCE_KL,
+    DIVERGENCES,
     TEMP_COSINE,
     TEMP_MAX_PROB,
     TEMP_ROWS,
@@ -39,14 +41,15 @@ def _signature(kernel, student="bf16", teacher="bf16", acc="fp32", upstream="fp3
     declared types (kdkernels/_options.py), strides and the like as ints, the rest floats."""
     pointers = {"s_ptr": student, "t_ptr": teacher, "y_ptr": "i64", "temp_ptr": acc,
                 "loss_ptr": "fp32", "temp_out_ptr": "fp32", "flags_ptr": "i8", "coef_ptr": "fp32",
-                "index_ptr": "i64", "up_ptr": upstream, "grad_ptr": student}
+                "index_ptr": "i64", "up_ptr": upstream, "grad_ptr": student, "v_ptr": teacher,
+                "i_ptr": "i64", "member_ptr": "fp32"}
     declared = {f.name: {int: "i64", float: "fp32", bool: "i1"}[f.type]
                 for f in dataclasses.fields(FusedOptions)}
     signature = {}
     for name in kernel.arg_names:
         if name in pointers:
             signature[name] = "*" + pointers[name]
-        elif name == "C":
+        elif name in ("C", "K"):
             signature[name] = "i32"
         elif name in CONSTEXPR_OPTIONS or name.isupper():
             signature[name] = "constexpr"
@@ -69,7 +72,24 @@ def _forward_flags():
         if virtual and temp_mode in (TEMP_COSINE, TEMP_MAX_PROB):
             continue  # a dynamic temperature needs a teacher tensor
         yield dict(temp_mode=temp_mode, correction=correction, t2_scale=t2, VIRTUAL=virtual,
-                   HAS_LABELS=labels, HAS_CE=ce)
+                   HAS_LABELS=labels, HAS_CE=ce, divergence=DIVERGENCE_KL, teacher_tail=False)
+
+
+def _divergence_flags(sparse):
+    """Every divergence with every correction (and, sparse, with and without a tail), and every
+    temperature mode with a divergence other than KL, the other flags common."""
+    common = dict(temp_mode=TEMP_SCALAR, t2_scale=True, HAS_LABELS=True, HAS_CE=True,
+                  teacher_tail=False)
+    if not sparse:
+        common["VIRTUAL"] = False
+    for divergence, correction, tail in itertools.product(
+            DIVERGENCES.values(), CORRECTIONS.values(), (False, True) if sparse else (False,)):
+        yield dict(common, divergence=divergence, correction=correction, teacher_tail=tail)
+    for temp_mode in (TEMP_ROWS, TEMP_COSINE, TEMP_MAX_PROB):
+        yield dict(common, temp_mode=temp_mode, correction=CORRECTIONS["swap"],
+                   divergence=DIVERGENCES["jsd"])
+    if sparse:  # without labels (no correction, no CE)
+        yield dict(common, HAS_LABELS=False, HAS_CE=False, correction=0, divergence=0)
 
 
 def _launches():
@@ -78,7 +98,7 @@ def _launches():
     configs = {kind: sorted({triton_distill.launch_config(C, kind) for C in blocks})
                for kind in ("forward", "grad")}
     common = dict(temp_mode=TEMP_SCALAR, correction=0, t2_scale=True, VIRTUAL=False,
-                  HAS_LABELS=True, HAS_CE=True)
+                  HAS_LABELS=True, HAS_CE=True, divergence=DIVERGENCE_KL, teacher_tail=False)
     largest_forward, largest_grad = configs["forward"][-1], configs["grad"][-1]
     for block, warps in configs["forward"]:  # every block size, the common flags
         yield "forward", dict(common, BLOCK=block), warps, ("bf16", "bf16")
@@ -87,19 +107,44 @@ def _launches():
     for student, teacher in DTYPE_PAIRS:
         yield ("forward", dict(common, BLOCK=largest_forward[0]), largest_forward[1],
                (student, teacher))
+    for flags in _divergence_flags(sparse=False):
+        yield "forward", dict(flags, BLOCK=largest_forward[0]), largest_forward[1], ("bf16", "bf16")
+    grad = dict(VIRTUAL=False, HAS_CE=True, DIVERGENCE=DIVERGENCE_KL)
     for (block, warps), virtual, ce in itertools.product(configs["grad"], (False, True),
                                                          (False, True)):
-        yield "grad", dict(BLOCK=block, VIRTUAL=virtual, HAS_CE=ce), warps, ("bf16", "bf16")
+        yield "grad", dict(grad, BLOCK=block, VIRTUAL=virtual, HAS_CE=ce), warps, ("bf16", "bf16")
     for student, teacher in DTYPE_PAIRS:
-        yield "grad", dict(BLOCK=largest_grad[0], VIRTUAL=False, HAS_CE=True), largest_grad[1], \
-            (student, teacher)
+        yield "grad", dict(grad, BLOCK=largest_grad[0]), largest_grad[1], (student, teacher)
+    for divergence in DIVERGENCES.values():
+        yield ("grad", dict(grad, BLOCK=largest_grad[0], DIVERGENCE=divergence), largest_grad[1],
+               ("bf16", "bf16"))
+
+    # a sparse (top-k) teacher: every k block up to the largest allowed, every flag combination
+    k_blocks = sorted({triton_distill.k_block(k) for k in range(1, triton_distill.MAX_K + 1)})
+    sparse = dict(common, KBLOCK=k_blocks[-1])
+    del sparse["VIRTUAL"]
+    for block, warps in configs["forward"]:
+        yield "sparse", dict(sparse, BLOCK=block), warps, ("bf16", "bf16")
+    for k_block in k_blocks:
+        yield "sparse", dict(sparse, BLOCK=largest_forward[0], KBLOCK=k_block), \
+            largest_forward[1], ("bf16", "bf16")
+    for flags in _divergence_flags(sparse=True):
+        yield ("sparse", dict(flags, BLOCK=largest_forward[0], KBLOCK=k_blocks[-1]),
+               largest_forward[1], ("bf16", "bf16"))
+    for student, teacher in DTYPE_PAIRS:
+        yield ("sparse", dict(sparse, BLOCK=largest_forward[0]), largest_forward[1],
+               (student, teacher))
+    for (block, warps), k_block, ce in itertools.product(configs["grad"], k_blocks, (False, True)):
+        yield "sparse_grad", dict(BLOCK=block, KBLOCK=k_block, HAS_CE=ce), warps, ("bf16", "bf16")
 
 
 def compile_one(job):
     """Compiles one variant; returns (job, registers, local bytes) or (job, error)."""
     kind, constexprs, warps, (student, teacher), arch = job
     from kdkernels.ops import _triton_kernels as K
-    kernel = K._distill_kernel if kind == "forward" else K._distill_grad_kernel
+    kernel = {"forward": K._distill_kernel, "grad": K._distill_grad_kernel,
+              "sparse": K._distill_sparse_kernel,
+              "sparse_grad": K._distill_sparse_grad_kernel}[kind]
     constexprs = dict(constexprs, NUM_COEF=triton_distill.NUM_COEF)
     acc = "fp64" if student == "fp64" else "fp32"
     source = ASTSource(kernel, _signature(kernel, student, teacher, acc, acc),

@@ -14,11 +14,18 @@ from . import triton_distill as config
 TEMP_SCALAR = tl.constexpr(_options.TEMP_SCALAR)
 TEMP_ROWS = tl.constexpr(_options.TEMP_ROWS)
 TEMP_COSINE = tl.constexpr(_options.TEMP_COSINE)
+CORRECTION_NONE = tl.constexpr(_options.CORRECTION_NONE)
 CORRECTION_SWAP = tl.constexpr(_options.CORRECTION_SWAP)
 CORRECTION_SMOOTH = tl.constexpr(_options.CORRECTION_SMOOTH)
 CORRECTION_RECTIFY = tl.constexpr(_options.CORRECTION_RECTIFY)
+DIVERGENCE_KL = tl.constexpr(_options.DIVERGENCE_KL)
+DIVERGENCE_REVERSE_KL = tl.constexpr(_options.DIVERGENCE_REVERSE_KL)
+DIVERGENCE_JSD = tl.constexpr(_options.DIVERGENCE_JSD)
+DIVERGENCE_SKEW_KL = tl.constexpr(_options.DIVERGENCE_SKEW_KL)
+DIVERGENCE_SKEW_REVERSE_KL = tl.constexpr(_options.DIVERGENCE_SKEW_REVERSE_KL)
 FLAG_TEACHER_CORRECT = tl.constexpr(_options.FLAG_TEACHER_CORRECT)
 FLAG_STILL_WRONG = tl.constexpr(_options.FLAG_STILL_WRONG)
+PAST_ANY_CLASS = tl.constexpr(1 << 62)  # a class id above every real one
 
 
 @triton.jit
@@ -68,6 +75,35 @@ def _log1p_excess(a):
 @triton.jit
 def _kl_term(x, log_x, log_p):  # x (log x - log p) with 0 log 0 = 0
     return tl.where(x > 0, x * (log_x - log_p), 0.0)
+
+
+@triton.jit
+def _div_terms(P, lP, R, lR, divergence: tl.constexpr, param):
+    """Per entry of the target r and the student p (with their logs): the divergence's term d
+    (summing to D) and G = dD/dp up to a constant, 0 where p = 0 (docs/METHODS.md)."""
+    if divergence == DIVERGENCE_KL:  # r log(r / p)
+        d = tl.where(R > 0, R * (lR - lP), 0.0)
+        G = -R / P
+    elif divergence == DIVERGENCE_REVERSE_KL:  # p log(p / r)
+        d = tl.where(P > 0, P * (lP - lR), 0.0)
+        G = lP - lR
+    elif divergence == DIVERGENCE_JSD:  # beta r log(r / m) + (1 - beta) p log(p / m)
+        lm = tl.log((1.0 - param) * P + param * R)
+        d = (param * tl.where(R > 0, R * (lR - lm), 0.0)
+             + (1.0 - param) * tl.where(P > 0, P * (lP - lm), 0.0))
+        G = (1.0 - param) * (lP - lm)
+    elif divergence == DIVERGENCE_SKEW_KL:  # r log(r / m), m = a r + (1 - a) p
+        m = param * R + (1.0 - param) * P
+        d = tl.where(R > 0, R * (lR - tl.log(m)), 0.0)
+        G = tl.where(m > 0, -(1.0 - param) * R / m, 0.0)
+    elif divergence == DIVERGENCE_SKEW_REVERSE_KL:  # p log(p / m), m = a p + (1 - a) r
+        m = param * P + (1.0 - param) * R
+        d = tl.where(P > 0, P * (lP - tl.log(m)), 0.0)
+        G = lP - tl.log(m) + 1.0 - param * P / m
+    else:  # total variation, |p - r| / 2
+        d = 0.5 * tl.abs(P - R)
+        G = tl.where(P > R, 0.5, tl.where(P < R, -0.5, 0.0))
+    return d, tl.where(P > 0, G, 0.0)
 
 @triton.jit
 def _distill_kernel(
@@ -269,6 +305,8 @@ def _distill_kernel(
             q_change_y = diff
             q_change_b = -diff
             still_wrong = tl.zeros([], dtype=tl.int1)  # the label now holds the maximum
+            lr_y = lq_b
+            lr_b = lq_y
         else:
             new_y = (q_y + 1) * 0.5
             new_b = q_b * 0.5
@@ -281,6 +319,8 @@ def _distill_kernel(
                       - _kl_term(q_y, lq_y, lp_y) - _kl_term(q_b, lq_b, lp_b))
             q_change_y = q_y - r_y
             q_change_b = q_b - r_b
+            lr_y = tl.log(r_y)
+            lr_b = tl.log(r_b)
         kl = tl.where(wrong, kl + kl_fix, kl)
         fix_y = tl.where(wrong, kd_grad * q_change_y, 0.0)
         fix_b = tl.where(wrong, kd_grad * q_change_b, 0.0)
@@ -296,6 +336,59 @@ def _distill_kernel(
         const_term = tl.where(wrong, -kd_grad * ec, 0.0)
         fix_y = tl.where(wrong, -kd_grad * (1.0 - smooth_eps), 0.0)
         still_wrong = tl.zeros([], dtype=tl.int1)  # the label holds the maximum
+
+    # ---- the other divergences: one more pass over the row, D and sum_j p_j G_j -----
+    g_mean = tl.zeros([], dtype=tl.float32)
+    smoothed = tl.zeros([], dtype=tl.int1)
+    fix_y_on = tl.zeros([], dtype=tl.int1)
+    fix_b_on = tl.zeros([], dtype=tl.int1)
+    log_ec = tl.zeros([], dtype=tl.float32)
+    if divergence != DIVERGENCE_KL:
+        param = tl.cast(divergence_param, tl.float32)
+        mt_safe = tl.where(has_teacher, m_t, 0.0)
+        log_zt_safe = tl.where(has_teacher, log_zt, 0.0)
+        log_ec = tl.log(smooth_eps / C)
+        if correction == CORRECTION_SMOOTH:  # the base target of a wrong row is uniform
+            smoothed = wrong
+        d_sum = tl.zeros([], dtype=tl.float32)
+        for start in range(0, C, BLOCK):
+            idx = start + cols
+            mask = idx < C
+            s = tl.load(s_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
+            t = _teacher_block(t_row, idx, mask, y, log_a, log_rest, VIRTUAL)
+            lP = (s - m_s) * inv_t - log_zs
+            lR = tl.where(smoothed, log_ec, (t - mt_safe) * inv_t - log_zt_safe)
+            d, G = _div_terms(tl.exp(lP), lP, tl.exp(lR), lR, divergence, param)
+            d_sum += tl.sum(tl.where(mask, d, 0.0), 0)
+            g_mean += tl.sum(tl.where(mask, tl.exp(lP) * G, 0.0), 0)
+        # the corrected target at y (and b): replace the base target's terms there
+        if correction == CORRECTION_SMOOTH:
+            lr_y = tl.log(1.0 - smooth_eps + smooth_eps / C)
+            fix_y_on = smoothed
+            lq_y = log_ec
+        if correction == CORRECTION_SWAP or correction == CORRECTION_RECTIFY:
+            fix_y_on = wrong
+            fix_b_on = wrong
+            d_old, G_old = _div_terms(tl.exp(lp_b), lp_b, tl.exp(lq_b), lq_b, divergence, param)
+            d_new, G_new = _div_terms(tl.exp(lp_b), lp_b, tl.exp(lr_b), lr_b, divergence, param)
+            d_sum += tl.where(fix_b_on, d_new - d_old, 0.0)
+            g_mean += tl.where(fix_b_on, tl.exp(lp_b) * (G_new - G_old), 0.0)
+        if correction != CORRECTION_NONE:
+            lp_y = (s_y - m_s) * inv_t - log_zs
+            d_old, G_old = _div_terms(tl.exp(lp_y), lp_y, tl.exp(lq_y), lq_y, divergence, param)
+            d_new, G_new = _div_terms(tl.exp(lp_y), lp_y, tl.exp(lr_y), lr_y, divergence, param)
+            d_sum += tl.where(fix_y_on, d_new - d_old, 0.0)
+            g_mean += tl.where(fix_y_on, tl.exp(lp_y) * (G_new - G_old), 0.0)
+        else:
+            lr_y = tl.zeros([], dtype=tl.float32)
+        if correction != CORRECTION_SWAP and correction != CORRECTION_RECTIFY:
+            lr_b = tl.zeros([], dtype=tl.float32)
+        kl = tl.where(has_teacher, d_sum, 0.0)
+        g_mean = tl.where(has_teacher, g_mean, 0.0)
+        q_coef = tl.zeros([], dtype=tl.float32)
+        const_term = tl.zeros([], dtype=tl.float32)
+        fix_y = tl.zeros([], dtype=tl.float32)
+        fix_b = tl.zeros([], dtype=tl.float32)
 
     loss = kd_scale * kl
     if HAS_CE:
@@ -328,15 +421,26 @@ def _distill_kernel(
     tl.store(c + 10, c0)
     tl.store(c + 11, A)
     tl.store(c + 12, tl.where(stable & (q_coef != 0), 1.0, 0.0))  # p - q from the stable form
+    if divergence != DIVERGENCE_KL:
+        tl.store(c + 13, log_zs)
+        tl.store(c + 14, tl.where(has_teacher, log_zt, 0.0))
+        tl.store(c + 15, g_mean)
+        tl.store(c + 16, kd_grad)
+        tl.store(c + 17, lr_y)
+        tl.store(c + 18, lr_b)
+        tl.store(c + 19, tl.where(smoothed, 1.0, 0.0))
+        tl.store(c + 20, tl.where(fix_y_on, 1.0, 0.0))
+        tl.store(c + 21, tl.where(fix_b_on, 1.0, 0.0))
+        tl.store(c + 22, log_ec)
     tl.store(index_ptr + 2 * row, y)
     tl.store(index_ptr + 2 * row + 1, b)
 
 @triton.jit
 def _distill_grad_kernel(
     s_ptr, s_stride, t_ptr, t_stride, coef_ptr, index_ptr, up_ptr, up_stride, grad_ptr,
-    C, log_a, log_rest,
+    C, log_a, log_rest, divergence_param,
     BLOCK: tl.constexpr, VIRTUAL: tl.constexpr, HAS_CE: tl.constexpr,
-    NUM_COEF: tl.constexpr,
+    NUM_COEF: tl.constexpr, DIVERGENCE: tl.constexpr,
 ):
     """d loss_i / d s_i times the upstream gradient, from the forward's row coefficients:
     one read of the student and teacher rows, one write of the gradient."""
@@ -368,7 +472,37 @@ def _distill_grad_kernel(
     read_limit = tl.where(live, C, 0)  # ignored rows: write zeros, read nothing
     scale = row_scale * tl.load(up_ptr + row * up_stride).to(tl.float32)
     a = inv_t * LOG2E
-    if stable:  # p - q = -p (expm1(d) - A) / (1 + A), d = (t - s) / T - c: no cancellation
+    if DIVERGENCE != DIVERGENCE_KL:  # kd_grad p_j (G_j - sum_k p_k G_k)
+        param = tl.cast(divergence_param, tl.float32)
+        log_zs = tl.load(c + 13)
+        log_zt = tl.load(c + 14)
+        g_mean = tl.load(c + 15)
+        kd_grad = tl.load(c + 16)
+        lr_y = tl.load(c + 17)
+        lr_b = tl.load(c + 18)
+        smoothed = tl.load(c + 19).to(tl.int32) != 0
+        fix_y_on = tl.load(c + 20).to(tl.int32) != 0
+        fix_b_on = tl.load(c + 21).to(tl.int32) != 0
+        log_ec = tl.load(c + 22)
+        for start in range(0, C, BLOCK):
+            idx = start + cols
+            mask = idx < C
+            read = idx < read_limit
+            s = tl.load(s_row + idx, mask=read, other=0.0).to(tl.float32)
+            t = _teacher_block(t_row, idx, read, y, log_a, log_rest, VIRTUAL)
+            lP = (s - m_s) * inv_t - log_zs
+            lR = tl.where(smoothed, log_ec, (t - m_t) * inv_t - log_zt)
+            lR = tl.where((idx == y) & fix_y_on, lr_y, lR)
+            lR = tl.where((idx == b) & fix_b_on, lr_b, lR)
+            P = tl.exp(lP)
+            d, G = _div_terms(P, lP, tl.exp(lR), lR, DIVERGENCE, param)
+            g = tl.where(kd_grad != 0, kd_grad * P * (G - g_mean), 0.0)
+            if HAS_CE:
+                g += ce_coef * tl.exp2((s - m_s) * LOG2E)
+            g = tl.where(idx == y, g + fix_y, g)
+            g = tl.where(live, g * scale, 0.0)
+            tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+    elif stable:  # p - q = -p (expm1(d) - A) / (1 + A), d = (t - s) / T - c: no cancellation
         e_coef = -p_coef / (1.0 + A)
         for start in range(0, C, BLOCK):
             idx = start + cols
@@ -455,7 +589,358 @@ def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
         teacher if teacher is not None else student,
         teacher.stride(0) if teacher is not None else 0,
         coef, index, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, grad,
-        C, log_a, log_rest,
+        C, log_a, log_rest, o.divergence_param,
         BLOCK=block, VIRTUAL=o.virtual_teacher > 0, HAS_CE=o.ce_weight != 0,
+        NUM_COEF=config.NUM_COEF, DIVERGENCE=o.divergence, num_warps=warps)
+    return grad
+
+
+@triton.jit
+def _members_in_block(k_idx, start, BLOCK: tl.constexpr):
+    """[lo, hi): the slots of the sorted class ids k_idx that fall in [start, start + BLOCK)
+    (unused slots, negative, sort first)."""
+    lo = tl.sum((k_idx < start).to(tl.int32), 0)
+    hi = tl.sum((k_idx < start + BLOCK).to(tl.int32), 0)
+    return lo, hi
+
+
+@triton.jit
+def _distill_sparse_kernel(
+    s_ptr, s_stride, v_ptr, v_stride, i_ptr, i_stride, y_ptr, y_stride, temp_ptr, temp_stride,
+    loss_ptr, temp_out_ptr, flags_ptr, coef_ptr, index_ptr, member_ptr, C, K,
+    # the options, named as in kdkernels/_options.py (FusedOptions.triton_kwargs)
+    temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
+    ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
+    ignore_index, divergence: tl.constexpr, divergence_param, teacher_tail: tl.constexpr,
+    compute_grad, grad_scale,
+    # derived by the launcher
+    BLOCK: tl.constexpr, KBLOCK: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+    NUM_COEF: tl.constexpr,
+):
+    """A sparse (top-k) teacher (docs/METHODS.md, "Sparse (top-k) teachers"): its k class ids,
+    sorted, and values per row; the student row is read once (online softmax, the rest's mass
+    summed directly: each block leaves out its explicit classes). The divergence runs over the
+    outcomes: the k classes, the label's slot (a swap or rectify of a label outside them), the
+    rest (the tail's mass, or none). Leaves per row the coefficients of the rest's classes and
+    the gradient values of the explicit ones (member_ptr, K + 1 per row)."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    v_row = v_ptr + row * v_stride
+    i_row = i_ptr + row * i_stride
+    cols = tl.arange(0, BLOCK)
+    kcols = tl.arange(0, KBLOCK)
+    NEG_INF: tl.constexpr = float("-inf")
+    temp_value = tl.cast(temp_value, tl.float32)
+    tau0 = tl.cast(tau0, tl.float32)
+    beta = tl.cast(beta, tl.float32)
+    tau_min = tl.cast(tau_min, tl.float32)
+    kd_weight = tl.cast(kd_weight, tl.float32)
+    wrong_kd_weight = tl.cast(wrong_kd_weight, tl.float32)
+    ce_weight = tl.cast(ce_weight, tl.float32)
+    smooth_eps = tl.cast(smooth_eps, tl.float32)
+    param = tl.cast(divergence_param, tl.float32)
+
+    if HAS_LABELS:
+        y = tl.load(y_ptr + row * y_stride).to(tl.int64)
+        valid = y != ignore_index
+        in_range = (y >= 0) & (y < C)
+        y = tl.where(in_range, y, 0)
+    else:
+        y = tl.zeros([], dtype=tl.int64)
+        valid = tl.full([], 1, tl.int1)
+        in_range = tl.full([], 1, tl.int1)
+
+    # ---- the teacher's k classes ------------------------------------------------------
+    k_idx = tl.load(i_row + kcols, mask=kcols < K, other=PAST_ANY_CLASS)  # padding sorts last
+    used = (kcols < K) & (k_idx >= 0) & (k_idx < C)
+    v = tl.where(used, tl.load(v_row + kcols, mask=used, other=0.0).to(tl.float32), NEG_INF)
+    s_k = tl.load(s_row + k_idx, mask=used, other=NEG_INF).to(tl.float32)
+    best = tl.max(v, 0)
+    pos_b = tl.argmax(v, 0)  # the first maximum: the smallest class id (ids are sorted)
+    is_y = used & (k_idx == y)
+    in_k = tl.sum(is_y.to(tl.int32), 0) > 0
+    pos_y = tl.where(in_k, tl.argmax(is_y.to(tl.int32), 0), K)
+    v_y = tl.sum(tl.where(is_y, v, 0.0), 0)
+    wrong = tl.zeros([], dtype=tl.int1)
+    if HAS_LABELS:
+        wrong = valid & in_range & (best > NEG_INF) & (~in_k | (v_y < best))
+    extra = tl.zeros([], dtype=tl.int1)
+    if correction == CORRECTION_SWAP or correction == CORRECTION_RECTIFY:
+        extra = wrong & ~in_k  # the label becomes an outcome of its own
+    n_explicit = tl.sum(used.to(tl.int32), 0) + extra.to(tl.int32)
+    rest_empty = n_explicit >= C
+
+    # ---- the row's temperature ------------------------------------------------------
+    if temp_mode == TEMP_SCALAR:
+        T = tl.zeros([], dtype=tl.float32) + temp_value
+    elif temp_mode == TEMP_ROWS:
+        T = tl.load(temp_ptr + row * temp_stride).to(tl.float32)
+    elif temp_mode == TEMP_COSINE:  # over the teacher's classes: the finite pairs
+        finite = used & ((s_k - s_k) == 0) & ((v - v) == 0)
+        fs = tl.where(finite, s_k, 0.0)
+        fv = tl.where(finite, v, 0.0)
+        cos = tl.sum(fs * fv, 0) / (tl.maximum(tl.sqrt(tl.sum(fs * fs, 0)), 1e-12)
+                                    * tl.maximum(tl.sqrt(tl.sum(fv * fv, 0)), 1e-12))
+        T = tl.maximum(tau0 - beta * (1.0 - cos) * (1.0 - cos), tau_min)
+    else:  # max_prob: sum_j exp(s_j - max s), a pre-pass
+        m1 = tl.full([], NEG_INF, tl.float32)
+        z1p = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, C, BLOCK):
+            idx = start + cols
+            s = tl.load(s_row + idx, mask=idx < C, other=NEG_INF).to(tl.float32)
+            m_new = tl.maximum(m1, tl.max(s, 0))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            z1p = z1p * tl.exp(m1 - m_safe) + tl.exp(s - m_safe)
+            m1 = m_new
+        T = tl.maximum(tau0 - beta * tl.sum(z1p, 0), tau_min)
+    inv_t = 1.0 / T
+
+    # ---- the student row: online softmax; the rest's mass without the explicit classes
+    m_s = tl.full([], NEG_INF, tl.float32)
+    zs = tl.zeros([], dtype=tl.float32)
+    rest = tl.zeros([], dtype=tl.float32)
+    z1 = tl.zeros([], dtype=tl.float32)
+    s_sum = tl.zeros([], dtype=tl.float32)
+    for start in range(0, C, BLOCK):
+        idx = start + cols
+        mask = idx < C
+        s = tl.load(s_row + idx, mask=mask, other=NEG_INF).to(tl.float32)
+        ms_new = tl.maximum(m_s, tl.max(s, 0))
+        ms_safe = tl.where(ms_new == NEG_INF, 0.0, ms_new)
+        es = tl.exp((s - ms_safe) * inv_t)
+        alpha = tl.exp((m_s - ms_safe) * inv_t)
+        zs = zs * alpha + tl.sum(es, 0)
+        lo, hi = _members_in_block(k_idx, start, BLOCK)
+        for m in range(lo, hi):
+            es = tl.where(idx == tl.load(i_row + m), 0.0, es)
+        es = tl.where(extra & (idx == y), 0.0, es)
+        rest = rest * alpha + tl.sum(es, 0)
+        if HAS_CE:
+            z1 = z1 * tl.exp(m_s - ms_safe) + tl.sum(tl.exp(s - ms_safe), 0)
+        if correction == CORRECTION_SMOOTH:
+            s_sum += tl.sum(tl.where(mask, s, 0.0), 0)
+        m_s = ms_new
+    log_zs = tl.log(zs)
+    s_y = tl.zeros([], dtype=tl.float32)
+    if HAS_LABELS:
+        s_y = tl.load(s_row + y).to(tl.float32)
+
+    # ---- the outcomes: classes (vectors), the label's slot and the rest (scalars) ------
+    lP_k = tl.where(used, (s_k - m_s) * inv_t - log_zs, NEG_INF)
+    P_k = tl.exp(lP_k)
+    lP_e = tl.where(extra, (s_y - m_s) * inv_t - log_zs, NEG_INF)
+    P_e = tl.exp(lP_e)
+    P_r = tl.where(rest_empty, 0.0, rest / zs)
+    lP_r = tl.log(P_r)
+    u_r = tl.full([], NEG_INF, tl.float32)
+    if teacher_tail:  # values are log-probabilities: 1 - sum exp(v) is every other class's
+        # in float64: the tail is often a small difference of masses near 1
+        mass = tl.sum(tl.where(used, tl.exp(v.to(tl.float64)), 0.0), 0)
+        tail = tl.maximum(1.0 - mass, 0.0).to(tl.float32)
+        u_r = tl.where(rest_empty | (tail <= 0), NEG_INF, tl.log(tail))
+    m_q = tl.maximum(best, u_r)
+    has_teacher = m_q > NEG_INF
+    m_q = tl.where(has_teacher, m_q, 0.0)
+    lQ_k = (v - m_q) * inv_t
+    lQ_r = (u_r - m_q) * inv_t
+    log_zq = tl.log(tl.sum(tl.exp(lQ_k), 0) + tl.exp(lQ_r))
+    lR_k = lQ_k - log_zq
+    lR_r = lQ_r - log_zq
+    lR_e = tl.full([], NEG_INF, tl.float32)
+
+    # ---- the correction at the label's and the argmax's outcomes ------------------------
+    still_wrong = wrong
+    if correction == CORRECTION_SWAP or correction == CORRECTION_RECTIFY:
+        lq_y = tl.where(in_k, tl.sum(tl.where(kcols == pos_y, lR_k, 0.0), 0), NEG_INF)
+        lq_b = tl.sum(tl.where(kcols == pos_b, lR_k, 0.0), 0)
+        if correction == CORRECTION_SWAP:
+            lnew_y = lq_b
+            lnew_b = lq_y
+            still_wrong = tl.zeros([], dtype=tl.int1)
+        else:
+            q_y = tl.exp(lq_y)
+            q_b = tl.exp(lq_b)
+            new_y = (q_y + 1) * 0.5
+            new_b = q_b * 0.5
+            scale = (q_y + q_b) / (new_y + new_b)
+            lnew_y = tl.log(new_y * scale)
+            lnew_b = tl.log(new_b * scale)
+            others = tl.max(tl.where(used & (kcols != pos_y) & (kcols != pos_b), lR_k, NEG_INF), 0)
+            still_wrong = wrong & (tl.maximum(lnew_b, others) > lnew_y)
+        lR_k = tl.where(wrong & (kcols == pos_b), lnew_b, lR_k)
+        lR_k = tl.where(wrong & in_k & (kcols == pos_y), lnew_y, lR_k)
+        lR_e = tl.where(extra, lnew_y, lR_e)
+
+    # ---- D and sum_j p_j G_j over the outcomes ------------------------------------------
+    d_k, G_k = _div_terms(P_k, lP_k, tl.exp(lR_k), lR_k, divergence, param)
+    d_k = tl.where(used, d_k, 0.0)
+    G_k = tl.where(used, G_k, 0.0)
+    d_e, G_e = _div_terms(P_e, lP_e, tl.exp(lR_e), lR_e, divergence, param)
+    d_r, G_r = _div_terms(P_r, lP_r, tl.exp(lR_r), lR_r, divergence, param)
+    D = tl.sum(d_k, 0) + d_e + d_r
+    g_mean = tl.sum(P_k * G_k, 0) + P_e * G_e + P_r * G_r
+    smoothed = tl.zeros([], dtype=tl.int1)
+    ec = smooth_eps / C
+    if correction == CORRECTION_SMOOTH:  # the target of a wrong row is dense: (1-eps) y + eps/C
+        smoothed = wrong
+        top = 1.0 - smooth_eps + ec
+        h = tl.where(top > 0, top * tl.log(top), 0.0) + tl.where(
+            ec > 0, (C - 1) * ec * tl.log(ec), 0.0)
+        sum_lp = (s_sum - C * m_s) * inv_t - C * log_zs
+        D = tl.where(smoothed, h - (1.0 - smooth_eps) * ((s_y - m_s) * inv_t - log_zs)
+                     - ec * sum_lp, D)
+        still_wrong = tl.zeros([], dtype=tl.int1)
+    D = tl.where(has_teacher, D, 0.0)
+
+    kd_w = tl.where(wrong, wrong_kd_weight, kd_weight)
+    kd_w = tl.where(has_teacher, kd_w, 0.0)
+    if t2_scale:
+        kd_grad = kd_w * T
+        loss = kd_w * T * T * D
+    else:
+        kd_grad = kd_w * inv_t
+        loss = kd_w * D
+    ce_coef = tl.zeros([], dtype=tl.float32)
+    if HAS_CE:
+        loss += ce_weight * (tl.log(z1) + m_s - s_y)
+        ce_coef = ce_weight / z1
+    bad = (T <= 0) | (T != T) | (valid & ~in_range)
+    loss = tl.where(valid, loss, 0.0)
+    loss = tl.where(bad, float("nan"), loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(temp_out_ptr + row, T)
+    flags = tl.where(still_wrong, FLAG_STILL_WRONG, 0)
+    if HAS_LABELS:
+        flags += tl.where(valid & ~wrong, FLAG_TEACHER_CORRECT, 0)
+    tl.store(flags_ptr + row, flags.to(tl.int8))
+
+    # ---- for the gradient kernel: the rest's classes' coefficients, the explicit values
+    kd_on = kd_grad != 0
+    rest_coef = tl.where(smoothed, kd_grad / zs,
+                         tl.where(kd_on, kd_grad / zs * (G_r - g_mean), 0.0))
+    g_k = (tl.where(kd_on, kd_grad * P_k * (G_k - g_mean), 0.0)
+           - tl.where(k_idx == y, ce_weight, 0.0))
+    g_e = tl.where(kd_on, kd_grad * P_e * (G_e - g_mean), 0.0) - ce_weight
+    if HAS_CE:
+        g_k += ce_coef * tl.exp(s_k - m_s)
+        g_e += ce_coef * tl.exp(s_y - m_s)
+    fix_y = -ce_weight
+    if correction == CORRECTION_SMOOTH:
+        fix_y = tl.where(smoothed, fix_y - kd_grad * (1.0 - smooth_eps), fix_y)
+    row_scale = tl.where(valid, 1.0, 0.0)
+    row_scale = tl.where(bad, float("nan"), row_scale)
+    members = member_ptr + row * (K + 1)
+    tl.store(members + kcols, g_k, mask=kcols < K)
+    tl.store(members + K, g_e)
+    c = coef_ptr + row * NUM_COEF
+    tl.store(c + 0, inv_t)
+    tl.store(c + 1, tl.where(m_s == NEG_INF, 0.0, m_s))
+    tl.store(c + 2, rest_coef)
+    tl.store(c + 3, tl.where(smoothed, -kd_grad * ec, 0.0))
+    tl.store(c + 4, ce_coef)
+    tl.store(c + 5, fix_y)
+    tl.store(c + 6, row_scale)
+    tl.store(c + 7, tl.where(extra, 1.0, 0.0))
+    tl.store(c + 8, tl.where(smoothed, 1.0, 0.0))
+    tl.store(index_ptr + 2 * row, y)
+    tl.store(index_ptr + 2 * row + 1, pos_b)
+
+
+@triton.jit
+def _distill_sparse_grad_kernel(
+    s_ptr, s_stride, i_ptr, i_stride, coef_ptr, index_ptr, member_ptr, up_ptr, up_stride,
+    grad_ptr, C, K,
+    BLOCK: tl.constexpr, KBLOCK: tl.constexpr, HAS_CE: tl.constexpr, NUM_COEF: tl.constexpr,
+):
+    """The gradient against a sparse teacher, times the upstream gradient: the rest's
+    coefficient on every class, the forward's values on the explicit ones."""
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    i_row = i_ptr + row * i_stride
+    g_row = grad_ptr + row * C
+    members = member_ptr + row * (K + 1)
+    cols = tl.arange(0, BLOCK)
+    kcols = tl.arange(0, KBLOCK)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    c = coef_ptr + row * NUM_COEF
+    inv_t = tl.load(c + 0)
+    m_s = tl.load(c + 1)
+    rest_coef = tl.load(c + 2)
+    shift = tl.load(c + 3)
+    ce_coef = tl.load(c + 4)
+    fix_y = tl.load(c + 5)
+    row_scale = tl.load(c + 6)
+    extra = tl.load(c + 7).to(tl.int32) != 0
+    smoothed = tl.load(c + 8).to(tl.int32) != 0
+    y = tl.load(index_ptr + 2 * row)
+    k_idx = tl.load(i_row + kcols, mask=kcols < K, other=PAST_ANY_CLASS)  # padding sorts last
+    g_e = tl.load(members + K)
+    live = row_scale != 0
+    read_limit = tl.where(live, C, 0)
+    scale = row_scale * tl.load(up_ptr + row * up_stride).to(tl.float32)
+    a = inv_t * LOG2E
+    for start in range(0, C, BLOCK):  # (0/1 flags via int32: the interpreter's float compare)
+        idx = start + cols
+        mask = idx < C
+        s = tl.load(s_row + idx, mask=idx < read_limit, other=0.0).to(tl.float32)
+        g = rest_coef * tl.exp2((s - m_s) * a) + shift
+        if HAS_CE:
+            g += ce_coef * tl.exp2((s - m_s) * LOG2E)
+        g = tl.where(idx == y, g + fix_y, g)
+        lo, hi = _members_in_block(k_idx, start, BLOCK)
+        hi = tl.where(smoothed, lo, hi)  # a smoothed row's target is dense: no explicit classes
+        for m in range(lo, hi):
+            g = tl.where(idx == tl.load(i_row + m), tl.load(members + m), g)
+        g = tl.where(extra & (idx == y), g_e, g)
+        g = tl.where(live, g * scale, 0.0)
+        tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.triton_op("kdkernels::distill_triton_sparse", mutates_args=())
+def distill_triton_sparse(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                          target: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor],
+                          options: List[float]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor]:
+    """The forward against a sparse teacher whose class ids are sorted within each row:
+    per-row loss, temperature, flags, the coefficients, label / argmax indices and the
+    explicit classes' gradient values from which distill_triton_sparse_grad writes the
+    gradient."""
+    o = _options.FusedOptions.unpack(options)
+    N, C = student.shape
+    K = indices.shape[1]
+    loss = student.new_empty(N, dtype=torch.float32)
+    temps = student.new_empty(N, dtype=torch.float32)
+    flags = student.new_empty(N, dtype=torch.int8)
+    coef = student.new_empty((N, config.NUM_COEF), dtype=torch.float32)
+    index = student.new_empty((N, 2), dtype=torch.int64)
+    member = student.new_empty((N, K + 1), dtype=torch.float32)
+    block, warps = config.launch_config(C, "forward")
+    dummy = student
+    torch.library.wrap_triton(_distill_sparse_kernel)[(N,)](
+        student, student.stride(0), values, values.stride(0), indices, indices.stride(0),
+        target if target is not None else dummy,
+        target.stride(0) if target is not None else 0,
+        temp_rows if temp_rows is not None else dummy,
+        temp_rows.stride(0) if temp_rows is not None else 0,
+        loss, temps, flags, coef, index, member, C, K, **o.triton_kwargs(),
+        BLOCK=block, KBLOCK=config.k_block(K), HAS_LABELS=target is not None,
+        HAS_CE=o.ce_weight != 0, NUM_COEF=config.NUM_COEF, num_warps=warps)
+    return loss, temps, flags, coef, index, member
+
+
+@torch.library.triton_op("kdkernels::distill_triton_sparse_grad", mutates_args=())
+def distill_triton_sparse_grad(student: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor,
+                               index: torch.Tensor, member: torch.Tensor,
+                               upstream: torch.Tensor, options: List[float]) -> torch.Tensor:
+    o = _options.FusedOptions.unpack(options)
+    N, C = student.shape
+    K = indices.shape[1]
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    block, warps = config.launch_config(C, "grad")
+    torch.library.wrap_triton(_distill_sparse_grad_kernel)[(N,)](
+        student, student.stride(0), indices, indices.stride(0), coef, index, member,
+        upstream, upstream.stride(0) if upstream.numel() > 1 else 0, grad, C, K,
+        BLOCK=block, KBLOCK=config.k_block(K), HAS_CE=o.ce_weight != 0,
         NUM_COEF=config.NUM_COEF, num_warps=warps)
     return grad

@@ -306,7 +306,9 @@ def _sparse_teacher(s, indices, values, y, valid, temp_rows, o):
     member[rows, torch.where(extra, y_class, C)] = True
     rest = ~member[:, :C]
     if o.teacher_tail:  # log-probabilities: the mass outside the k classes is one more outcome
-        tail = (1 - torch.where(used, values.exp(), 0.0).sum(-1)).clamp(min=0)
+        # in float64: the tail is often a small difference of masses near 1
+        tail = (1 - torch.where(used, values.double().exp(), 0.0).sum(-1)).clamp(min=0)
+        tail = tail.to(values.dtype)
         tail = torch.where(rest.any(-1), tail, 0.0)  # no class left for it: rounding, dropped
         teacher_logits = torch.cat([teacher_logits, tail.log()[:, None]], -1)
     q = torch.softmax(teacher_logits / Tc, -1)

@@ -30,8 +30,10 @@ NAME = "triton"
 # Largest block of classes one program holds; rows longer than this loop. Tests lower it to reach
 # the multi-block path at small C.
 MAX_BLOCK = 8192
+# Largest k of a sparse teacher: one program holds the k classes in registers.
+MAX_K = 1024
 LAUNCH_OVERRIDE = None  # a function (C, kernel) -> (block, warps): for tuning sweeps only
-NUM_COEF = 13  # float32 values per row that the forward leaves for the gradient kernel
+NUM_COEF = 23  # float32 values per row that the forward leaves for the gradient kernel
 _INSTALLED = importlib.util.find_spec("triton") is not None
 
 
@@ -70,6 +72,11 @@ def launch_config(C, kernel):
     return block, 4 if kernel == "forward" or block < 2048 else 8
 
 
+def k_block(k):
+    """The block that holds a sparse teacher's k classes in one program."""
+    return max(16, 1 << (max(k, 1) - 1).bit_length())
+
+
 def virtual_logits(virtual_teacher, C):
     """log a and log((1 - a) / (C - 1)): the Tf-KD reg teacher's two values."""
     if virtual_teacher <= 0:
@@ -82,15 +89,26 @@ def forward_deferred(student, teacher, target, temp_rows, o, teacher_indices=Non
     """The forward kernel alone: (loss_rows, state, temperature, flags); `gradient(state, ...)`
     writes the gradient later, in the backward, scaled by the upstream gradient on the device
     (no host sync, and no N x C buffer between forward and backward)."""
-    loss, temps, flags, coef, index = torch.ops.kdkernels.distill_triton(
-        student, teacher, target, temp_rows, o.pack())
+    if teacher_indices is not None:  # the kernels find each block's classes in sorted ids
+        indices, order = teacher_indices.sort(-1)
+        loss, temps, flags, coef, index, member = torch.ops.kdkernels.distill_triton_sparse(
+            student, teacher.gather(1, order), indices, target, temp_rows, o.pack())
+        state = (coef, index, member, indices)
+    else:
+        loss, temps, flags, coef, index = torch.ops.kdkernels.distill_triton(
+            student, teacher, target, temp_rows, o.pack())
+        state = (coef, index)
     if student.dtype == torch.float64:  # the contract: losses in the accumulation dtype
         loss, temps = loss.double(), temps.double()
-    return loss, (coef, index), temps, flags
+    return loss, state, temps, flags
 
 
 def gradient(student, teacher, state, upstream, o, teacher_indices=None):
     """d loss_rows / d student times `upstream` ([N] per row, or [1] for all rows)."""
+    if teacher_indices is not None:
+        coef, index, member, indices = state
+        return torch.ops.kdkernels.distill_triton_sparse_grad(student, indices, coef, index,
+                                                             member, upstream, o.pack())
     coef, index = state
     return torch.ops.kdkernels.distill_triton_grad(student, teacher, coef, index, upstream,
                                                   o.pack())
