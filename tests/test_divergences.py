@@ -12,8 +12,17 @@ from hypothesis import strategies as st
 import kdkernels
 import kdkernels.reference as R
 from kdkernels import DynamicTemperature, SparseTeacher
+from kdkernels.ops import triton_distill
 
 DIVERGENCES = ["kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"]
+
+
+@pytest.fixture(autouse=True)
+def small_triton_blocks(monkeypatch):
+    """Under the interpreter, 16-class blocks reach the multi-block path (online softmax, a
+    sparse teacher's classes spread over blocks) at small C."""
+    if INTERPRETED:
+        monkeypatch.setattr(triton_distill, "MAX_BLOCK", 16)
 CORRECTIONS = [None, "swap", "smooth", "rectify"]
 
 
