@@ -9,9 +9,11 @@
 """
 from . import functional, nn
 from ._core import DistillStats, distillation_loss
+from ._fused_linear import fused_linear_distillation_loss
 from ._options import DynamicTemperature, SparseTeacher
 from .nn import (
                  DistillationLoss,
+                 FusedLinearDistillationLoss,
                  KDLoss,
                  PreparingLessonsLoss,
                  TeacherBiasLoss,
@@ -21,6 +23,7 @@ from .nn import (
 from .ops import backends
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "backends", "distillation_loss", "DistillStats",
-           "DynamicTemperature", "SparseTeacher", "DistillationLoss", "KDLoss", "TfKDRegLoss",
-           "PreparingLessonsLoss", "TeacherBiasLoss", "TopScoreDifferenceLoss"]
+__all__ = ["functional", "nn", "backends", "distillation_loss", "fused_linear_distillation_loss",
+           "DistillStats", "DynamicTemperature", "SparseTeacher", "DistillationLoss",
+           "FusedLinearDistillationLoss", "KDLoss", "TfKDRegLoss", "PreparingLessonsLoss",
+           "TeacherBiasLoss", "TopScoreDifferenceLoss"]

@@ -309,27 +309,46 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                  skew_alpha=skew_alpha, ignore_index=ignore_index)
     check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
     s = student_logits
-    if not isinstance(s, torch.Tensor) or s.dtype not in _FLOATS:
-        raise TypeError("student_logits must be a floating-point tensor (float16, bfloat16, "
-                        f"float32 or float64), got {getattr(s, 'dtype', type(s))}")
+    check_floating("student_logits", s)
     if s.dim() < 1 or s.shape[-1] < 1:
         raise ValueError(f"student_logits must have shape [..., C] with C >= 1, got "
                          f"{tuple(s.shape)}")
-    lead, C = s.shape[:-1], s.shape[-1]
+    temperature = check_tensors(s, teacher_logits, target, temperature, **hyper)
+    plan = _plan(s, teacher_logits, target, temperature, reduction, backend, hyper)
+    loss, temperature_used, flags = _run(plan, reduction)
+    if reduction == "none":
+        loss = loss.reshape(s.shape[:-1])
+    if not return_stats:
+        return loss
+    return loss, stats_from(flags, temperature_used, s.shape[:-1], target is not None)
+
+
+def check_floating(name, x):
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), got {getattr(x, 'dtype', type(x))}")
+
+
+def check_tensors(logits, teacher, target, temperature, *, correction, ce_weight,
+                  wrong_kd_weight, virtual_teacher, divergence, ignore_index, **_):
+    """Checks the teacher, labels and temperature against ``logits``, a tensor with the student
+    logits' shape and device (the fused linear path passes a stand-in without storage); returns
+    the temperature with a string made a :class:`DynamicTemperature`."""
+    lead, C = logits.shape[:-1], logits.shape[-1]
     if virtual_teacher is not None:
-        if teacher_logits is not None:
+        if teacher is not None:
             raise ValueError("give either teacher_logits or virtual_teacher, not both")
-    elif teacher_logits is None:
+    elif teacher is None:
         raise ValueError("teacher_logits is required (or virtual_teacher for Tf-KD reg)")
-    elif isinstance(teacher_logits, SparseTeacher):
-        _check_sparse_teacher(teacher_logits, s)
+    elif isinstance(teacher, SparseTeacher):
+        _check_sparse_teacher(teacher, logits)
         if correction == "smooth" and divergence != "kl":
             raise ValueError("correction='smooth' with a SparseTeacher works with divergence='kl'"
                              f" only (its target is dense), got divergence={divergence!r}")
     else:
-        _check_teacher(teacher_logits, s)
+        _check_teacher(teacher, logits)
     if target is not None:
-        _check_labels(target, lead, C, ignore_index, s.device)
+        _check_labels(target, lead, C, ignore_index, logits.device)
     needs_labels = [name for name, needed in (
         ("ce_weight != 0", ce_weight != 0), (f"correction={correction!r}", correction is not None),
         ("wrong_kd_weight", wrong_kd_weight is not None),
@@ -338,22 +357,18 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         raise ValueError(f"target labels are required by {', '.join(needs_labels)}")
     if isinstance(temperature, str):
         temperature = DynamicTemperature(weighting=temperature)
-    if isinstance(temperature, DynamicTemperature) and teacher_logits is None:
+    if isinstance(temperature, DynamicTemperature) and teacher is None:
         raise ValueError("a dynamic temperature needs teacher_logits")
     if isinstance(temperature, torch.Tensor):
-        _check_temperature_rows(temperature, lead, s.device)
+        _check_temperature_rows(temperature, lead, logits.device)
+    return temperature
 
-    plan = _plan(s, teacher_logits, target, temperature, reduction, backend, **hyper)
-    loss, temperature_used, flags = _run(plan, reduction)
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    if not return_stats:
-        return loss
-    labelled = target is not None
+
+def stats_from(flags, temperature, lead, labelled):
     flags = flags.reshape(lead)
-    return loss, DistillStats(
+    return DistillStats(
         teacher_correct=(flags & FLAG_TEACHER_CORRECT).bool() if labelled else None,
-        temperature=temperature_used.reshape(lead),
+        temperature=temperature.reshape(lead),
         still_wrong=(flags & FLAG_STILL_WRONG).bool() if labelled else None)
 
 
@@ -370,36 +385,33 @@ class _Plan(NamedTuple):
     count: Optional[torch.Tensor]
 
 
-def _rows(x, C):
+def rows_of(x, C):
     """x as [N, C] rows: a view; a copy only when the class dimension itself is strided."""
     rows = x.reshape(-1, C)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _plan(s, teacher_logits, target, temperature, reduction, backend, *, kd_weight, ce_weight,
-          wrong_kd_weight, correction, smooth_eps, virtual_teacher, t2_scale, divergence,
-          jsd_beta, skew_alpha, ignore_index):
-    C = s.shape[-1]
-    s2 = _rows(s, C)
-    sparse = isinstance(teacher_logits, SparseTeacher)
-    t2 = t_idx = None
-    if sparse:  # [N, k] each: small, so a contiguous copy costs nothing
-        k = teacher_logits.indices.shape[-1]
-        t2 = teacher_logits.values.detach().reshape(-1, k).contiguous()
-        t_idx = teacher_logits.indices.reshape(-1, k).long().contiguous()
-    elif teacher_logits is not None:
-        t2 = _rows(teacher_logits.detach(), C)
-    y2 = target.reshape(-1).long() if target is not None else None
-    N = s2.shape[0]
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+def teacher_rows(teacher, C):
+    """(values, indices) as rows: [N, C] logits and None, or a sparse teacher's [N, k] values and
+    indices (small: a contiguous copy costs nothing), or (None, None)."""
+    if isinstance(teacher, SparseTeacher):
+        k = teacher.indices.shape[-1]
+        return (teacher.values.detach().reshape(-1, k).contiguous(),
+                teacher.indices.reshape(-1, k).long().contiguous())
+    return (None if teacher is None else rows_of(teacher.detach(), C)), None
 
+
+def temperature_plan(temperature, acc, ignore_index, target_rows=None, dtd_rows=None):
+    """(temp_mode, temp_value, temp_rows, dyn). A centred DTD temperature needs the batch mean
+    of its weights: ``dtd_rows()`` gives (student rows, teacher rows, teacher indices)."""
     temp_mode, temp_value, temp_rows, dyn = TEMP_SCALAR, 4.0, None, None
     if isinstance(temperature, DynamicTemperature):
         dyn = temperature
         temp_mode = TEMP_COSINE if dyn.weighting == "cosine" else TEMP_MAX_PROB
         if dyn.center:  # the batch mean needs a pre-pass over all rows
-            valid = y2 != ignore_index if y2 is not None else None
-            w = dtd_weights(s2, t2, dyn.weighting, t_idx)
+            valid = target_rows != ignore_index if target_rows is not None else None
+            s_rows, t_rows, t_idx = dtd_rows()
+            w = dtd_weights(s_rows, t_rows, dyn.weighting, t_idx)
             temp_mode = TEMP_ROWS
             temp_rows = temperature_from_weights(w, dyn.tau0, dyn.beta, True, dyn.tau_min, valid)
     elif isinstance(temperature, torch.Tensor):
@@ -408,33 +420,67 @@ def _plan(s, teacher_logits, target, temperature, reduction, backend, *, kd_weig
         temp_value = float(temperature)
     if temp_rows is not None:  # backends read per-row temperatures in the accumulation dtype
         temp_rows = temp_rows.to(acc)
+    return temp_mode, temp_value, temp_rows, dyn
 
+
+def count_rows(N, target_rows, ignore_index, acc, device):
+    """The rows "mean" divides by (a tensor: no host sync), at least 1."""
+    if target_rows is None:
+        return torch.tensor(float(N), dtype=acc, device=device)
+    return (target_rows != ignore_index).sum().clamp(min=1).to(acc)
+
+
+def fused_options(hyper, temp_plan, compute_grad, grad_scale, teacher_tail):
+    """The kernels' options (kdkernels/_options.py) from the checked hyper-parameters."""
+    temp_mode, temp_value, _, dyn = temp_plan
+    h = hyper
+    return FusedOptions(
+        temp_mode=temp_mode, temp_value=temp_value,
+        tau0=dyn.tau0 if dyn else 4.0, beta=dyn.beta if dyn else 1.0,
+        tau_min=dyn.tau_min if dyn else 1.0,
+        kd_weight=float(h["kd_weight"]),
+        wrong_kd_weight=float(h["kd_weight"] if h["wrong_kd_weight"] is None
+                              else h["wrong_kd_weight"]),
+        ce_weight=float(h["ce_weight"]), correction=CORRECTIONS[h["correction"]],
+        smooth_eps=float(h["smooth_eps"]),
+        virtual_teacher=(float(h["virtual_teacher"]) if h["virtual_teacher"] is not None
+                         else 0.0),
+        t2_scale=bool(h["t2_scale"]), ignore_index=h["ignore_index"],
+        compute_grad=compute_grad, grad_scale=grad_scale,
+        divergence=_divergence_code(h["divergence"], h["jsd_beta"]),
+        divergence_param=float(h["jsd_beta"] if h["divergence"] == "jsd" else h["skew_alpha"]),
+        teacher_tail=teacher_tail)
+
+
+def resolve_backend(backend, device, teacher_indices):
+    runner = _ops.resolve(backend, device)
+    if teacher_indices is not None and teacher_indices.shape[1] > getattr(runner, "MAX_K",
+                                                                            math.inf):
+        raise ValueError(f"SparseTeacher has k={teacher_indices.shape[1]} classes per row; the "
+                         f"{runner.NAME} backend takes at most {runner.MAX_K}")
+    return runner
+
+
+def _plan(s, teacher_logits, target, temperature, reduction, backend, hyper):
+    C = s.shape[-1]
+    s2 = rows_of(s, C)
+    t2, t_idx = teacher_rows(teacher_logits, C)
+    y2 = target.reshape(-1).long() if target is not None else None
+    N = s2.shape[0]
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    temp_plan = temperature_plan(temperature, acc, hyper["ignore_index"], y2,
+                                 lambda: (s2, t2, t_idx))
     compute_grad = torch.is_grad_enabled() and s.requires_grad
     count = None  # rows that count: needed by "mean" only (no launches for "sum" / "none")
     grad_scale = 1.0
     if reduction == "mean" and N > 0:
-        count = (torch.tensor(float(N), dtype=acc, device=s.device) if y2 is None
-                 else (y2 != ignore_index).sum().clamp(min=1).to(acc))
+        count = count_rows(N, y2, hyper["ignore_index"], acc, s.device)
         if compute_grad and _host_scalars(s):  # on the CPU the kernel folds in 1 / count
             grad_scale = 1.0 / count.item()
-    options = FusedOptions(
-        temp_mode=temp_mode, temp_value=temp_value,
-        tau0=dyn.tau0 if dyn else 4.0, beta=dyn.beta if dyn else 1.0,
-        tau_min=dyn.tau_min if dyn else 1.0,
-        kd_weight=float(kd_weight),
-        wrong_kd_weight=float(kd_weight if wrong_kd_weight is None else wrong_kd_weight),
-        ce_weight=float(ce_weight), correction=CORRECTIONS[correction],
-        smooth_eps=float(smooth_eps),
-        virtual_teacher=float(virtual_teacher) if virtual_teacher is not None else 0.0,
-        t2_scale=bool(t2_scale), ignore_index=ignore_index, compute_grad=compute_grad,
-        grad_scale=grad_scale, divergence=_divergence_code(divergence, jsd_beta),
-        divergence_param=float(jsd_beta if divergence == "jsd" else skew_alpha),
-        teacher_tail=sparse and teacher_logits.tail)
-    runner = _ops.resolve(backend, s.device)
-    if sparse and t_idx.shape[1] > getattr(runner, "MAX_K", math.inf):
-        raise ValueError(f"SparseTeacher has k={t_idx.shape[1]} classes per row; the "
-                         f"{runner.NAME} backend takes at most {runner.MAX_K}")
-    return _Plan(s2, t2, t_idx, y2, temp_rows, runner, options, count)
+    options = fused_options(hyper, temp_plan, compute_grad, grad_scale,
+                            isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail)
+    runner = resolve_backend(backend, s.device, t_idx)
+    return _Plan(s2, t2, t_idx, y2, temp_plan[2], runner, options, count)
 
 
 def _divergence_code(divergence, jsd_beta):

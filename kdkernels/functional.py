@@ -1,18 +1,21 @@
 """Distillation losses as functions, in the style of ``torch.nn.functional``.
 
 Every loss except :func:`top_score_difference_loss` (a loss for training the teacher) is a thin
-mapping of a paper's method onto the one fused primitive, :func:`distillation_loss`. The methods
-and their defaults are specified in docs/METHODS.md.
+mapping of a paper's method onto the one fused primitive, :func:`distillation_loss`;
+:func:`fused_linear_distillation_loss` is the same primitive fed from hidden states and an
+lm_head in chunks, without the full logits. The methods and their defaults are specified in
+docs/METHODS.md.
 """
 import torch
 
 from ._core import DistillStats, check_reduction, distillation_loss, reduce_rows
 from ._dtd import dtd_weights, temperature_from_weights
-from ._options import DynamicTemperature
+from ._fused_linear import fused_linear_distillation_loss
+from ._options import DynamicTemperature, SparseTeacher
 
-__all__ = ["distillation_loss", "kd_loss", "tfkd_reg_loss", "dtd_temperature",
-           "preparing_lessons_loss", "teacher_bias_loss", "teacher_bias_gamma",
-           "top_score_difference_loss", "DynamicTemperature", "DistillStats"]
+__all__ = ["distillation_loss", "fused_linear_distillation_loss", "kd_loss", "tfkd_reg_loss",
+           "dtd_temperature", "preparing_lessons_loss", "teacher_bias_loss", "teacher_bias_gamma",
+           "top_score_difference_loss", "DynamicTemperature", "SparseTeacher", "DistillStats"]
 
 
 def kd_loss(student_logits, teacher_logits, target=None, *, temperature=4.0, kd_weight=0.9,

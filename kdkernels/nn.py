@@ -5,10 +5,11 @@ import torch
 
 from . import functional as F
 from ._core import check_options
+from ._fused_linear import check_chunking
 from ._options import DynamicTemperature
 
-__all__ = ["DistillationLoss", "KDLoss", "TfKDRegLoss", "PreparingLessonsLoss", "TeacherBiasLoss",
-           "TopScoreDifferenceLoss"]
+__all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "KDLoss", "TfKDRegLoss",
+           "PreparingLessonsLoss", "TeacherBiasLoss", "TopScoreDifferenceLoss"]
 
 
 class _Loss(torch.nn.Module):
@@ -37,25 +38,55 @@ class _Loss(torch.nn.Module):
 class DistillationLoss(_Loss):
     """The general primitive as a module: every keyword of
     :func:`kdkernels.functional.distillation_loss` except the tensors. ``forward(student_logits,
-    teacher_logits=None, target=None, temperature=None)``; a ``temperature`` given to forward
-    (e.g. a per-row tensor) overrides the module's."""
+    teacher_logits=None, target=None, temperature=None)``; ``teacher_logits`` may be a
+    :class:`kdkernels.SparseTeacher`; a ``temperature`` given to forward (e.g. a per-row tensor)
+    overrides the module's."""
 
     def __init__(self, temperature=4.0, kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None,
                  correction=None, smooth_eps=0.1, virtual_teacher=None, t2_scale=True,
-                 ignore_index=-100, reduction="mean", backend="auto"):
+                 divergence="kl", jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100,
+                 reduction="mean", backend="auto"):
         super().__init__(dict(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
                               wrong_kd_weight=wrong_kd_weight, correction=correction,
                               smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
-                              t2_scale=t2_scale), ignore_index, reduction, backend)
+                              t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
+                              skew_alpha=skew_alpha), ignore_index, reduction, backend)
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
         self.wrong_kd_weight, self.correction = wrong_kd_weight, correction
         self.smooth_eps = smooth_eps
         self.virtual_teacher, self.t2_scale = virtual_teacher, t2_scale
+        self.divergence, self.jsd_beta, self.skew_alpha = divergence, jsd_beta, skew_alpha
 
     def forward(self, student_logits, teacher_logits=None, target=None, temperature=None,
                 return_stats=False):
         overrides = {} if temperature is None else {"temperature": temperature}
         return self._loss(student_logits, teacher_logits, target, return_stats, **overrides)
+
+
+class FusedLinearDistillationLoss(DistillationLoss):
+    """The primitive fed from hidden states and an lm_head, in chunks of rows, without the full
+    logits: :func:`kdkernels.functional.fused_linear_distillation_loss`. The keywords of
+    :class:`DistillationLoss`, plus ``chunk_size`` (rows) or ``memory_budget`` (bytes).
+    ``forward(student_hidden, student_weight, teacher=None, target=None, *, student_bias=None,
+    teacher_weight=None, teacher_bias=None, temperature=None, return_stats=False)``, the teacher
+    as hidden states (with ``teacher_weight``), logits, or a :class:`kdkernels.SparseTeacher`."""
+
+    def __init__(self, *args, chunk_size=None, memory_budget=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_chunking(chunk_size, memory_budget)
+        self.chunk_size, self.memory_budget = chunk_size, memory_budget
+
+    def forward(self, student_hidden, student_weight, teacher=None, target=None, *,
+                student_bias=None, teacher_weight=None, teacher_bias=None, temperature=None,
+                return_stats=False):
+        options = dict(self._options)
+        if temperature is not None:
+            options["temperature"] = temperature
+        return F.fused_linear_distillation_loss(
+            student_hidden, student_weight, teacher, target, student_bias=student_bias,
+            teacher_weight=teacher_weight, teacher_bias=teacher_bias, **options,
+            ignore_index=self.ignore_index, reduction=self.reduction, return_stats=return_stats,
+            backend=self.backend, chunk_size=self.chunk_size, memory_budget=self.memory_budget)
 
 
 class KDLoss(_Loss):

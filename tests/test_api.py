@@ -11,10 +11,11 @@ from kdkernels.ops import cpp_distill
 from kdkernels.reference.methods import METHODS
 
 f64 = torch.float64
-PUBLIC_FUNCTIONS = ["distillation_loss", "kd_loss", "tfkd_reg_loss", "dtd_temperature",
-                    "preparing_lessons_loss", "teacher_bias_loss", "top_score_difference_loss"]
-PUBLIC_MODULES = ["DistillationLoss", "KDLoss", "TfKDRegLoss", "PreparingLessonsLoss",
-                  "TeacherBiasLoss", "TopScoreDifferenceLoss"]
+PUBLIC_FUNCTIONS = ["distillation_loss", "fused_linear_distillation_loss", "kd_loss",
+                    "tfkd_reg_loss", "dtd_temperature", "preparing_lessons_loss",
+                    "teacher_bias_loss", "top_score_difference_loss"]
+PUBLIC_MODULES = ["DistillationLoss", "FusedLinearDistillationLoss", "KDLoss", "TfKDRegLoss",
+                  "PreparingLessonsLoss", "TeacherBiasLoss", "TopScoreDifferenceLoss"]
 
 
 def test_public_names_exist_and_are_documented():

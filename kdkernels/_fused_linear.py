@@ -1,0 +1,298 @@
+"""Fused linear distillation: the student's lm_head matmul and the distillation loss, computed in
+chunks of rows so that at most one chunk's [rows, V] logits exist at a time (docs/METHODS.md,
+"Fused linear distillation").
+
+Per chunk: the student's logits by torch.matmul (cuBLAS on a GPU), the teacher's rows (its own
+matmul, a slice of dense logits, or of a sparse top-k), the fused kernel of the primitive, which
+writes d loss / d logits, then the two matmuls of the backward: d hidden for the chunk's rows and
+d weight accumulated over the chunks. For "mean" and "sum" all of it runs in the forward and the
+backward only scales the results by the upstream gradient; for "none", whose per-row upstream
+gradients are known only then, the forward computes the losses alone and the backward runs the
+chunks again.
+"""
+from dataclasses import replace
+
+import torch
+
+from ._core import (
+    _host_scalars,
+    check_floating,
+    check_options,
+    check_tensors,
+    count_rows,
+    fused_options,
+    reduce_rows,
+    resolve_backend,
+    stats_from,
+    temperature_plan,
+)
+from ._options import DynamicTemperature, SparseTeacher
+
+MIB = 1 << 20
+
+
+def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None, target=None, *,
+                                   student_bias=None, teacher_weight=None, teacher_bias=None,
+                                   temperature=4.0, kd_weight=0.9, ce_weight=0.1,
+                                   wrong_kd_weight=None, correction=None, smooth_eps=0.1,
+                                   virtual_teacher=None, t2_scale=True, divergence="kl",
+                                   jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100,
+                                   reduction="mean", return_stats=False, backend="auto",
+                                   chunk_size=None, memory_budget=None):
+    r""":func:`distillation_loss` of the logits ``student_hidden @ student_weight.T (+ bias)``
+    without materialising them: rows go through the matmul and the fused loss in chunks.
+
+    Args:
+        student_hidden: [..., H] the student's last hidden states; receives a gradient.
+        student_weight: [V, H] its lm_head (same dtype); receives a gradient, as does
+            ``student_bias`` ([V]) if given.
+        teacher: the teacher's hidden states [..., H_t] with ``teacher_weight`` [V, H_t] (and
+            ``teacher_bias``); or its logits [..., V]; or a :class:`SparseTeacher` ([..., k]);
+            or None with ``virtual_teacher``. No gradient flows to the teacher.
+        target: [...] labels, as for :func:`distillation_loss`; so are every loss option and
+            ``temperature`` (a float, a [...] tensor, or an uncentred DTD temperature).
+        chunk_size: rows per chunk. By default, as many as ``memory_budget`` bytes of chunk
+            buffers allow (the chunk's logits, their gradient and, from hidden states, the
+            teacher's logits): by default 3 x the bytes of ``student_hidden``, at least 32 MiB,
+            so that the chunk's logits are about as large as the hidden states.
+
+    Returns the loss (and a :class:`DistillStats` with ``return_stats``). The weight's gradient
+    accumulates chunk by chunk in the weight's dtype.
+    """
+    hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
+                 correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
+                 t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
+                 skew_alpha=skew_alpha, ignore_index=ignore_index)
+    check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
+    check_chunking(chunk_size, memory_budget)
+    h, W = student_hidden, student_weight
+    _check_linear("student", h, W, student_bias)
+    lead, V = h.shape[:-1], W.shape[0]
+    if teacher_weight is not None:
+        if not isinstance(teacher, torch.Tensor):
+            raise TypeError("teacher_weight is given: teacher must be the teacher's hidden "
+                            "states, a tensor")
+        _check_linear("teacher", teacher, teacher_weight, teacher_bias)
+        if teacher.shape[:-1] != lead or teacher_weight.shape[0] != V:
+            raise ValueError(f"teacher hidden states {tuple(teacher.shape)} and weight "
+                             f"{tuple(teacher_weight.shape)} do not give logits of shape "
+                             f"{tuple(lead) + (V,)}")
+        if teacher.device != h.device:
+            raise ValueError(f"teacher is on {teacher.device} but student_hidden on {h.device}")
+        checked_teacher = teacher.new_empty(()).expand(*lead, V)  # its logits' stand-in
+    elif teacher_bias is not None:
+        raise ValueError("teacher_bias needs teacher_weight (teacher given as hidden states)")
+    else:
+        checked_teacher = teacher
+    if isinstance(temperature, DynamicTemperature) and temperature.center:
+        raise ValueError("DynamicTemperature(center=True) needs every row's logits at once; the "
+                         "fused linear path has one chunk at a time: use center=False")
+    # the checks of the primitive, against a stand-in for the logits (no storage)
+    logits_like = h.new_empty(()).expand(*lead, V)
+    temperature = check_tensors(logits_like, checked_teacher, target, temperature, **hyper)
+
+    H = h.shape[-1]
+    h2 = h.reshape(-1, H)
+    N = h2.shape[0]
+    source = _TeacherSource(teacher, teacher_weight, teacher_bias, V, lead)
+    y2 = target.reshape(-1).long() if target is not None else None
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    temp_plan = temperature_plan(temperature, acc, ignore_index)
+    runner = resolve_backend(backend, h.device, source.indices)
+    count = count_rows(N, y2, ignore_index, acc, h.device) if reduction == "mean" else None
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (h, W, student_bias))
+    options = fused_options(hyper, temp_plan, True, 1.0, source.tail)
+    rows = _chunk_rows(N, V, h, source, chunk_size, memory_budget)
+    job = _Job(runner, options, source, y2, temp_plan[2], rows, reduction, count)
+    if N == 0:  # a zero loss that still carries (zero) gradients
+        loss = sum(x.sum() * 0 for x in (h2, W, student_bias) if x is not None).to(acc)
+        loss = loss.expand(0) if reduction == "none" else loss
+        temps, flags = torch.zeros(0, dtype=acc, device=h.device), torch.zeros(
+            0, dtype=torch.int8, device=h.device)
+    elif wants_grad:
+        loss, temps, flags = _FusedLinearDistill.apply(h2, W, student_bias, job)
+    else:
+        loss, temps, flags = _loss_only(job, h2, W, student_bias)
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    return loss, stats_from(flags, temps, lead, target is not None)
+
+
+def _check_linear(who, hidden, weight, bias):
+    check_floating(f"{who}_hidden" if who == "student" else "teacher", hidden)
+    check_floating(f"{who}_weight", weight)
+    if hidden.dim() < 1 or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{who}: hidden states [..., H] and a weight [V, H] expected, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{who}_weight must have V >= 1 rows, got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"{who}_weight is {weight.dtype} on {weight.device}, its hidden states "
+                         f"{hidden.dtype} on {hidden.device}: they must match")
+    if bias is not None:
+        check_floating(f"{who}_bias", bias)
+        if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype \
+                or bias.device != weight.device:
+            raise ValueError(f"{who}_bias must be [{weight.shape[0]}], {weight.dtype} on "
+                             f"{weight.device}, got {tuple(bias.shape)} {bias.dtype} on "
+                             f"{bias.device}")
+
+
+class _TeacherSource:
+    """The teacher's rows for a chunk: its own matmul, a slice of its logits or of a sparse
+    teacher, or nothing (a virtual teacher)."""
+
+    def __init__(self, teacher, weight, bias, V, lead):
+        self.weight, self.bias, self.indices, self.tail = weight, bias, None, False
+        self.hidden = self.logits = self.values = None
+        if weight is not None:
+            self.hidden = teacher.detach().reshape(-1, teacher.shape[-1])
+        elif isinstance(teacher, SparseTeacher):
+            k = teacher.indices.shape[-1]
+            self.values = teacher.values.detach().reshape(-1, k)
+            self.indices = teacher.indices.reshape(-1, k).long()
+            self.tail = teacher.tail
+        elif teacher is not None:
+            self.logits = teacher.detach().reshape(-1, V)
+
+    def bytes_per_row(self, V):
+        """Bytes of chunk buffers this teacher adds per row."""
+        return V * self.hidden.element_size() if self.hidden is not None else 0
+
+    def rows(self, i, j):
+        """(teacher values or logits, indices or None) for rows [i, j)."""
+        if self.hidden is not None:
+            with torch.no_grad():
+                logits = self.hidden[i:j] @ self.weight.detach().t()
+                if self.bias is not None:
+                    logits += self.bias.detach()
+            return logits, None
+        if self.indices is not None:
+            return self.values[i:j].contiguous(), self.indices[i:j].contiguous()
+        if self.logits is not None:
+            rows = self.logits[i:j]
+            return (rows if rows.stride(-1) == 1 else rows.contiguous()), None
+        return None, None
+
+
+def check_chunking(chunk_size, memory_budget):
+    for name, value, unit in (("chunk_size", chunk_size, "rows"),
+                              ("memory_budget", memory_budget, "bytes")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 ({unit}), got {value!r}")
+    if chunk_size is not None and memory_budget is not None:
+        raise ValueError("give chunk_size or memory_budget, not both")
+
+
+def _chunk_rows(N, V, h, source, chunk_size, memory_budget):
+    if chunk_size is not None:
+        return chunk_size
+    if memory_budget is None:
+        memory_budget = max(32 * MIB, 3 * h.numel() * h.element_size())
+    per_row = 2 * V * h.element_size() + source.bytes_per_row(V)  # logits, gradient, teacher
+    return max(1, min(N, memory_budget // per_row))
+
+
+class _Job:
+    """One call's fixed parts: the backend, its options, the teacher, labels, temperatures."""
+
+    def __init__(self, runner, options, source, target, temp_rows, rows, reduction, count):
+        self.runner, self.options, self.source = runner, options, source
+        self.target, self.temp_rows, self.rows = target, temp_rows, rows
+        self.reduction, self.count = reduction, count
+
+    def chunks(self, N):
+        return [(i, min(i + self.rows, N)) for i in range(0, N, self.rows)]
+
+    def run(self, h, W, b, i, j, compute_grad):
+        """(loss rows, d loss rows / d logits or empty, temperatures, flags) of rows [i, j)."""
+        with torch.no_grad():
+            logits = h[i:j] @ W.t()
+            if b is not None:
+                logits += b
+        teacher, indices = self.source.rows(i, j)
+        options = self.options if compute_grad else replace(self.options, compute_grad=False)
+        return self.runner.forward(logits, teacher, _part(self.target, i, j),
+                                   _part(self.temp_rows, i, j), options, indices)
+
+
+def _part(x, i, j):
+    return None if x is None else x[i:j]
+
+
+def _loss_only(job, h, W, b):
+    parts = [job.run(h, W, b, i, j, False) for i, j in job.chunks(h.shape[0])]
+    loss_rows, temps, flags = (torch.cat([p[k] for p in parts]) for k in (0, 2, 3))
+    return reduce_rows(loss_rows, job.reduction, job.count), temps, flags
+
+
+def _backward_chunks(job, h, W, b, upstream, need):
+    """d loss / d (hidden, weight, bias) over every chunk; ``upstream``: the per-row upstream
+    gradients ([N], for "none") or None (rows summed)."""
+    need_h, need_w, need_b = need
+    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+    grad_w = torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_w else None
+    grad_b = None
+    if need_b:  # summed over the rows in float32 (float64 for float64)
+        grad_b = torch.zeros(W.shape[0], dtype=torch.promote_types(b.dtype, torch.float32),
+                             device=b.device)
+    parts = []
+    for i, j in job.chunks(h.shape[0]):
+        loss_rows, g, temps, flags = job.run(h, W, b, i, j, True)
+        parts.append((loss_rows, temps, flags))
+        if upstream is not None:
+            g = g * upstream[i:j, None].to(g.dtype)
+        if need_h:
+            torch.mm(g, W, out=grad_h[i:j])
+        if need_w:
+            grad_w.addmm_(g.t(), h[i:j])
+        if need_b:
+            grad_b += g.sum(0, dtype=grad_b.dtype)
+        del g
+    loss_rows, temps, flags = (torch.cat([p[k] for p in parts]) for k in range(3))
+    return loss_rows, temps, flags, grad_h, grad_w, (grad_b.to(b.dtype) if need_b else None)
+
+
+class _FusedLinearDistill(torch.autograd.Function):
+    """Autograd for the chunked path: "mean" / "sum" compute every gradient in the forward (the
+    backward scales them); "none" recomputes the chunks in the backward with the upstream
+    gradient of each row."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, job):
+        ctx.job = job
+        ctx.need = ctx.needs_input_grad[:3]
+        if job.reduction == "none":
+            loss, temps, flags = _loss_only(job, h, W, b)
+            ctx.save_for_backward(h, W, b)
+        else:
+            loss_rows, temps, flags, gh, gw, gb = _backward_chunks(job, h, W, b, None, ctx.need)
+            loss = reduce_rows(loss_rows, job.reduction, job.count)
+            ctx.save_for_backward(gh, gw, gb, job.count)
+        ctx.mark_non_differentiable(temps, flags)
+        return loss, temps, flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_temps, _grad_flags):
+        job = ctx.job
+        if job.reduction == "none":
+            h, W, b = ctx.saved_tensors
+            grads = _backward_chunks(job, h, W, b, grad_loss.reshape(-1), ctx.need)[3:]
+            return (*grads, None)
+        gh, gw, gb, count = ctx.saved_tensors
+        scale = grad_loss if job.reduction == "sum" else grad_loss / count
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        if scale.dim() == 0 and _host_scalars(scale) and scale.item() == 1.0 and not keep:
+            return gh, gw, gb, None  # loss.backward() with "sum": as computed
+        out = []
+        for grad in (gh, gw, gb):
+            if grad is None:
+                out.append(None)
+            else:  # in place on the last use of the saved gradients
+                s = scale.to(grad.dtype)
+                out.append(grad * s if keep else grad.mul_(s))
+        return (*out, None)

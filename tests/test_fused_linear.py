@@ -1,0 +1,299 @@
+"""Fused linear distillation (hidden states and an lm_head, in chunks of rows) against the unfused
+float64 oracle, on every backend: every kind of teacher, reductions, corrections, divergences,
+random problems, gradcheck, chunking, bad input."""
+import os
+
+import pytest
+import torch
+from helpers import BACKEND_IDS, BACKENDS, INTERPRETED, tolerances
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kdkernels
+import kdkernels.reference as R
+from kdkernels import SparseTeacher
+from kdkernels.ops import torch_distill
+
+TEACHERS = ["hidden", "logits", "sparse", "sparse_tail", "virtual"]
+COMPILED = [(b, d) for b, d in BACKENDS if (b, d) not in INTERPRETED]
+
+
+def _problem(N, H, V, seed, teacher_kind, dtype=torch.float32, device="cpu", bias=True, k=5,
+             ignored=(1,)):
+    """(student args, teacher kwargs, labels): the student's hidden states, weight and bias
+    (leaves), and the teacher in the form `teacher_kind`."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 2
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    for i in ignored:
+        if i < N:
+            y[i] = -100
+    ht = torch.randn(N, 6, generator=g, dtype=torch.float64)
+    Wt = torch.randn(V, 6, generator=g, dtype=torch.float64)
+    teacher = {}
+    if teacher_kind == "hidden":
+        teacher = dict(teacher=ht, teacher_weight=Wt, teacher_bias=torch.randn(V, generator=g,
+                                                                               dtype=torch.float64))
+    elif teacher_kind == "logits":
+        teacher = dict(teacher=ht @ Wt.t())
+    elif teacher_kind.startswith("sparse"):
+        tail = teacher_kind == "sparse_tail"
+        logits = ht @ Wt.t()
+        values, indices = logits.topk(min(k, V), -1)
+        if tail:
+            values = values - torch.logsumexp(logits, -1, keepdim=True)
+        teacher = dict(teacher=SparseTeacher(indices, values, tail))
+    else:
+        teacher = dict(virtual_teacher=0.9)
+
+    def cast(x):
+        return None if x is None else x.to(dtype=dtype, device=device)
+    student = [cast(x) for x in (h, W, b)]
+    for x in student:
+        if x is not None:
+            x.requires_grad_()
+    for name, x in list(teacher.items()):
+        if isinstance(x, torch.Tensor):
+            teacher[name] = cast(x)
+        elif isinstance(x, SparseTeacher):
+            teacher[name] = SparseTeacher(x.indices.to(device), cast(x.values), x.tail)
+    return student, teacher, y.to(device)
+
+
+def _fused(student, teacher, y, **kw):
+    h, W, b = student
+    return kdkernels.fused_linear_distillation_loss(h, W, target=y, student_bias=b, **teacher,
+                                                    **kw)
+
+
+def _oracle(student, teacher, y, upstream, reduction, **kw):
+    """The unfused loss in float64: logits = h W^T + b, then the reference primitive."""
+    leaves = [None if x is None else x.detach().double().cpu().requires_grad_() for x in student]
+    h, W, b = leaves
+    logits = h @ W.t() + (b if b is not None else 0)
+    t = teacher.get("teacher")
+    if "teacher_weight" in teacher:
+        t = t.detach().double().cpu() @ teacher["teacher_weight"].double().cpu().t()
+        t = t + teacher["teacher_bias"].double().cpu()
+    elif isinstance(t, SparseTeacher):
+        t = SparseTeacher(t.indices.cpu(), t.values.detach().double().cpu(), t.tail)
+    elif t is not None:
+        t = t.detach().double().cpu()
+    temperature = kw.pop("temperature", 4.0)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.double().cpu()
+    loss, stats = R.distillation_loss(logits, t, y.cpu(), temperature, reduction=reduction,
+                                      virtual_teacher=teacher.get("virtual_teacher"), **kw)
+    wanted = [x for x in leaves if x is not None]
+    grads = torch.autograd.grad(loss, wanted, upstream.double().cpu())
+    return loss.detach(), grads, stats
+
+
+def _check(backend, student, teacher, y, reduction="mean", dtype=torch.float32, **kw):
+    loss, stats = _fused(student, teacher, y, reduction=reduction, backend=backend,
+                         return_stats=True, **kw)
+    upstream = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(2),
+                           dtype=loss.dtype) + 0.5).to(loss.device)
+    leaves = [x for x in student if x is not None]
+    grads = torch.autograd.grad(loss, leaves, upstream)
+    kw.pop("chunk_size", None)
+    kw.pop("memory_budget", None)
+    ref_loss, ref_grads, ref_stats = _oracle(student, teacher, y, upstream, reduction, **kw)
+    rtol, atol = tolerances(torch.float32 if backend == "triton" and dtype == torch.float64
+                            else dtype)
+    if dtype in (torch.bfloat16, torch.float16):  # the logits themselves are rounded
+        rtol, atol = rtol * 2, atol * 10
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=rtol,
+                               atol=atol * _scale(ref_loss))
+    for grad, ref in zip(grads, ref_grads):
+        assert grad.dtype == dtype
+        torch.testing.assert_close(grad.double().cpu(), ref, rtol=rtol, atol=atol * _scale(ref))
+    if y is not None and y.numel():
+        assert torch.equal(stats.teacher_correct.cpu(), ref_stats["teacher_correct"])
+    return loss
+
+
+def _scale(x):
+    return 1 + (x.abs().max().item() if x.numel() else 0)
+
+
+def _size(backend, device):
+    return (7, 5, 20) if (backend, device) in INTERPRETED else (10, 8, 60)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("teacher_kind", TEACHERS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_the_unfused_oracle(backend, device, teacher_kind, reduction):
+    N, H, V = _size(backend, device)
+    student, teacher, y = _problem(N, H, V, seed=31, teacher_kind=teacher_kind, device=device)
+    options = {"hidden": dict(correction="swap", divergence="jsd", jsd_beta=0.3),
+               "logits": dict(correction="rectify", wrong_kd_weight=0.3),
+               "sparse": dict(correction="swap", divergence="skew_kl", skew_alpha=0.2),
+               "sparse_tail": dict(correction="rectify", divergence="tv"),
+               "virtual": dict(temperature=2.0)}[teacher_kind]
+    _check(backend, student, teacher, y, reduction=reduction, chunk_size=3, **options)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_dtypes(backend, device, dtype):
+    N, H, V = _size(backend, device)
+    student, teacher, y = _problem(N, H, V, seed=32, teacher_kind="hidden", dtype=dtype,
+                                   device=device)
+    _check(backend, student, teacher, y, dtype=dtype, chunk_size=4, correction="smooth")
+
+
+@pytest.mark.parametrize("backend,device", COMPILED, ids=[f"{b}-{d}" for b, d in COMPILED])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(backend, device, reduction):
+    student, teacher, y = _problem(5, 3, 9, seed=33, teacher_kind="hidden", dtype=torch.float64)
+
+    def fn(h, W, b):
+        return _fused((h, W, b), teacher, y, backend=backend, reduction=reduction, chunk_size=2,
+                      correction="rectify", temperature=2.0)
+    assert torch.autograd.gradcheck(fn, tuple(student))
+
+
+@st.composite
+def problems(draw, small):
+    V = draw(st.sampled_from([1, 2, 7, 33] if small else [1, 2, 7, 100, 1000]))
+    N = draw(st.integers(0, 6 if small else 20))
+    return dict(N=N, H=draw(st.integers(1, 9)), V=V, seed=draw(st.integers(0, 2 ** 31 - 1)),
+                teacher=draw(st.sampled_from(TEACHERS)), k=draw(st.integers(1, 6)),
+                chunk=draw(st.integers(1, N + 2)), bias=draw(st.booleans()),
+                divergence=draw(st.sampled_from(["kl", "jsd", "skew_reverse_kl", "tv"])),
+                correction=draw(st.sampled_from([None, "swap", "rectify"])),
+                reduction=draw(st.sampled_from(["mean", "sum", "none"])),
+                dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+                ignored=draw(st.lists(st.integers(0, max(N - 1, 0)), max_size=2)))
+
+
+def _random(backend, device, p):
+    if p["divergence"] == "tv" and p["dtype"] == torch.bfloat16:
+        p = dict(p, divergence="kl")  # logits rounded to bf16 flip TV's sign(p - r) near p = r
+    student, teacher, y = _problem(p["N"], p["H"], p["V"], p["seed"], p["teacher"], p["dtype"],
+                                   device, p["bias"], p["k"], p["ignored"])
+    _check(backend, student, teacher, y, reduction=p["reduction"], dtype=p["dtype"],
+           chunk_size=p["chunk"], divergence=p["divergence"], correction=p["correction"])
+
+
+@pytest.mark.parametrize("backend,device", COMPILED, ids=[f"{b}-{d}" for b, d in COMPILED])
+@settings(max_examples=int(os.environ.get("KDK_EXAMPLES", 40)))
+@given(p=problems(small=False))
+def test_random_problems(backend, device, p):
+    _random(backend, device, p)
+
+
+@pytest.mark.parametrize("backend,device", INTERPRETED, ids=[f"{b}-{d}" for b, d in INTERPRETED])
+@settings(max_examples=int(os.environ.get("KDK_EXAMPLES_INTERPRETED", 6)))
+@given(p=problems(small=True))
+def test_random_problems_interpreted(backend, device, p):
+    _random(backend, device, p)
+
+
+def test_one_chunk_of_logits_at_a_time(monkeypatch):
+    """The kernel sees chunk_size rows at most; by default the memory budget sets the rows."""
+    seen = []
+    forward = torch_distill.forward
+
+    def spy(student, *args):
+        seen.append(tuple(student.shape))
+        return forward(student, *args)
+    monkeypatch.setattr(torch_distill, "forward", spy)
+    student, teacher, y = _problem(23, 4, 50, seed=34, teacher_kind="hidden")
+    _fused(student, teacher, y, backend="torch", chunk_size=5).backward()
+    assert seen == [(5, 50)] * 4 + [(3, 50)]
+    seen.clear()
+    row_bytes = 50 * 4 * 3  # fp32 logits, their gradient, the teacher's logits
+    _fused(student, teacher, y, backend="torch", memory_budget=7 * row_bytes)
+    assert seen == [(7, 50)] * 3 + [(2, 50)]
+
+
+def test_backward_only_scales_for_mean_and_sum_and_may_repeat():
+    student, teacher, y = _problem(9, 4, 30, seed=35, teacher_kind="logits", dtype=torch.float64)
+    loss = _fused(student, teacher, y, backend="torch", chunk_size=4)
+    first = torch.autograd.grad(loss, student, retain_graph=True)
+    again = torch.autograd.grad(loss * 3, student, retain_graph=True)
+    for a, b in zip(first, again):
+        torch.testing.assert_close(3 * a, b)
+    loss_sum = _fused(student, teacher, y, backend="torch", reduction="sum", chunk_size=4)
+    count = (y != -100).sum()
+    for a, b in zip(first, torch.autograd.grad(loss_sum, student)):
+        torch.testing.assert_close(a * count, b)
+
+
+def test_no_grad_empty_batch_stats_and_module():
+    student, teacher, y = _problem(8, 4, 30, seed=36, teacher_kind="sparse_tail")
+    with torch.no_grad():
+        evaluated = _fused(student, teacher, y, backend="torch")
+    assert not evaluated.requires_grad
+    loss, stats = _fused(student, teacher, y, backend="torch", return_stats=True,
+                         temperature=torch.full((8,), 3.0))
+    torch.testing.assert_close(loss.detach(), evaluated.detach() * 0 + loss.detach())
+    assert stats.temperature.shape == (8,) and (stats.temperature == 3.0).all()
+    module = kdkernels.FusedLinearDistillationLoss(temperature=4.0, chunk_size=3,
+                                                   backend="torch")
+    h, W, b = student
+    torch.testing.assert_close(module(h, W, teacher["teacher"], y, student_bias=b), evaluated)
+    empty, _, y0 = _problem(0, 4, 30, seed=37, teacher_kind="logits", ignored=())
+    for reduction in ("mean", "none"):
+        out = kdkernels.fused_linear_distillation_loss(
+            empty[0], empty[1], torch.zeros(0, 30), y0, reduction=reduction)
+        out.sum().backward()
+        assert out.shape == ((0,) if reduction == "none" else ()) and empty[1].grad.abs().sum() == 0
+
+
+def test_strided_hidden_states_and_leading_dimensions():
+    student, teacher, y = _problem(12, 4, 30, seed=38, teacher_kind="logits")
+    h, W, b = student
+    wide = torch.randn(3, 4, 9)[:, :, 2:6]  # [3, 4, 4] non-contiguous rows
+    wide.requires_grad_()
+    t3 = teacher["teacher"].reshape(3, 4, 30)
+    loss = kdkernels.fused_linear_distillation_loss(wide, W, t3, y.reshape(3, 4),
+                                                    student_bias=b, chunk_size=5,
+                                                    reduction="none")
+    assert loss.shape == (3, 4)
+    loss.sum().backward()
+    flat = wide.detach().reshape(12, 4).clone().requires_grad_()
+    ref = R.distillation_loss(flat.double() @ W.detach().double().t() + b.detach().double(),
+                              t3.reshape(12, 30).double(), y, 4.0, reduction="none")[0]
+    ref.sum().backward()
+    torch.testing.assert_close(wide.grad.reshape(12, 4), flat.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_refused_with_the_argument_named():
+    student, teacher, y = _problem(4, 3, 10, seed=39, teacher_kind="hidden")
+    h, W, b = student
+    ht, Wt = teacher["teacher"], teacher["teacher_weight"]
+    F = kdkernels.fused_linear_distillation_loss
+    cases = [
+        (dict(student_hidden=h, student_weight=W[:, :2], teacher=ht, teacher_weight=Wt),
+         "weight \\[V, H\\]"),
+        (dict(student_hidden=h, student_weight=W.double(), teacher=ht, teacher_weight=Wt),
+         "student_weight is torch.float64"),
+        (dict(student_hidden=h, student_weight=W, student_bias=b[:3], teacher=ht,
+              teacher_weight=Wt), "student_bias must be \\[10\\]"),
+        (dict(student_hidden=h, student_weight=W, teacher=ht, teacher_weight=Wt[:5]),
+         "do not give logits"),
+        (dict(student_hidden=h, student_weight=W, teacher=ht, teacher_bias=b), "teacher_bias"),
+        (dict(student_hidden=h, student_weight=W, teacher=torch.zeros(4, 11)), "does not match"),
+        (dict(student_hidden=h, student_weight=W, teacher=ht, teacher_weight=Wt,
+              temperature=kdkernels.DynamicTemperature(center=True)), "center=True"),
+        (dict(student_hidden=h, student_weight=W, teacher=ht, teacher_weight=Wt, chunk_size=0),
+         "chunk_size"),
+        (dict(student_hidden=h, student_weight=W, teacher=ht, teacher_weight=Wt,
+              chunk_size=2, memory_budget=10), "not both"),
+        (dict(student_hidden=h, student_weight=W, teacher=ht, teacher_weight=Wt,
+              virtual_teacher=0.9), "not both"),
+        (dict(student_hidden=h, student_weight=W, teacher=ht, teacher_weight=Wt,
+              target=y[:2]), "target must have shape"),
+    ]
+    for kwargs, message in cases:
+        kwargs.setdefault("target", y)
+        with pytest.raises((TypeError, ValueError), match=message):
+            F(**kwargs)
+    with pytest.raises(ValueError, match="chunk_size"):
+        kdkernels.FusedLinearDistillationLoss(chunk_size=-1)
