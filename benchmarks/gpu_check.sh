@@ -3,16 +3,16 @@
 #
 #   benchmarks/gpu_check.sh OUTDIR [STAGE ...]
 #
-# STAGE: env, install, tests, gputests, sweep, bench, bench-methods (default: all of them, in that
-# order). Builds the package from source against the torch already installed (no pip registry
+# STAGE: env, install, tests, gputests, sweep, bench, bench-methods, bench-lm (default: all of
+# them, in that order). Builds the package from source against the torch already installed (no pip registry
 # needed), runs the test suite with CUDA visible, the GPU-only tests, the tuning sweep and the
 # benchmark grid, and writes every log, CSV, table and plot under OUTDIR. Wheels in .whl/ (e.g.
 # Liger-Kernel, for the benchmark) are installed into a private folder first. Each stage has a
 # time limit (STAGE_TIMEOUT_<stage>, seconds) so that one slow stage cannot eat the others.
 set -uo pipefail
-OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR [env install tests gputests sweep bench bench-methods]}
+OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR [env install tests gputests sweep bench bench-methods bench-lm]}
 shift
-STAGES=${*:-env install tests gputests sweep bench bench-methods}
+STAGES=${*:-env install tests gputests sweep bench bench-methods bench-lm}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
@@ -54,6 +54,8 @@ $PY -c 'import kdkernels; print(kdkernels.backends())'" ;;
         --methods lessons_swap_dtd,teacher_bias,tfkd_reg --dtypes bf16 \
         --shapes 1024x1000,4096x32000,8192x128256 --out "$OUTDIR" \
         --write-results "{device}: other methods, bf16" ;;
+    bench-lm) TAIL_LINES=40 stage bench-lm 540 $PY -m benchmarks.lm --device cuda --dtypes bf16 \
+        --divergence "${LM_DIVERGENCE:-jsd}" --out "$OUTDIR" --write-results ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
 done

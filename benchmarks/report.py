@@ -115,13 +115,13 @@ def plot(rows, path, title, skipped=None):
     plt.close(fig)
 
 
-def write_results(meta, table, title, path=RESULTS):
+def write_results(meta, table, title, path=RESULTS, command="python -m benchmarks.run"):
     """Replaces the section `title` of RESULTS.md with the latest table."""
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     header = f"## {title}"
     sections = re.split(r"(?m)^(?=## )", text)
     kept = [sec for sec in sections if not sec.startswith(header)]
-    kept.append(f"{header}\n\nMeasured {meta['date']} with `python -m benchmarks.run "
+    kept.append(f"{header}\n\nMeasured {meta['date']} with `{command} "
                 f"{shlex.join(sys.argv[1:])}`.\n\n{table}\n\n")
     with open(path, "w") as handle:
         handle.write("".join(kept).rstrip() + "\n")

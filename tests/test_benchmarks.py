@@ -42,6 +42,27 @@ def test_quick_harness_writes_csv_table_and_plot(tmp_path):
     assert (os.path.getmtime(shared) if os.path.exists(shared) else None) == shared_before
 
 
+def test_lm_harness_prints_the_fused_ratios(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    out = str(tmp_path / "lm")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lm", "--fused-shapes", "32x8x100", "--sparse-shapes",
+         "32x100", "--dtypes", "fp32", "--no-compile", "--budget", "0.05", "--out", out],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(os.path.join(out, "lm-results.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    contenders = {(r["kind"], r["contender"]) for r in rows}
+    assert {("fused", "kdkernels-fused-linear"), ("fused", "kdkernels-unfused"),
+            ("fused", "eager-reference"), ("sparse", "dense"), ("sparse", "top-64")} <= contenders
+    assert all(float(r["median_ms"]) > 0 and r["peak_extra_mib"] != "" for r in rows)
+    table = open(os.path.join(out, "lm-latest.md")).read()
+    assert "| 32x8x100 | fp32 | eager-reference |" in table and "fused / this: peak" in table
+    assert "| 32x100 | fp32 | top-128 |" in table
+    assert table.strip() in done.stdout
+
+
 def _row(method, shape, contender, ms, eager_ms):
     return dict(method=method, shape=shape, dtype="fp32", mode="fwd+bwd", contender=contender,
                 median_ms=ms, speedup_vs_eager=round(eager_ms / ms, 3), peak_extra_mib=None,
