@@ -101,6 +101,39 @@ def test_jsd_ends_are_the_two_kls(backend, device, beta):
     torch.testing.assert_close(jsd, kl)
 
 
+def _trl_generalized_jsd(student_logits, teacher_logits, labels, beta, temperature):
+    """TRL's generalized_jsd_loss as its documentation and code define it, restated here: the
+    mixture's log-probabilities log(beta q + (1 - beta) p) by logsumexp, then
+    beta KL(q || m) + (1 - beta) KL(p || m) with F.kl_div (target second); beta 0 and 1 the two
+    KLs; summed over the vocabulary and averaged over the tokens whose label is not -100."""
+    log_p = torch.log_softmax(student_logits / temperature, -1)
+    log_q = torch.log_softmax(teacher_logits / temperature, -1)
+    kl = torch.nn.functional.kl_div
+    if beta == 0:
+        per_class = kl(log_p, log_q, reduction="none", log_target=True)
+    elif beta == 1:
+        per_class = kl(log_q, log_p, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=log_p.dtype)
+        log_m = torch.logsumexp(torch.stack([log_p + torch.log(1 - b), log_q + torch.log(b)]), 0)
+        per_class = (b * kl(log_m, log_q, reduction="none", log_target=True)
+                     + (1 - b) * kl(log_m, log_p, reduction="none", log_target=True))
+    mask = labels != -100
+    return per_class[mask].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+def test_jsd_matches_trls_generalized_jsd(backend, device, beta):
+    s, t, y = make_inputs(6, 50, seed=29, dtype=torch.float64, device=device, ignored=(2,))
+    ours = kdkernels.distillation_loss(s, t, y, divergence="jsd", jsd_beta=beta, temperature=2.0,
+                                       kd_weight=1.0, ce_weight=0.0, t2_scale=False,
+                                       backend=backend)
+    trl = _trl_generalized_jsd(s.cpu(), t.cpu(), y.cpu(), beta, 2.0)
+    tol = 1e-5 if backend == "triton" else 1e-10
+    torch.testing.assert_close(ours.cpu(), trl, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
 @pytest.mark.parametrize("skew", ["skew_kl", "skew_reverse_kl"])
 def test_skew_at_zero_is_the_plain_kl(backend, device, skew):
