@@ -1,0 +1,468 @@
+"""Vocab-parallel distillation over torch.distributed (docs/METHODS.md, "Vocab-parallel
+distillation"): each rank holds the columns [vocab_start, vocab_start + V_local) of the student's
+and the teacher's logits, or its hidden states and its shard of each lm_head. The loss equals the
+unsharded primitive's.
+
+The forward computes per row and shard a fixed set of statistics (maxima, softmax sums, cross
+terms, the teacher's argmax with its value, the label's logits from the rank that owns it, ...),
+exchanges them in one all-gather of a packed [rows, k] tensor and combines them identically on
+every rank; each rank then writes the gradient of its own columns. The backward needs no
+collective. A dynamic (DTD) temperature and the divergences other than the forward KL need one
+more small collective each (the temperature must be known before the tempered sums; those
+divergences need the normalised distributions before their per-class terms).
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from ._core import (
+    _host_scalars,
+    check_floating,
+    check_options,
+    check_tensors,
+    reduce_rows,
+    stats_from,
+)
+from ._options import (
+    DIVERGENCES,
+    FLAG_STILL_WRONG,
+    FLAG_TEACHER_CORRECT,
+    DynamicTemperature,
+    SparseTeacher,
+)
+from .ops.torch_distill import divergence_terms
+
+_INF = math.inf
+# the per-row statistics of one shard, in the packed tensor's columns
+(_MS, _ZS, _MT, _ZT, _CROSS, _Z1, _SY, _TY, _OWNS, _B, _SB, _TX1, _IDX1, _TX2, _SSUM, _WIDTH,
+ _START) = range(17)
+_FIELDS = 17
+# how many collectives the last forward ran (for tests and benchmarks)
+collectives = {"forward": 0}
+
+
+def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target=None, *,
+                                     vocab_start, vocab_size, group=None, temperature=4.0,
+                                     kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None,
+                                     correction=None, smooth_eps=0.1, virtual_teacher=None,
+                                     t2_scale=True, divergence="kl", jsd_beta=0.5,
+                                     skew_alpha=0.1, ignore_index=-100, reduction="mean",
+                                     return_stats=False):
+    r""":func:`distillation_loss` over logits split by vocabulary across the ranks of ``group``.
+
+    Each rank passes its shard: ``student_logits`` and ``teacher_logits`` of shape
+    [..., V_local] holding the classes ``[vocab_start, vocab_start + V_local)`` of
+    ``vocab_size`` (the shards of the group must tile ``[0, vocab_size)``; sizes may differ),
+    and the same ``target`` (global class ids) and per-row ``temperature`` on every rank. Every
+    rank gets the same loss; the gradient reaches each rank's own shard of the student. One
+    collective per forward (all-gather of 17 numbers per row and rank), none in the backward; a
+    DTD temperature and the divergences other than ``"kl"`` add one small all-reduce each.
+
+    A :class:`SparseTeacher` is not offered here (its classes would need routing to their
+    shards); a virtual teacher is (each rank builds its columns).
+    """
+    hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
+                 correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
+                 t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
+                 skew_alpha=skew_alpha, ignore_index=ignore_index)
+    check_options(temperature=temperature, reduction=reduction, **hyper)
+    s = student_logits
+    check_floating("student_logits", s)
+    lead, width = s.shape[:-1], s.shape[-1]
+    _check_shard(vocab_start, vocab_size, width)
+    if isinstance(teacher_logits, SparseTeacher):
+        raise ValueError("a SparseTeacher is not offered in the vocab-parallel form (its k "
+                         "classes would need routing to the ranks that hold them): pass this "
+                         "rank's shard of the dense teacher logits")
+    full = s.new_empty(()).expand(*lead, vocab_size)  # the primitive's checks, on a stand-in
+    teacher_like = None
+    if teacher_logits is not None:
+        check_floating("teacher_logits", teacher_logits)
+        if teacher_logits.shape != s.shape or teacher_logits.device != s.device:
+            raise ValueError(f"teacher_logits shard {tuple(teacher_logits.shape)} on "
+                             f"{teacher_logits.device} does not match student_logits shard "
+                             f"{tuple(s.shape)} on {s.device}")
+        teacher_like = teacher_logits.new_empty(()).expand(*lead, vocab_size)
+    temperature = check_tensors(full, teacher_like, target, temperature, **hyper)
+    if group is None and not dist.is_initialized():
+        raise RuntimeError("vocab-parallel distillation needs torch.distributed initialised "
+                           "(dist.init_process_group) or a group")
+    rows = _Rows.from_logits(s, teacher_logits, target, temperature, vocab_start, vocab_size,
+                             hyper)
+    job = _Job(rows, hyper, temperature, vocab_size, group, reduction)
+    if rows.N == 0:  # every rank has the same rows: no rank calls a collective
+        acc = rows.acc
+        loss = s.sum() * 0 if reduction != "none" else s.sum(-1).reshape(-1) * 0
+        loss, temps = loss.to(acc), torch.zeros(0, dtype=acc, device=s.device)
+        flags = torch.zeros(0, dtype=torch.int8, device=s.device)
+    elif job.needs_grad:
+        loss, temps, flags = _VocabParallel.apply(s, job)
+    else:
+        loss, temps, flags = job.forward(grad=False)[:3]
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    return loss, stats_from(flags, temps, lead, target is not None)
+
+
+def _check_shard(vocab_start, vocab_size, width):
+    for name, value in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if width < 1 or vocab_start < 0 or vocab_start + width > vocab_size:
+        raise ValueError(f"this rank's shard [{vocab_start}, {vocab_start + width}) is not "
+                         f"inside [0, vocab_size={vocab_size}) or is empty")
+
+
+class _Rows:
+    """Where a pass reads its rows: this rank's [N, V_local] logits shards (and the rows'
+    labels and given temperatures), in chunks that keep temporaries in cache."""
+
+    def __init__(self, student, teacher, target, temp_rows, vocab_start, acc, chunk):
+        self.student, self.teacher, self.target = student, teacher, target
+        self.temp_rows, self.vocab_start, self.acc, self.chunk = temp_rows, vocab_start, acc, chunk
+        self.N = student.shape[0]
+        self.width = student.shape[1]
+
+    @classmethod
+    def from_logits(cls, s, t, target, temperature, vocab_start, vocab_size, hyper):
+        width = s.shape[-1]
+        s2 = s.reshape(-1, width)
+        t2 = t.detach().reshape(-1, width) if t is not None else None
+        y2 = target.reshape(-1).long() if target is not None else None
+        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+        temp_rows = (temperature.detach().reshape(-1).to(acc)
+                     if isinstance(temperature, torch.Tensor) else None)
+        rows = cls(s2, t2, y2, temp_rows, vocab_start, acc, max(1, (1 << 18) // width))
+        rows.virtual = hyper["virtual_teacher"]
+        rows.vocab_size = vocab_size
+        return rows
+
+    def chunks(self):
+        return [(i, min(i + self.chunk, self.N)) for i in range(0, self.N, self.chunk)]
+
+    def logits(self, i, j):
+        """(student rows, teacher rows) in the accumulation dtype, and the rows' local labels."""
+        s = self.student[i:j].detach().to(self.acc)
+        y = None if self.target is None else self.target[i:j]
+        if self.virtual is not None:  # Tf-KD reg's teacher, this rank's columns of it
+            a, C = self.virtual, self.vocab_size
+            rest = math.log((1 - a) / max(C - 1, 1)) if a < 1 else -_INF
+            t = torch.full_like(s, rest)
+            local = y - self.vocab_start
+            owns = (local >= 0) & (local < self.width)
+            t.scatter_(1, torch.where(owns, local, 0)[:, None],
+                       torch.where(owns, s.new_tensor(math.log(a)), s.new_tensor(rest))[:, None])
+        else:
+            t = self.teacher[i:j].to(self.acc)
+        return s, t, y
+
+
+class _Job:
+    """One call: the passes over the rows, their collectives, the gradient of this shard."""
+
+    def __init__(self, rows, hyper, temperature, vocab_size, group, reduction):
+        self.rows, self.hyper, self.temperature = rows, hyper, temperature
+        self.C, self.group, self.reduction = vocab_size, group, reduction
+        self.needs_grad = torch.is_grad_enabled() and rows.student.requires_grad
+        h = hyper
+        self.ce_w = float(h["ce_weight"])
+        self.kd_w = float(h["kd_weight"])
+        self.wrong_w = float(h["kd_weight"] if h["wrong_kd_weight"] is None
+                             else h["wrong_kd_weight"])
+        self.eps = float(h["smooth_eps"])
+        self.divergence = h["divergence"]
+        if self.divergence == "jsd" and h["jsd_beta"] in (0, 1):
+            self.divergence = "kl" if h["jsd_beta"] == 0 else "reverse_kl"
+        self.param = float(h["jsd_beta"] if h["divergence"] == "jsd" else h["skew_alpha"])
+
+    # ---- collectives ----------------------------------------------------------------------
+
+    def _all_gather(self, local):
+        world = dist.get_world_size(self.group)
+        out = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(out, local, group=self.group)
+        collectives["forward"] += 1
+        return torch.stack(out)
+
+    def _all_reduce(self, local):
+        dist.all_reduce(local, group=self.group)
+        collectives["forward"] += 1
+        return local
+
+    # ---- the forward -----------------------------------------------------------------------
+
+    def forward(self, grad):
+        """(loss, temperatures, flags, gradient of this shard or None)."""
+        collectives["forward"] = 0
+        rows = self.rows
+        N, acc, dev = rows.N, rows.acc, rows.student.device
+        y = rows.target
+        valid = (torch.ones(N, dtype=torch.bool, device=dev) if y is None
+                 else y != self.hyper["ignore_index"])
+        T = self._temperatures(valid)
+        parts = [self._shard_stats(*rows.logits(i, j), T[i:j]) for i, j in rows.chunks()]
+        gathered = self._all_gather(torch.cat(parts))  # [world, N, fields], float64
+        if _host_scalars(gathered):
+            self._check_tiling(gathered)
+        c = self._combine(gathered, T, valid)
+        if self.divergence != "kl":  # D and sum_j p_j G_j need the normalised distributions
+            sums = torch.cat([self._divergence_sums(*rows.logits(i, j), c, i, j)
+                              for i, j in rows.chunks()])
+            sums = self._all_reduce(sums)
+            c["D"], c["g_mean"] = sums[:, 0], sums[:, 1]
+        loss_rows, flags = self._loss_rows(c, valid)
+        g = None
+        if grad:
+            g = torch.cat([self._shard_grad(*rows.logits(i, j), c, i, j)
+                           for i, j in rows.chunks()]).to(rows.student.dtype)
+        count = None
+        if self.reduction == "mean":
+            count = valid.sum().clamp(min=1).to(acc) if y is not None else torch.tensor(
+                float(N), dtype=acc, device=dev)
+        return reduce_rows(loss_rows, self.reduction, count), T, flags, g, count
+
+    def _temperatures(self, valid):
+        rows, acc = self.rows, self.rows.acc
+        N, dev = rows.N, rows.student.device
+        temp = self.temperature
+        if isinstance(temp, DynamicTemperature):  # its weights first: one small collective
+            local = torch.cat([_dtd_sums(*rows.logits(i, j)[:2], temp.weighting)
+                               for i, j in rows.chunks()])
+            if temp.weighting == "cosine":
+                ss, tt, st = self._all_reduce(local).unbind(1)
+                w = (1 - st / (ss.sqrt().clamp(min=1e-12) * tt.sqrt().clamp(min=1e-12))) ** 2
+            else:  # max_prob: sum_j exp(s_j - max s), merged over the shards
+                g = self._all_gather(local)
+                m = g[..., 0].max(0).values
+                w = (g[..., 1] * torch.exp(g[..., 0] - m)).sum(0)
+            w = w.to(acc)
+            if temp.center:
+                mean = torch.where(valid, w, 0.0).sum() / valid.sum().clamp(min=1)
+                tau = temp.tau0 + temp.beta * (mean - w)
+            else:
+                tau = temp.tau0 - temp.beta * w
+            return tau.clamp(min=temp.tau_min)
+        if rows.temp_rows is not None:
+            return rows.temp_rows
+        return torch.full((N,), float(temp), dtype=acc, device=dev)
+
+    def _shard_stats(self, s, t, y, T):
+        """[n, fields] float64: this shard's part of every per-row statistic."""
+        n, width = s.shape
+        start = self.rows.vocab_start
+        Tc = T[:, None]
+        ms = s.max(-1).values
+        ms_safe = torch.where(ms == -_INF, 0.0, ms)
+        mt = t.max(-1).values
+        mt_safe = torch.where(mt == -_INF, 0.0, mt)
+        es = torch.exp((s - ms_safe[:, None]) / Tc)
+        et = torch.exp((t - mt_safe[:, None]) / Tc)
+        cross = torch.where(et > 0, et * (t - s), 0.0).sum(-1)
+        z1 = torch.exp(s - ms_safe[:, None]).sum(-1) if self.ce_w != 0 else torch.zeros_like(ms)
+        b = t.argmax(-1)
+        s_b = s.gather(1, b[:, None])[:, 0]
+        owns = torch.zeros(n, dtype=torch.bool, device=s.device)
+        s_y = t_y = torch.zeros_like(ms)
+        tx = t
+        if y is not None:
+            local = y - start
+            owns = (local >= 0) & (local < width)
+            ly = torch.where(owns, local, 0)[:, None]
+            s_y = torch.where(owns, s.gather(1, ly)[:, 0], 0.0)
+            t_y = torch.where(owns, t.gather(1, ly)[:, 0], 0.0)
+            tx = t.scatter(1, ly, torch.where(owns[:, None], -_INF, t.gather(1, ly)))
+        top = tx.topk(min(2, width), -1)
+        tx1, idx1 = top.values[:, 0], top.indices[:, 0]
+        tx2 = top.values[:, 1] if width > 1 else torch.full_like(tx1, -_INF)
+        s_sum = (s.sum(-1) if self.hyper["correction"] == "smooth"
+                 else torch.zeros_like(ms))
+        cols = [ms, es.sum(-1), mt, et.sum(-1), cross, z1, s_y, t_y, owns.to(s.dtype),
+                (b + start).to(s.dtype), s_b, tx1, (idx1 + start).to(s.dtype), tx2, s_sum,
+                torch.full_like(ms, width), torch.full_like(ms, start)]
+        return torch.stack([x.double() for x in cols], -1)
+
+    def _check_tiling(self, gathered):
+        widths = gathered[:, 0, _WIDTH] if gathered.shape[1] else None
+        if widths is None:
+            return
+        starts = gathered[:, 0, _START]
+        order = starts.argsort()
+        ends = (starts + widths)[order]
+        if starts[order][0] != 0 or bool((starts[order][1:] != ends[:-1]).any()) \
+                or ends[-1] != self.C:
+            raise ValueError(f"the ranks' shards do not tile [0, vocab_size={self.C}): starts "
+                             f"{starts.long().tolist()}, widths {widths.long().tolist()}")
+
+    def _combine(self, g, T, valid):
+        """Every rank's statistics into the row's: normalisers, the label's and argmax's
+        values, the correction, the KL. float64 scalars per row."""
+        T = T.double()
+        Ms = g[..., _MS].max(0).values
+        Ms_safe = torch.where(Ms == -_INF, 0.0, Ms)
+        Zs = (g[..., _ZS] * torch.exp((g[..., _MS] - Ms_safe) / T)).nan_to_num(0.0).sum(0)
+        Mt = g[..., _MT].max(0).values
+        has_teacher = Mt > -_INF
+        Mt_safe = torch.where(has_teacher, Mt, 0.0)
+        scale_t = torch.exp((g[..., _MT] - Mt_safe) / T).nan_to_num(0.0)
+        Zt = (g[..., _ZT] * scale_t).sum(0)
+        cross = (g[..., _CROSS] * scale_t).sum(0) / Zt  # E_q[t - s]
+        Z1 = (g[..., _Z1] * torch.exp(g[..., _MS] - Ms_safe).nan_to_num(0.0)).sum(0)
+        owns = g[..., _OWNS] > 0
+        s_y = (g[..., _SY] * owns).sum(0)
+        t_y = (g[..., _TY] * owns).sum(0)
+        # the teacher's first argmax: the largest value, the smallest class id among ties
+        best = g[..., _MT] == Mt
+        b = torch.where(best, g[..., _B], _INF).min(0).values
+        winner = best & (g[..., _B] == b)
+        s_b = (torch.where(winner, g[..., _SB], 0.0)).sum(0)
+        # the largest teacher logit away from the label and the argmax (rectify's still-wrong)
+        other = torch.where(g[..., _IDX1] == b, g[..., _TX2], g[..., _TX1]).max(0).values
+        log_zs, log_zt = torch.log(Zs), torch.log(Zt)
+        lp_y = (s_y - Ms) / T - log_zs
+        lp_b = (s_b - Ms) / T - log_zs
+        lq_y = (t_y - Mt_safe) / T - log_zt
+        lq_b = -log_zt  # t_b is the maximum
+        labelled = self.rows.target is not None
+        wrong = valid & (t_y < Mt) if labelled else torch.zeros_like(valid)
+        kl = cross / T + (Ms - Mt_safe) / T + log_zs - log_zt
+        c = dict(T=T, Ms=Ms, log_zs=log_zs, Mt=Mt_safe, log_zt=log_zt, Z1=Z1, s_y=s_y, b=b,
+                 has_teacher=has_teacher, wrong=wrong, lp_y=lp_y, lp_b=lp_b, lq_y=lq_y,
+                 lq_b=lq_b, fix_y=torch.zeros_like(wrong), fix_b=torch.zeros_like(wrong),
+                 lr_y=lq_y, lr_b=lq_b, smoothed=torch.zeros_like(wrong),
+                 still_wrong=wrong.clone())
+        correction = self.hyper["correction"]
+        if labelled and correction in ("swap", "rectify"):
+            q_y, q_b = lq_y.exp(), lq_b.exp()
+            if correction == "swap":
+                lr_y, lr_b = lq_b, lq_y
+                kl_fix = q_b * torch.expm1((t_y - Mt_safe) / T) * (s_y - s_b) / T
+                c["still_wrong"] = torch.zeros_like(wrong)
+            else:
+                new_y, new_b = (q_y + 1) / 2, q_b / 2
+                k = (q_y + q_b) / (new_y + new_b)
+                lr_y, lr_b = torch.log(new_y * k), torch.log(new_b * k)
+                kl_fix = (_kl_term(lr_y, lp_y) + _kl_term(lr_b, lp_b) - _kl_term(lq_y, lp_y)
+                          - _kl_term(lq_b, lp_b))
+                q_other = torch.where(other == -_INF, 0.0, torch.exp((other - Mt_safe) / T) / Zt)
+                c["still_wrong"] = wrong & (torch.maximum(lr_b.exp(), q_other) > lr_y.exp())
+            kl = torch.where(wrong, kl + kl_fix, kl)
+            c.update(fix_y=wrong, fix_b=wrong, lr_y=torch.where(wrong, lr_y, lq_y),
+                     lr_b=torch.where(wrong, lr_b, lq_b))
+        elif labelled and correction == "smooth":
+            s_sum = g[..., _SSUM].sum(0)
+            ec = self.eps / self.C
+            top = 1 - self.eps + ec
+            h = (top * math.log(top) if top > 0 else 0.0) + (
+                (self.C - 1) * ec * math.log(ec) if ec > 0 else 0.0)
+            sum_lp = (s_sum - self.C * Ms) / T - self.C * log_zs
+            kl = torch.where(wrong, h - (1 - self.eps) * lp_y - ec * sum_lp, kl)
+            c.update(smoothed=wrong, fix_y=wrong,
+                     lr_y=torch.where(wrong, torch.tensor(math.log(top) if top > 0 else -_INF,
+                                                         dtype=T.dtype), lq_y))
+            c["still_wrong"] = torch.zeros_like(wrong)
+        c["D"] = torch.where(has_teacher, kl, 0.0)
+        c["g_mean"] = torch.zeros_like(kl)
+        return c
+
+    def _target(self, s, t, y, c, i, j):
+        """log p and log r on this shard's columns, the correction applied at y and b."""
+        start, width = self.rows.vocab_start, self.rows.width
+        r = {k: v[i:j, None].to(s.dtype) for k, v in c.items() if torch.is_tensor(v)
+             and v.dim() == 1}
+        lp = (s - r["Ms"]) / r["T"] - r["log_zs"]
+        lq = (t - r["Mt"]) / r["T"] - r["log_zt"]
+        if self.eps > 0:
+            log_ec = math.log(self.eps / self.C)
+        else:
+            log_ec = -_INF
+        lr = torch.where(c["smoothed"][i:j, None], log_ec, lq)
+        cols = torch.arange(start, start + width, device=s.device)[None, :]
+        if y is not None:
+            lr = torch.where(c["fix_y"][i:j, None] & (cols == y[:, None]), r["lr_y"], lr)
+        lr = torch.where(c["fix_b"][i:j, None] & (cols == c["b"][i:j, None].long()), r["lr_b"],
+                         lr)
+        return lp, lr, r, cols
+
+    def _divergence_sums(self, s, t, y, c, i, j):
+        """This shard's part of D and of sum_j p_j G_j (divergences other than the KL)."""
+        lp, lr, _, _ = self._target(s, t, y, c, i, j)
+        p = lp.exp()
+        d, G = divergence_terms(p, lr.exp(), DIVERGENCES[self.divergence], self.param)
+        d = torch.where(c["has_teacher"][i:j, None], d, 0.0)
+        return torch.stack([d.sum(-1), (p * G).sum(-1)], -1).double()
+
+    def _loss_rows(self, c, valid):
+        T = c["T"]
+        w = torch.where(c["wrong"], T.new_tensor(self.wrong_w), T.new_tensor(self.kd_w))
+        w = w * c["has_teacher"]
+        loss = w * (T * T if self.hyper["t2_scale"] else 1.0) * torch.where(
+            c["has_teacher"], c["D"], 0.0)
+        if self.ce_w != 0:
+            loss = loss + self.ce_w * (torch.log(c["Z1"]) + c["Ms"] - c["s_y"])
+        bad = ~(T > 0)
+        loss = torch.where(bad, torch.nan, torch.where(valid, loss, 0.0))
+        c["kd_grad"] = w * (T if self.hyper["t2_scale"] else 1 / T)
+        c["valid"], c["bad"] = valid, bad
+        flags = torch.zeros_like(valid, dtype=torch.int8)
+        if self.rows.target is not None:
+            flags = (torch.where(valid & ~c["wrong"], FLAG_TEACHER_CORRECT, 0)
+                     + torch.where(c["still_wrong"], FLAG_STILL_WRONG, 0)).to(torch.int8)
+        return loss.to(self.rows.acc), flags
+
+    def _shard_grad(self, s, t, y, c, i, j):
+        """d loss_rows / d (this shard's student logits), rows [i, j)."""
+        lp, lr, r, cols = self._target(s, t, y, c, i, j)
+        p = lp.exp()
+        if self.divergence == "kl":
+            direction = p - lr.exp()
+        else:
+            _, G = divergence_terms(p, lr.exp(), DIVERGENCES[self.divergence], self.param)
+            direction = torch.where(p > 0, p * (G - r["g_mean"]), 0.0)
+        g = torch.where(r["kd_grad"] != 0, r["kd_grad"] * direction, 0.0)
+        if self.ce_w != 0:
+            g = g + self.ce_w * torch.exp(s - r["Ms"]) / r["Z1"]
+            if y is not None:
+                g = g - self.ce_w * (cols == y[:, None]).to(g.dtype)
+        g = torch.where(c["valid"][i:j, None], g, 0.0)
+        return torch.where(c["bad"][i:j, None], torch.nan, g)
+
+
+def _kl_term(log_x, log_p):
+    x = log_x.exp()
+    return torch.where(x > 0, x * (log_x - log_p), 0.0)
+
+
+def _dtd_sums(s, t, weighting):
+    if weighting == "cosine":  # over the finite pairs
+        finite = torch.isfinite(s) & torch.isfinite(t)
+        s, t = torch.where(finite, s, 0.0), torch.where(finite, t, 0.0)
+        return torch.stack([(s * s).sum(-1), (t * t).sum(-1), (s * t).sum(-1)], -1).double()
+    m = s.max(-1).values
+    return torch.stack([m, torch.exp(s - m[:, None]).sum(-1)], -1).double()
+
+
+class _VocabParallel(torch.autograd.Function):
+    """Forward: the passes and their collectives, the shard's gradient written; backward: that
+    gradient times the upstream gradient (no collective)."""
+
+    @staticmethod
+    def forward(ctx, student, job):
+        loss, temps, flags, grad, count = job.forward(grad=True)
+        ctx.reduction, ctx.shape = job.reduction, student.shape
+        ctx.save_for_backward(grad, count)
+        ctx.mark_non_differentiable(temps, flags)
+        return loss, temps, flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, _t, _f):
+        grad, count = ctx.saved_tensors
+        if ctx.reduction == "none":
+            scale = grad_loss.reshape(-1, 1)
+        elif ctx.reduction == "sum":
+            scale = grad_loss
+        else:
+            scale = grad_loss / count
+        return (grad * scale.to(grad.dtype)).reshape(ctx.shape), None

@@ -1,0 +1,191 @@
+"""Vocab-parallel distillation in 2 and 4 CPU processes (gloo): loss and each rank's gradient
+against the unsharded float64 oracle, with uneven shards, ignored rows, -inf teacher logits,
+labels on every rank; one collective per forward and none in the backward, counted."""
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kdkernels
+import kdkernels.reference as R
+from kdkernels import DynamicTemperature
+
+V = 23
+SPLITS = {2: [0, 9, 23], 4: [0, 5, 11, 18, 23]}  # uneven shards
+
+CASES = [  # (name, loss options, expected collectives in the forward)
+    ("kl", dict(), 1),
+    ("kl-swap-rows-sum", dict(correction="swap", temperature="rows", reduction="sum"), 1),
+    ("kl-rectify-none", dict(correction="rectify", wrong_kd_weight=0.3, reduction="none"), 1),
+    ("kl-smooth-cosine", dict(correction="smooth", temperature=DynamicTemperature(
+        tau0=3.0, beta=1.5)), 2),
+    ("jsd-swap-maxprob-centred", dict(divergence="jsd", jsd_beta=0.3, correction="swap",
+                                      temperature=DynamicTemperature(
+                                          tau0=5.0, beta=0.1, weighting="max_prob", center=True),
+                                      masked=False), 3),
+    ("reverse-kl-rectify", dict(divergence="reverse_kl", correction="rectify", masked=False), 2),
+    ("tv-smooth", dict(divergence="tv", correction="smooth"), 2),
+    ("skew-kl-t2-off", dict(divergence="skew_kl", skew_alpha=0.2, t2_scale=False), 2),
+    ("virtual", dict(virtual_teacher=0.9, temperature=3.0), 1),
+    ("no-labels", dict(labels=False, ce_weight=0.0), 1),
+    ("bf16-3d", dict(dtype=torch.bfloat16, shape=(2, 6), correction="swap"), 1),
+]
+
+
+def _inputs(options, seed):
+    g = torch.Generator().manual_seed(seed)
+    lead = options.get("shape", (12,))
+    s = torch.randn(*lead, V, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(*lead, V, generator=g, dtype=torch.float64) * 3
+    if options.get("masked", True):  # masked classes, never a whole row
+        mask = torch.rand(*lead, V, generator=g) < 0.2
+        mask[..., 0] = False
+        t = t.masked_fill(mask, float("-inf"))
+    y = torch.randint(0, V, lead, generator=g)
+    flat = y.reshape(-1)
+    for k, start in enumerate(SPLITS[4][:-1]):  # a label in every rank's shard
+        flat[k] = start
+    flat[-1] = -100  # an ignored row
+    temp = (torch.rand(lead, generator=g, dtype=torch.float64) * 3 + 0.5)
+    return s, t, y, temp
+
+
+def _case_kwargs(options):
+    kw = {k: v for k, v in options.items() if k not in ("masked", "dtype", "shape", "labels")}
+    return kw
+
+
+def _reference(s, t, y, temp, options):
+    """The unsharded loss in float64 and its gradient, for an upstream gradient `up`."""
+    kw = _case_kwargs(options)
+    reduction = kw.pop("reduction", "mean")
+    temperature = kw.pop("temperature", 4.0)
+    virtual = kw.pop("virtual_teacher", None)
+    C = s.shape[-1]
+    s2 = s.reshape(-1, C).clone().requires_grad_()
+    t2 = None if virtual is not None else t.reshape(-1, C)
+    y2 = y.reshape(-1) if y is not None else None
+    if isinstance(temperature, DynamicTemperature):
+        d = temperature
+        valid = y2 != -100 if y2 is not None else None
+        temperature = R.dtd_temperature(s2, t2, d.tau0, d.beta, d.weighting, d.center, d.tau_min,
+                                        valid=valid)
+    elif isinstance(temperature, str):
+        temperature = temp.reshape(-1)
+    loss, stats = R.distillation_loss(s2, t2, y2, temperature, reduction=reduction,
+                                      virtual_teacher=virtual, **kw)
+    return s2, loss, stats, temperature
+
+
+def _worker(rank, world, port, failures):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    calls = {"n": 0}
+    for name in ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast"):
+        original = getattr(dist, name)
+
+        def counted(*args, _original=original, **kwargs):
+            calls["n"] += 1
+            return _original(*args, **kwargs)
+        setattr(dist, name, counted)
+    start, end = SPLITS[world][rank], SPLITS[world][rank + 1]
+    case = None
+    try:
+        for index, (case, options, expected) in enumerate(CASES):
+            s, t, y, temp = _inputs(options, seed=index)
+            if not options.get("labels", True):
+                y = None
+            dtype = options.get("dtype", torch.float64)
+            kw = _case_kwargs(options)
+            if kw.get("temperature") == "rows":
+                kw["temperature"] = temp.to(dtype)
+            teacher = None if "virtual_teacher" in kw else t[..., start:end].to(dtype)
+            shard = s[..., start:end].to(dtype).clone().requires_grad_()
+            calls["n"] = 0
+            loss, stats = kdkernels.vocab_parallel_distillation_loss(
+                shard, teacher, y, vocab_start=start, vocab_size=V, return_stats=True, **kw)
+            forward_calls = calls["n"]
+            up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(5),
+                            dtype=loss.dtype) + 0.5
+            calls["n"] = 0
+            (grad,) = torch.autograd.grad(loss, shard, up)
+            backward_calls = calls["n"]
+            s_ref, ref, ref_stats, _ = _reference(s, t, y, temp, options)
+            (ref_grad,) = torch.autograd.grad(ref, s_ref, up.double().reshape(ref.shape))
+            ref_grad = ref_grad.reshape(s.shape)[..., start:end]
+            tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(
+                rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(loss.double().reshape(ref.shape), ref, **tol)
+            torch.testing.assert_close(grad.double(), ref_grad, **tol)
+            torch.testing.assert_close(stats.temperature.double().reshape(-1),
+                                       ref_stats["temperature"].reshape(-1), rtol=1e-6, atol=1e-7)
+            if y is not None:
+                assert torch.equal(stats.teacher_correct.reshape(-1), ref_stats["teacher_correct"])
+                assert torch.equal(stats.still_wrong.reshape(-1), ref_stats["still_wrong"])
+            assert forward_calls == expected, f"{case}: {forward_calls} collectives in forward"
+            assert backward_calls == 0, f"{case}: {backward_calls} collectives in backward"
+        # shards that do not tile the vocabulary are refused, on every rank alike
+        s, t, y, _ = _inputs({}, seed=99)
+        with_gap = end - (1 if rank == 0 else 0)
+        try:
+            kdkernels.vocab_parallel_distillation_loss(s[:, start:with_gap], t[:, start:with_gap],
+                                                       y, vocab_start=start, vocab_size=V)
+            raise AssertionError("a gap between shards was accepted")
+        except ValueError as error:
+            assert "do not tile" in str(error)
+    except Exception:  # noqa: BLE001 -- reported by the parent with the rank
+        failures.put(f"rank {rank}/{world}, case {case!r}:\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_loss_and_gradients_match_the_unsharded_oracle(world):
+    context = mp.get_context("spawn")
+    failures = context.SimpleQueue()
+    env_interpret = os.environ.pop("TRITON_INTERPRET", None)  # not needed in the workers
+    try:
+        mp.start_processes(_worker, args=(world, _free_port(), failures), nprocs=world,
+                           start_method="spawn")
+    finally:
+        if env_interpret is not None:
+            os.environ["TRITON_INTERPRET"] = env_interpret
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors, "\n".join(errors)
+
+
+def test_bad_input_is_refused_before_any_collective():
+    s = torch.zeros(3, 5)
+    y = torch.tensor([0, 4, 9])
+    F = kdkernels.vocab_parallel_distillation_loss
+    cases = [
+        (dict(vocab_start=8, vocab_size=10), "shard \\[8, 13\\) is not inside"),
+        (dict(vocab_start=0.5, vocab_size=10), "vocab_start must be an int"),
+        (dict(vocab_start=0, vocab_size=10, teacher=torch.zeros(3, 4)), "does not match"),
+        (dict(vocab_start=0, vocab_size=10,
+              teacher=kdkernels.SparseTeacher(torch.zeros(3, 2, dtype=torch.long),
+                                              torch.zeros(3, 2))), "SparseTeacher is not"),
+        (dict(vocab_start=0, vocab_size=10, target=torch.tensor([0, 4, 10])),
+         "outside \\[0, 10\\)"),
+        (dict(vocab_start=0, vocab_size=10, divergence="hellinger"), "divergence must be"),
+        (dict(vocab_start=0, vocab_size=10), "torch.distributed"),
+    ]
+    for kwargs, message in cases:
+        teacher = kwargs.pop("teacher", torch.zeros(3, 5))
+        target = kwargs.pop("target", y)
+        with pytest.raises((TypeError, ValueError, RuntimeError), match=message):
+            F(s, teacher, target, **kwargs)
