@@ -11,7 +11,10 @@ from . import functional, nn
 from ._core import DistillStats, distillation_loss
 from ._fused_linear import fused_linear_distillation_loss
 from ._options import DynamicTemperature, SparseTeacher
-from ._vocab_parallel import vocab_parallel_distillation_loss
+from ._vocab_parallel import (
+    vocab_parallel_distillation_loss,
+    vocab_parallel_fused_linear_distillation_loss,
+)
 from .nn import (
                  DistillationLoss,
                  FusedLinearDistillationLoss,
@@ -25,7 +28,7 @@ from .ops import backends
 
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "backends", "distillation_loss", "fused_linear_distillation_loss",
-           "vocab_parallel_distillation_loss",
+           "vocab_parallel_distillation_loss", "vocab_parallel_fused_linear_distillation_loss",
            "DistillStats", "DynamicTemperature", "SparseTeacher", "DistillationLoss",
            "FusedLinearDistillationLoss", "KDLoss", "TfKDRegLoss", "PreparingLessonsLoss",
            "TeacherBiasLoss", "TopScoreDifferenceLoss"]

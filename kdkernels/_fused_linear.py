@@ -232,31 +232,61 @@ def _loss_only(job, h, W, b):
     return reduce_rows(loss_rows, job.reduction, job.count), temps, flags
 
 
+class GradientSink:
+    """Takes d loss / d logits a chunk of rows at a time and turns it into the gradients of the
+    hidden states (the chunk's rows), the weight and the bias (accumulated)."""
+
+    def __init__(self, h, W, b, need):
+        need_h, need_w, need_b = need
+        self.h, self.W = h, W
+        self.grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+        self.grad_w = torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_w else None
+        self.grad_b = None
+        if need_b:  # summed over the rows in float32 (float64 for float64)
+            self.grad_b = torch.zeros(W.shape[0], dtype=torch.promote_types(b.dtype,
+                                                                            torch.float32),
+                                      device=b.device)
+        self.b_dtype = None if b is None else b.dtype
+
+    def __call__(self, i, j, g):
+        if self.grad_h is not None:
+            torch.mm(g, self.W.detach(), out=self.grad_h[i:j])
+        if self.grad_w is not None:
+            self.grad_w.addmm_(g.t(), self.h[i:j].detach())
+        if self.grad_b is not None:
+            self.grad_b += g.sum(0, dtype=self.grad_b.dtype)
+
+    def results(self):
+        grad_b = None if self.grad_b is None else self.grad_b.to(self.b_dtype)
+        return self.grad_h, self.grad_w, grad_b
+
+
 def _backward_chunks(job, h, W, b, upstream, need):
     """d loss / d (hidden, weight, bias) over every chunk; ``upstream``: the per-row upstream
     gradients ([N], for "none") or None (rows summed)."""
-    need_h, need_w, need_b = need
-    grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-    grad_w = torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_w else None
-    grad_b = None
-    if need_b:  # summed over the rows in float32 (float64 for float64)
-        grad_b = torch.zeros(W.shape[0], dtype=torch.promote_types(b.dtype, torch.float32),
-                             device=b.device)
+    sink = GradientSink(h, W, b, need)
     parts = []
     for i, j in job.chunks(h.shape[0]):
         loss_rows, g, temps, flags = job.run(h, W, b, i, j, True)
         parts.append((loss_rows, temps, flags))
         if upstream is not None:
             g = g * upstream[i:j, None].to(g.dtype)
-        if need_h:
-            torch.mm(g, W, out=grad_h[i:j])
-        if need_w:
-            grad_w.addmm_(g.t(), h[i:j])
-        if need_b:
-            grad_b += g.sum(0, dtype=grad_b.dtype)
+        sink(i, j, g)
         del g
     loss_rows, temps, flags = (torch.cat([p[k] for p in parts]) for k in range(3))
-    return loss_rows, temps, flags, grad_h, grad_w, (grad_b.to(b.dtype) if need_b else None)
+    return (loss_rows, temps, flags) + sink.results()
+
+
+def scale_saved(grads, grad_loss, reduction, count):
+    """The backward of a loss whose gradients the forward computed for a sum over rows: each
+    times the upstream gradient (divided by the count for "mean"), in place on their last
+    use."""
+    scale = grad_loss if reduction == "sum" else grad_loss / count
+    keep = torch._C._autograd._get_current_graph_task_keep_graph()
+    if scale.dim() == 0 and _host_scalars(scale) and scale.item() == 1.0 and not keep:
+        return grads  # loss.backward() with "sum": as computed
+    return tuple(None if g is None else (g * scale.to(g.dtype) if keep
+                                         else g.mul_(scale.to(g.dtype))) for g in grads)
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -286,15 +316,4 @@ class _FusedLinearDistill(torch.autograd.Function):
             grads = _backward_chunks(job, h, W, b, grad_loss.reshape(-1), ctx.need)[3:]
             return (*grads, None)
         gh, gw, gb, count = ctx.saved_tensors
-        scale = grad_loss if job.reduction == "sum" else grad_loss / count
-        keep = torch._C._autograd._get_current_graph_task_keep_graph()
-        if scale.dim() == 0 and _host_scalars(scale) and scale.item() == 1.0 and not keep:
-            return gh, gw, gb, None  # loss.backward() with "sum": as computed
-        out = []
-        for grad in (gh, gw, gb):
-            if grad is None:
-                out.append(None)
-            else:  # in place on the last use of the saved gradients
-                s = scale.to(grad.dtype)
-                out.append(grad * s if keep else grad.mul_(s))
-        return (*out, None)
+        return (*scale_saved((gh, gw, gb), grad_loss, job.reduction, count), None)

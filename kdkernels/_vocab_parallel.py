@@ -96,10 +96,97 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
         loss = s.sum() * 0 if reduction != "none" else s.sum(-1).reshape(-1) * 0
         loss, temps = loss.to(acc), torch.zeros(0, dtype=acc, device=s.device)
         flags = torch.zeros(0, dtype=torch.int8, device=s.device)
-    elif job.needs_grad:
+    elif torch.is_grad_enabled() and s.requires_grad:
         loss, temps, flags = _VocabParallel.apply(s, job)
     else:
-        loss, temps, flags = job.forward(grad=False)[:3]
+        loss, temps, flags = job.prepare()[:3]
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    return loss, stats_from(flags, temps, lead, target is not None)
+
+
+def vocab_parallel_fused_linear_distillation_loss(
+        student_hidden, student_weight, teacher=None, target=None, *, vocab_start, vocab_size,
+        group=None, student_bias=None, teacher_weight=None, teacher_bias=None, temperature=4.0,
+        kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None, correction=None, smooth_eps=0.1,
+        virtual_teacher=None, t2_scale=True, divergence="kl", jsd_beta=0.5, skew_alpha=0.1,
+        ignore_index=-100, reduction="mean", return_stats=False, chunk_size=None,
+        memory_budget=None):
+    r""":func:`vocab_parallel_distillation_loss` from hidden states and this rank's shard of
+    the lm_head (``student_weight`` [V_local, H], the rows ``[vocab_start, vocab_start +
+    V_local)`` of the full weight), the logits computed a chunk of rows at a time as in
+    :func:`fused_linear_distillation_loss`; the teacher as hidden states with its weight's
+    shard, or as its logits' shard. Still one collective per forward: every pass over the
+    chunks computes the logits again (the statistics, then the gradient).
+
+    The gradient of ``student_hidden`` is this rank's part: the sum over the ranks is the
+    whole (tensor-parallel frameworks all-reduce it where the hidden states enter the
+    vocab-parallel lm_head, e.g. Megatron's copy to the tensor-parallel region).
+    """
+    from ._fused_linear import _check_linear, check_chunking
+    hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
+                 correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
+                 t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
+                 skew_alpha=skew_alpha, ignore_index=ignore_index)
+    check_options(temperature=temperature, reduction=reduction, **hyper)
+    check_chunking(chunk_size, memory_budget)
+    h, W = student_hidden, student_weight
+    _check_linear("student", h, W, student_bias)
+    lead, width = h.shape[:-1], W.shape[0]
+    _check_shard(vocab_start, vocab_size, width)
+    teacher_like = None
+    if teacher_weight is not None:
+        _check_linear("teacher", teacher, teacher_weight, teacher_bias)
+        if teacher.shape[:-1] != lead or teacher_weight.shape[0] != width:
+            raise ValueError(f"teacher hidden states {tuple(teacher.shape)} and weight shard "
+                             f"{tuple(teacher_weight.shape)} do not give logits of shape "
+                             f"{tuple(lead) + (width,)}")
+        teacher_like = teacher.new_empty(()).expand(*lead, vocab_size)
+    elif isinstance(teacher, SparseTeacher):
+        raise ValueError("a SparseTeacher is not offered in the vocab-parallel form (its k "
+                         "classes would need routing to the ranks that hold them)")
+    elif teacher is not None:
+        check_floating("teacher", teacher)
+        if teacher.shape != lead + (width,):
+            raise ValueError(f"teacher logits shard {tuple(teacher.shape)} does not match "
+                             f"{tuple(lead) + (width,)}")
+        teacher_like = teacher.new_empty(()).expand(*lead, vocab_size)
+    full = h.new_empty(()).expand(*lead, vocab_size)
+    temperature = check_tensors(full, teacher_like, target, temperature, **hyper)
+    if group is None and not dist.is_initialized():
+        raise RuntimeError("vocab-parallel distillation needs torch.distributed initialised "
+                           "(dist.init_process_group) or a group")
+    H = h.shape[-1]
+    h2 = h.reshape(-1, H)
+    N = h2.shape[0]
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    temp_rows = (temperature.detach().reshape(-1).to(acc)
+                 if isinstance(temperature, torch.Tensor) else None)
+    if chunk_size is None:
+        budget = memory_budget or max(32 << 20, W.numel() * W.element_size() // 2)
+        per_row = width * (2 * h.element_size()
+                           + (teacher.element_size() if teacher is not None else 0))
+        chunk_size = max(1, min(N, budget // per_row))
+    t2 = None
+    if teacher is not None:
+        t2 = teacher.reshape(-1, teacher.shape[-1])
+    rows = _LinearRows(h2, W, student_bias, t2, teacher_weight, teacher_bias,
+                       None if target is None else target.reshape(-1).long(), temp_rows,
+                       vocab_start, vocab_size, virtual_teacher, chunk_size)
+    job = _Job(rows, hyper, temperature, vocab_size, group, reduction)
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (h, W, student_bias))
+    if N == 0:
+        loss = sum(x.sum() * 0 for x in (h2, W, student_bias) if x is not None).to(acc)
+        loss = loss.expand(0) if reduction == "none" else loss
+        temps = torch.zeros(0, dtype=acc, device=h.device)
+        flags = torch.zeros(0, dtype=torch.int8, device=h.device)
+    elif wants_grad:
+        loss, temps, flags = _VocabParallelLinear.apply(h2, W, student_bias, job)
+    else:
+        loss, temps, flags = job.prepare()[:3]
     if reduction == "none":
         loss = loss.reshape(lead)
     if not return_stats:
@@ -123,8 +210,8 @@ class _Rows:
     def __init__(self, student, teacher, target, temp_rows, vocab_start, acc, chunk):
         self.student, self.teacher, self.target = student, teacher, target
         self.temp_rows, self.vocab_start, self.acc, self.chunk = temp_rows, vocab_start, acc, chunk
-        self.N = student.shape[0]
-        self.width = student.shape[1]
+        self.N, self.width = student.shape
+        self.device, self.dtype = student.device, student.dtype
 
     @classmethod
     def from_logits(cls, s, t, target, temperature, vocab_start, vocab_size, hyper):
@@ -145,7 +232,7 @@ class _Rows:
 
     def logits(self, i, j):
         """(student rows, teacher rows) in the accumulation dtype, and the rows' local labels."""
-        s = self.student[i:j].detach().to(self.acc)
+        s = self.student_rows(i, j).to(self.acc)
         y = None if self.target is None else self.target[i:j]
         if self.virtual is not None:  # Tf-KD reg's teacher, this rank's columns of it
             a, C = self.virtual, self.vocab_size
@@ -156,8 +243,45 @@ class _Rows:
             t.scatter_(1, torch.where(owns, local, 0)[:, None],
                        torch.where(owns, s.new_tensor(math.log(a)), s.new_tensor(rest))[:, None])
         else:
-            t = self.teacher[i:j].to(self.acc)
+            t = self.teacher_rows(i, j).to(self.acc)
         return s, t, y
+
+    def student_rows(self, i, j):
+        return self.student[i:j].detach()
+
+    def teacher_rows(self, i, j):
+        return self.teacher[i:j]
+
+
+class _LinearRows(_Rows):
+    """Rows from hidden states and this rank's shard of each lm_head, a chunk at a time (the
+    fused linear path): the logits are computed again by each pass."""
+
+    def __init__(self, h, W, b, teacher, teacher_weight, teacher_bias, target, temp_rows,
+                 vocab_start, vocab_size, virtual, chunk):
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        self.h, self.W, self.b = h.detach(), W.detach(), None if b is None else b.detach()
+        self.t_hidden = teacher.detach() if teacher_weight is not None else None
+        self.t_weight = None if teacher_weight is None else teacher_weight.detach()
+        self.t_bias = None if teacher_bias is None else teacher_bias.detach()
+        self.student, self.teacher, self.target = None, (
+            None if teacher is None or teacher_weight is not None else teacher.detach()), target
+        self.temp_rows, self.vocab_start, self.acc, self.chunk = temp_rows, vocab_start, acc, chunk
+        self.N, self.width = h.shape[0], W.shape[0]
+        self.device, self.dtype = h.device, h.dtype
+        self.virtual, self.vocab_size = virtual, vocab_size
+
+    def student_rows(self, i, j):
+        with torch.no_grad():
+            logits = self.h[i:j] @ self.W.t()
+            return logits + self.b if self.b is not None else logits
+
+    def teacher_rows(self, i, j):
+        if self.t_hidden is None:
+            return self.teacher[i:j]
+        with torch.no_grad():
+            logits = self.t_hidden[i:j] @ self.t_weight.t()
+            return logits + self.t_bias if self.t_bias is not None else logits
 
 
 class _Job:
@@ -166,7 +290,6 @@ class _Job:
     def __init__(self, rows, hyper, temperature, vocab_size, group, reduction):
         self.rows, self.hyper, self.temperature = rows, hyper, temperature
         self.C, self.group, self.reduction = vocab_size, group, reduction
-        self.needs_grad = torch.is_grad_enabled() and rows.student.requires_grad
         h = hyper
         self.ce_w = float(h["ce_weight"])
         self.kd_w = float(h["kd_weight"])
@@ -194,11 +317,12 @@ class _Job:
 
     # ---- the forward -----------------------------------------------------------------------
 
-    def forward(self, grad):
-        """(loss, temperatures, flags, gradient of this shard or None)."""
+    def prepare(self):
+        """The passes and their collectives: (loss, temperatures, flags, the rows' combined
+        statistics, the count "mean" divides by)."""
         collectives["forward"] = 0
         rows = self.rows
-        N, acc, dev = rows.N, rows.acc, rows.student.device
+        N, acc, dev = rows.N, rows.acc, rows.device
         y = rows.target
         valid = (torch.ones(N, dtype=torch.bool, device=dev) if y is None
                  else y != self.hyper["ignore_index"])
@@ -214,19 +338,25 @@ class _Job:
             sums = self._all_reduce(sums)
             c["D"], c["g_mean"] = sums[:, 0], sums[:, 1]
         loss_rows, flags = self._loss_rows(c, valid)
-        g = None
-        if grad:
-            g = torch.cat([self._shard_grad(*rows.logits(i, j), c, i, j)
-                           for i, j in rows.chunks()]).to(rows.student.dtype)
         count = None
         if self.reduction == "mean":
             count = valid.sum().clamp(min=1).to(acc) if y is not None else torch.tensor(
                 float(N), dtype=acc, device=dev)
-        return reduce_rows(loss_rows, self.reduction, count), T, flags, g, count
+        return reduce_rows(loss_rows, self.reduction, count), T, flags, c, count
+
+    def gradient_pass(self, c, sink, upstream=None):
+        """sink(i, j, d loss_rows / d logits of rows [i, j), times `upstream` per row if
+        given) for every chunk: no collective."""
+        rows = self.rows
+        for i, j in rows.chunks():
+            g = self._shard_grad(*rows.logits(i, j), c, i, j)
+            if upstream is not None:
+                g = g * upstream[i:j, None].to(g.dtype)
+            sink(i, j, g.to(rows.dtype))
 
     def _temperatures(self, valid):
         rows, acc = self.rows, self.rows.acc
-        N, dev = rows.N, rows.student.device
+        N, dev = rows.N, rows.device
         temp = self.temperature
         if isinstance(temp, DynamicTemperature):  # its weights first: one small collective
             local = torch.cat([_dtd_sums(*rows.logits(i, j)[:2], temp.weighting)
@@ -444,13 +574,52 @@ def _dtd_sums(s, t, weighting):
     return torch.stack([m, torch.exp(s - m[:, None]).sum(-1)], -1).double()
 
 
+class _VocabParallelLinear(torch.autograd.Function):
+    """The fused linear form: "mean" / "sum" write the hidden states', weight's and bias's
+    gradients in the forward (the backward scales them); "none" runs the gradient pass again
+    in the backward with each row's upstream gradient. No collective in the backward."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, job):
+        from ._fused_linear import GradientSink
+        loss, temps, flags, c, count = job.prepare()
+        ctx.job, ctx.need = job, ctx.needs_input_grad[:3]
+        if job.reduction == "none":
+            ctx.c = c
+            ctx.save_for_backward(h, W, b)
+        else:
+            sink = GradientSink(h, W, b, ctx.need)
+            job.gradient_pass(c, sink)
+            ctx.save_for_backward(*sink.results(), count)
+        ctx.mark_non_differentiable(temps, flags)
+        return loss, temps, flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, _t, _f):
+        from ._fused_linear import GradientSink, scale_saved
+        job = ctx.job
+        if job.reduction == "none":
+            h, W, b = ctx.saved_tensors
+            sink = GradientSink(h, W, b, ctx.need)
+            job.gradient_pass(ctx.c, sink, upstream=grad_loss.reshape(-1))
+            return (*sink.results(), None)
+        gh, gw, gb, count = ctx.saved_tensors
+        return (*scale_saved((gh, gw, gb), grad_loss, job.reduction, count), None)
+
+
 class _VocabParallel(torch.autograd.Function):
     """Forward: the passes and their collectives, the shard's gradient written; backward: that
     gradient times the upstream gradient (no collective)."""
 
     @staticmethod
     def forward(ctx, student, job):
-        loss, temps, flags, grad, count = job.forward(grad=True)
+        loss, temps, flags, c, count = job.prepare()
+        grad = torch.empty(job.rows.N, job.rows.width, dtype=student.dtype,
+                           device=student.device)
+
+        def write(i, j, g):
+            grad[i:j] = g
+        job.gradient_pass(c, write)
         ctx.reduction, ctx.shape = job.reduction, student.shape
         ctx.save_for_backward(grad, count)
         ctx.mark_non_differentiable(temps, flags)

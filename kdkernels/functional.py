@@ -12,10 +12,14 @@ from ._core import DistillStats, check_reduction, distillation_loss, reduce_rows
 from ._dtd import dtd_weights, temperature_from_weights
 from ._fused_linear import fused_linear_distillation_loss
 from ._options import DynamicTemperature, SparseTeacher
-from ._vocab_parallel import vocab_parallel_distillation_loss
+from ._vocab_parallel import (
+    vocab_parallel_distillation_loss,
+    vocab_parallel_fused_linear_distillation_loss,
+)
 
 __all__ = ["distillation_loss", "fused_linear_distillation_loss",
-           "vocab_parallel_distillation_loss", "kd_loss", "tfkd_reg_loss",
+           "vocab_parallel_distillation_loss", "vocab_parallel_fused_linear_distillation_loss",
+           "kd_loss", "tfkd_reg_loss",
            "dtd_temperature", "preparing_lessons_loss", "teacher_bias_loss", "teacher_bias_gamma",
            "top_score_difference_loss", "DynamicTemperature", "SparseTeacher", "DistillStats"]
 

@@ -24,6 +24,12 @@ class _Loss(torch.nn.Module):
         check_options(**options, ignore_index=ignore_index, reduction=reduction, backend=backend)
         self._options = options
 
+    def primitive_options(self):
+        """The keywords of :func:`kdkernels.functional.distillation_loss` this module calls it
+        with (its hyper-parameters as the method maps them, ignore_index, reduction): e.g. for
+        :func:`kdkernels.vocab_parallel_distillation_loss`."""
+        return dict(self._options, ignore_index=self.ignore_index, reduction=self.reduction)
+
     def _loss(self, student_logits, teacher_logits, target, return_stats, **overrides):
         return F.distillation_loss(student_logits, teacher_logits, target,
                                    **dict(self._options, **overrides),

@@ -133,6 +133,26 @@ def test_two_process_gloo_run(tmp_path):
     assert all(0.3 < e["last"] <= 1 for e in rows)
 
 
+@pytest.mark.slow
+def test_vocab_parallel_students_train_as_one_process_does(tmp_path):
+    """--vocab-parallel under torchrun (2 gloo processes, the classifier split 5 + 5 classes):
+    the students end with the weights a single process trains (up to float32 rounding)."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    args = ["--methods", "kd,teacher_bias", "--seeds", "1", "--epochs", "3", "--no-progress"]
+    shared = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+              "--master_port", "29519", "-m", "kdkernels.train", "--vocab-parallel"]
+    done = subprocess.run(shared + args + ["--out", str(tmp_path / "vp")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes (students vocab-parallel)" in done.stdout
+    assert cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+    for name in ("kd", "teacher_bias"):
+        sharded, whole = (torch.load(tmp_path / run / "checkpoints" / f"{name}-seed0.pt",
+                                     weights_only=False)["model"] for run in ("vp", "one"))
+        for key in whole:
+            torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-5)
+
+
 def _write_cifar(folder, name, n=40):
     rng = np.random.default_rng(0)
     files, tests, key, classes, sub = data.CIFAR_FILES[name]

@@ -130,6 +130,9 @@ def _worker(rank, world, port, failures):
                 assert torch.equal(stats.still_wrong.reshape(-1), ref_stats["still_wrong"])
             assert forward_calls == expected, f"{case}: {forward_calls} collectives in forward"
             assert backward_calls == 0, f"{case}: {backward_calls} collectives in backward"
+        for index, linear_case in enumerate(LINEAR_CASES):
+            case, options, expected = linear_case  # `case` names the failure in the report
+            _linear_case(options, expected, start, end, index, calls)
         # shards that do not tile the vocabulary are refused, on every rank alike
         s, t, y, _ = _inputs({}, seed=99)
         with_gap = end - (1 if rank == 0 else 0)
@@ -143,6 +146,61 @@ def _worker(rank, world, port, failures):
         failures.put(f"rank {rank}/{world}, case {case!r}:\n{traceback.format_exc()}")
     finally:
         dist.destroy_process_group()
+
+
+LINEAR_CASES = [  # the fused linear form: hidden states and each rank's rows of the lm_head
+    ("linear-kl-hidden", dict(teacher="hidden", chunk_size=5), 1),
+    ("linear-swap-none-logits", dict(teacher="logits", correction="swap", reduction="none",
+                                     chunk_size=4), 1),
+    ("linear-jsd-centred", dict(teacher="hidden", divergence="jsd", temperature=DynamicTemperature(
+        tau0=3.0, beta=2.0, center=True)), 3),
+]
+
+
+def _linear_case(options, expected, start, end, seed, calls):
+    g = torch.Generator().manual_seed(100 + seed)
+    N, H, Ht = 12, 6, 5
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(V, H, generator=g, dtype=torch.float64)
+    b = torch.randn(V, generator=g, dtype=torch.float64)
+    ht = torch.randn(N, Ht, generator=g, dtype=torch.float64)
+    Wt = torch.randn(V, Ht, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (N,), generator=g)
+    y[0] = -100
+    kw = {k: v for k, v in options.items() if k != "teacher"}
+    leaves = [x.clone().requires_grad_() for x in (h, W[start:end], b[start:end])]
+    if options["teacher"] == "hidden":
+        teacher = dict(teacher=ht, teacher_weight=Wt[start:end])
+    else:
+        teacher = dict(teacher=(ht @ Wt.t())[:, start:end])
+    calls["n"] = 0
+    loss = kdkernels.vocab_parallel_fused_linear_distillation_loss(
+        leaves[0], leaves[1], target=y, student_bias=leaves[2], vocab_start=start, vocab_size=V,
+        **teacher, **kw)
+    assert calls["n"] == expected, f"{calls['n']} collectives in the forward"
+    up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(6),
+                    dtype=loss.dtype) + 0.5
+    calls["n"] = 0
+    grads = torch.autograd.grad(loss, leaves, up)
+    assert calls["n"] == 0, f"{calls['n']} collectives in the backward"
+    full = [x.clone().requires_grad_() for x in (h, W, b)]
+    reduction = kw.pop("reduction", "mean")
+    temperature = kw.pop("temperature", 4.0)
+    kw.pop("chunk_size", None)
+    logits = full[0] @ full[1].t() + full[2]
+    t_full = ht @ Wt.t()
+    if isinstance(temperature, DynamicTemperature):
+        d = temperature
+        temperature = R.dtd_temperature(logits, t_full, d.tau0, d.beta, d.weighting, d.center,
+                                        d.tau_min, valid=y != -100)
+    ref = R.distillation_loss(logits, t_full, y, temperature, reduction=reduction, **kw)[0]
+    ref_grads = torch.autograd.grad(ref, full, up)
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=1e-10)
+    grad_h = grads[0].clone()
+    dist.all_reduce(grad_h)  # each rank's part of the hidden states' gradient: their sum
+    torch.testing.assert_close(grad_h, ref_grads[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(grads[1], ref_grads[1][start:end], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(grads[2], ref_grads[2][start:end], rtol=1e-9, atol=1e-10)
 
 
 def _free_port():

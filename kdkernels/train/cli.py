@@ -83,7 +83,8 @@ def headline(cfg, data, world, device):
             f"test), teacher {cfg.teacher_arch} ({cfg.teacher_epochs} epochs{swap}), student "
             f"{cfg.student_arch} ({cfg.epochs} epochs), {plural(cfg.seeds, 'seed')}, "
             f"{plural(len(cfg.method_list), 'method')}, "
-            f"{plural(world, 'process', 'processes')} on {device} "
+            f"{plural(world, 'process', 'processes')}"
+            f"{' (students vocab-parallel)' if cfg.vocab_parallel else ''} on {device} "
             f"({plural(torch.get_num_threads(), 'thread')} each); "
             f"backend {resolve('auto', device).NAME}; run folder {cfg.out}")
 

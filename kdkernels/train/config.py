@@ -30,7 +30,8 @@ DEFAULTS = {  # per data set: the small ones run in minutes on 2 CPU cores
 SAVED_KEYS = ["dataset", "data_dir", "methods", "seeds", "epochs", "teacher_epochs", "batch_size",
               "lr", "weight_decay", "teacher_arch", "student_arch", "temperature", "kd_weight",
               "ce_weight", "tau0", "beta", "smooth_eps", "ls_eps", "tfkd_a", "tfkd_temperature",
-              "tsd_eta", "tsd_k", "generations", "teacher_swap_pairs", "teacher_swap_fraction"]
+              "tsd_eta", "tsd_k", "generations", "teacher_swap_pairs", "teacher_swap_fraction",
+              "vocab_parallel"]
 
 DEFAULT_SWAP_FRACTION = 0.6
 
@@ -77,6 +78,10 @@ def parser(description=None):
                    help="fraction of each listed class's training rows whose label goes to its "
                         f"partner (default {DEFAULT_SWAP_FRACTION}; above 0.5 the teacher "
                         "learns the exchange)")
+    p.add_argument("--vocab-parallel", action="store_true",
+                   help="under torchrun: split each distilled student's classifier by its output "
+                        "classes across the processes, with the loss in its vocab-parallel form "
+                        "(one collective per step); the other models train data-parallel")
     p.add_argument("--out", help="run folder (default runs/<dataset>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")

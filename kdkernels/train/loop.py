@@ -1,13 +1,18 @@
 """One model's training: deterministic batches, checkpoints written atomically, exact resume,
-DistributedDataParallel when launched by torchrun."""
+DistributedDataParallel when launched by torchrun, or (--vocab-parallel) the classifier split by
+its output classes across the processes, with the loss in its vocab-parallel form."""
 import os
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import kdkernels
+
 from .data import augment
+from .models import features_and_head
 from .progress import Progress, mode
 
 
@@ -28,6 +33,43 @@ def distributed():
 
 def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This process's classes [start, end) of `size` under --vocab-parallel. Every process sees
+    the whole batch and holds the whole model, but computes only its columns of the student's
+    classifier and of the loss (kdkernels.vocab_parallel_distillation_loss: one collective per
+    step); the parameters' gradients, each process's part of the one loss, are then summed."""
+    start: int
+    end: int
+    size: int
+
+    @classmethod
+    def of_rank(cls, size, rank, world):
+        bounds = [size * r // world for r in range(world + 1)]  # as even as the classes allow
+        return cls(bounds[rank], bounds[rank + 1], size)
+
+    def student_logits(self, model, x):
+        features, head = features_and_head(model)
+        bias = head.bias[self.start:self.end] if head.bias is not None else None
+        return torch.nn.functional.linear(features(x), head.weight[self.start:self.end], bias)
+
+    def columns(self, logits):
+        return logits[:, self.start:self.end]
+
+    def loss(self, module, s, t, y):
+        return kdkernels.vocab_parallel_distillation_loss(
+            s, t, y, vocab_start=self.start, vocab_size=self.size, return_stats=True,
+            **module.primitive_options())
+
+    @staticmethod
+    def sum_gradients(model):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def save_atomically(obj, path):
@@ -84,7 +126,10 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
     epochs = epochs or cfg.epochs
     model.to(device)
     net = model
-    if distributed():
+    shard = None  # --vocab-parallel: this process's classes (for losses on kdkernels' primitive)
+    if getattr(cfg, "vocab_parallel", False) and getattr(loss_fn, "shardable", False):
+        shard = VocabShard.of_rank(data.num_classes, rank, world)
+    elif distributed():
         net = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
                                 weight_decay=cfg.weight_decay, nesterov=True)
@@ -112,23 +157,32 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
         totals = {"rows": 0, "wrong": 0, "fixed": 0, "temperature": 0.0}
         batches = range(0, len(order), cfg.batch_size)
         for start in batches:
-            idx = order[start:start + cfg.batch_size][rank::world]
+            idx = order[start:start + cfg.batch_size]
+            if shard is None:  # data parallel: a slice of the batch per process
+                idx = idx[rank::world]
             x, y = x_train[idx].to(device), y_train[idx].to(device)
             if data.image:
                 x = augment(x, g)
             with autocast():
-                logits = net(x)
+                logits = net(x) if shard is None else shard.student_logits(model, x)
                 t_logits = None
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(x)
-            loss = loss_fn(logits.float(), None if t_logits is None else t_logits.float(), y,
-                           epoch)
+                        if shard is not None:
+                            t_logits = shard.columns(t_logits)
+            t_logits = None if t_logits is None else t_logits.float()
+            if shard is None:
+                loss = loss_fn(logits.float(), t_logits, y, epoch)
+            else:
+                loss = loss_fn(logits.float(), t_logits, y, epoch, shard=shard)
             if isinstance(loss, tuple):
                 loss, stats = loss
                 _accumulate(totals, stats)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if shard is not None:
+                shard.sum_gradients(model)
             optimizer.step()
         scheduler.step()
         acc = accuracy(model, data.x_test, data.y_test, cfg, device, autocast)

@@ -17,7 +17,9 @@ class Method:
     corrects: bool = False  # changes the teacher's values on the rows where it is wrong
 
 
-# Each maker returns fn(student_logits, teacher_logits, y, epoch) -> loss or (loss, stats).
+# Each maker returns fn(student_logits, teacher_logits, y, epoch) -> loss or (loss, stats). The
+# losses on kdkernels' primitive also take `shard` (loop.VocabShard, --vocab-parallel): the
+# logits are then this rank's columns, and the loss is the vocab-parallel one.
 
 def _ce(cfg):
     ce = torch.nn.CrossEntropyLoss()
@@ -29,10 +31,21 @@ def _label_smoothing(cfg):
     return lambda s, t, y, epoch: ce(s, y)
 
 
+def _distil(loss, before_step=None):
+    """fn(s, t, y, epoch, shard=None) for a kdkernels loss module, with statistics."""
+    def fn(s, t, y, epoch, shard=None):
+        if before_step is not None:
+            before_step(epoch)
+        if shard is None:
+            return loss(s, t, y, return_stats=True)
+        return shard.loss(loss, s, t, y)
+    fn.shardable = True
+    return fn
+
+
 def _shared(name, **hyper):
     """A loss from the one table of methods (kdkernels.reference.methods), with statistics."""
-    loss = LOSSES[name].fused(**hyper)
-    return lambda s, t, y, epoch: loss(s, t, y, return_stats=True)
+    return _distil(LOSSES[name].fused(**hyper))
 
 
 def _kd(cfg):
@@ -57,11 +70,7 @@ def _lessons(correction, weighting=None):
 def _teacher_bias(cfg):
     loss = LOSSES["teacher_bias"].fused(total_epochs=cfg.epochs, gamma=None,
                                         temperature=cfg.temperature)
-
-    def fn(s, t, y, epoch):
-        loss.set_epoch(epoch)  # gamma = epoch / total_epochs
-        return loss(s, t, y, return_stats=True)
-    return fn
+    return _distil(loss, before_step=loss.set_epoch)  # gamma = epoch / total_epochs
 
 
 def top_score_difference(cfg):

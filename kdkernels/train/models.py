@@ -46,9 +46,12 @@ class CifarResNet(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(in_planes, num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         x = self.blocks(torch.relu(self.bn(self.conv(x))))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
 
 
 RESNETS = {
@@ -71,3 +74,13 @@ def build(name, dataset):
     if name in MLPS:
         return mlp(dataset.x_train[0].numel(), dataset.num_classes, MLPS[name])
     raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
+
+
+def features_and_head(model):
+    """(features function, the final nn.Linear): the classifier that --vocab-parallel splits by
+    its output classes."""
+    if isinstance(model, CifarResNet):
+        return model.features, model.fc
+    if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
+        return model[:-1], model[-1]
+    raise ValueError(f"no final linear classifier found in {type(model).__name__}")
