@@ -63,6 +63,20 @@ def test_lm_harness_prints_the_fused_ratios(tmp_path):
     assert table.strip() in done.stdout
 
 
+def test_vocab_parallel_benchmark_counts_bytes_and_collectives(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.vocab_parallel", "--rows", "16", "--vocab", "300",
+         "--dtypes", "fp32", "--reps", "1", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = open(os.path.join(tmp_path, "vocab-parallel.md")).read()
+    # 17 float64 statistics per row; the logits' way sends 2 x 150 fp32 values per row
+    assert "| fp32 | kdkernels-vocab-parallel | 1 / 0 | 136 | 136 |" in table
+    assert "| fp32 | all-gather-logits | 2 / 0 | 1200 | 1200 |" in table
+
+
 def _row(method, shape, contender, ms, eager_ms):
     return dict(method=method, shape=shape, dtype="fp32", mode="fwd+bwd", contender=contender,
                 median_ms=ms, speedup_vs_eager=round(eager_ms / ms, 3), peak_extra_mib=None,
