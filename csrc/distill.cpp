@@ -376,6 +376,20 @@ struct RowOut {
   int8_t flags;
 };
 
+// A row's loss (its KD part and CE at T = 1) and flags.
+template <typename acc_t>
+RowOut finish_row(acc_t kd_part, acc_t ce_w, acc_t z1, acc_t ms, acc_t s_y, bool labelled,
+                  bool wrong, bool still_wrong, acc_t T) {
+  double loss = static_cast<double>(kd_part);
+  if (ce_w != 0) loss += static_cast<double>(ce_w * (std::log(z1) + ms - s_y));
+  int8_t flags = 0;
+  if (labelled) {
+    flags = static_cast<int8_t>((wrong ? 0 : kFlagTeacherCorrect) |
+                                (still_wrong ? kFlagStillWrong : 0));
+  }
+  return {loss, static_cast<double>(T), flags};
+}
+
 // One row. s, t: C values (t already built for the virtual teacher). g: C outputs (acc_t).
 // bp, bq, b1, bd: scratch of C values each.
 template <typename acc_t>
@@ -551,16 +565,11 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     }
     q_coef = const_term = fix_y = fix_b = 0;
   }
-  double loss = static_cast<double>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * kl);
   const acc_t ce_w = acc_t(o.ce_weight);
-  if (ce_w != 0) loss += static_cast<double>(ce_w * (std::log(z1) + ms - s[y]));
-
-  int8_t flags = 0;
-  if (labelled) {
-    flags = static_cast<int8_t>((wrong ? 0 : kFlagTeacherCorrect) |
-                                (still_wrong ? kFlagStillWrong : 0));
-  }
-  if (!o.compute_grad) return {loss, static_cast<double>(T), flags};
+  const RowOut out = finish_row<acc_t>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * kl, ce_w, z1,
+                                       ms, labelled ? s[y] : acc_t(0), labelled, wrong,
+                                       still_wrong, T);
+  if (!o.compute_grad) return out;
 
   // Pass 3: the gradient, kd_grad (p - target) + ce_w (softmax(s) - onehot(y)).
   // every gradient coefficient carries the caller's scale (1 / rows for "mean" on the CPU)
@@ -586,7 +595,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     g[y] += gs * (fix_y - ce_w);
     g[b] += gs * fix_b;
   }
-  return {loss, static_cast<double>(T), flags};
+  return out;
 }
 
 // One row against a sparse (top-k) teacher: v, idx its k values and class ids (a negative or
@@ -770,14 +779,10 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
   if (!has_teacher) D = 0;
   const acc_t kd_w = has_teacher ? acc_t(wrong ? o.wrong_kd_weight : o.kd_weight) : acc_t(0);
   const acc_t kd_grad = kd_w * (o.t2_scale ? T : inv_t);
-  double loss = static_cast<double>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * D);
-  if (ce_w != 0) loss += static_cast<double>(ce_w * (std::log(z1) + ms - s[y]));
-  int8_t flags = 0;
-  if (labelled) {
-    flags = static_cast<int8_t>((wrong ? 0 : kFlagTeacherCorrect) |
-                                (still_wrong ? kFlagStillWrong : 0));
-  }
-  if (!o.compute_grad) return {loss, static_cast<double>(T), flags};
+  const RowOut out = finish_row<acc_t>(kd_w * (o.t2_scale ? T * T : acc_t(1)) * D, ce_w, z1,
+                                       ms, labelled ? s[y] : acc_t(0), labelled, wrong,
+                                       still_wrong, T);
+  if (!o.compute_grad) return out;
 
   // The gradient: kd_grad p_j (G of j's outcome - sum p G) + ce_w (softmax(s) - onehot(y)); the
   // rest's coefficient everywhere, then the explicit outcomes' classes.
@@ -804,7 +809,7 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
     if (extra) explicit_class(y, k);
   }
   if (labelled) g[y] -= gs * ce_w;
-  return {loss, static_cast<double>(T), flags};
+  return out;
 }
 
 template <typename acc_t>

@@ -316,11 +316,26 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
     temperature = check_tensors(s, teacher_logits, target, temperature, **hyper)
     plan = _plan(s, teacher_logits, target, temperature, reduction, backend, hyper)
     loss, temperature_used, flags = _run(plan, reduction)
+    return finish(loss, temperature_used, flags, s.shape[:-1], reduction, return_stats,
+                  target is not None)
+
+
+def finish(loss, temperature, flags, lead, reduction, return_stats, labelled):
+    """What the losses return: the loss shaped like the rows for "none", and the stats."""
     if reduction == "none":
-        loss = loss.reshape(s.shape[:-1])
+        loss = loss.reshape(lead)
     if not return_stats:
         return loss
-    return loss, stats_from(flags, temperature_used, s.shape[:-1], target is not None)
+    return loss, stats_from(flags, temperature, lead, labelled)
+
+
+def empty_result(leaves, reduction, acc, device):
+    """(loss, temperatures, flags) of a batch without rows: a zero loss that still carries
+    (zero) gradients to every leaf."""
+    loss = sum(x.sum() * 0 for x in leaves if x is not None).to(acc)
+    return (loss.expand(0) if reduction == "none" else loss,
+            torch.zeros(0, dtype=acc, device=device), torch.zeros(0, dtype=torch.int8,
+                                                                 device=device))
 
 
 def check_floating(name, x):

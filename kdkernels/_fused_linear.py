@@ -20,10 +20,11 @@ from ._core import (
     check_options,
     check_tensors,
     count_rows,
+    empty_result,
+    finish,
     fused_options,
     reduce_rows,
     resolve_backend,
-    stats_from,
     temperature_plan,
 )
 from ._options import DynamicTemperature, SparseTeacher
@@ -107,20 +108,13 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     options = fused_options(hyper, temp_plan, True, 1.0, source.tail)
     rows = _chunk_rows(N, V, h, W, source, chunk_size, memory_budget)
     job = _Job(runner, options, source, y2, temp_plan[2], rows, reduction, count)
-    if N == 0:  # a zero loss that still carries (zero) gradients
-        loss = sum(x.sum() * 0 for x in (h2, W, student_bias) if x is not None).to(acc)
-        loss = loss.expand(0) if reduction == "none" else loss
-        temps, flags = torch.zeros(0, dtype=acc, device=h.device), torch.zeros(
-            0, dtype=torch.int8, device=h.device)
+    if N == 0:
+        loss, temps, flags = empty_result([h2, W, student_bias], reduction, acc, h.device)
     elif wants_grad:
         loss, temps, flags = _FusedLinearDistill.apply(h2, W, student_bias, job)
     else:
         loss, temps, flags = _loss_only(job, h2, W, student_bias)
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    if not return_stats:
-        return loss
-    return loss, stats_from(flags, temps, lead, target is not None)
+    return finish(loss, temps, flags, lead, reduction, return_stats, target is not None)
 
 
 def _check_linear(who, hidden, weight, bias):

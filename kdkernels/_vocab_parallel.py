@@ -21,8 +21,9 @@ from ._core import (
     check_floating,
     check_options,
     check_tensors,
+    empty_result,
+    finish,
     reduce_rows,
-    stats_from,
 )
 from ._options import (
     DIVERGENCES,
@@ -37,9 +38,6 @@ _INF = math.inf
 # the per-row statistics of one shard, in the packed tensor's columns
 (_MS, _ZS, _MT, _ZT, _CROSS, _Z1, _SY, _TY, _OWNS, _B, _SB, _TX1, _IDX1, _TX2, _SSUM, _WIDTH,
  _START) = range(17)
-_FIELDS = 17
-# how many collectives the last forward ran (for tests and benchmarks)
-collectives = {"forward": 0}
 
 
 def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target=None, *,
@@ -92,19 +90,12 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
                              hyper)
     job = _Job(rows, hyper, temperature, vocab_size, group, reduction)
     if rows.N == 0:  # every rank has the same rows: no rank calls a collective
-        acc = rows.acc
-        loss = s.sum() * 0 if reduction != "none" else s.sum(-1).reshape(-1) * 0
-        loss, temps = loss.to(acc), torch.zeros(0, dtype=acc, device=s.device)
-        flags = torch.zeros(0, dtype=torch.int8, device=s.device)
+        loss, temps, flags = empty_result([s], reduction, rows.acc, s.device)
     elif torch.is_grad_enabled() and s.requires_grad:
         loss, temps, flags = _VocabParallel.apply(s, job)
     else:
         loss, temps, flags = job.prepare()[:3]
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    if not return_stats:
-        return loss
-    return loss, stats_from(flags, temps, lead, target is not None)
+    return finish(loss, temps, flags, lead, reduction, return_stats, target is not None)
 
 
 def vocab_parallel_fused_linear_distillation_loss(
@@ -179,19 +170,12 @@ def vocab_parallel_fused_linear_distillation_loss(
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h, W, student_bias))
     if N == 0:
-        loss = sum(x.sum() * 0 for x in (h2, W, student_bias) if x is not None).to(acc)
-        loss = loss.expand(0) if reduction == "none" else loss
-        temps = torch.zeros(0, dtype=acc, device=h.device)
-        flags = torch.zeros(0, dtype=torch.int8, device=h.device)
+        loss, temps, flags = empty_result([h2, W, student_bias], reduction, acc, h.device)
     elif wants_grad:
         loss, temps, flags = _VocabParallelLinear.apply(h2, W, student_bias, job)
     else:
         loss, temps, flags = job.prepare()[:3]
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    if not return_stats:
-        return loss
-    return loss, stats_from(flags, temps, lead, target is not None)
+    return finish(loss, temps, flags, lead, reduction, return_stats, target is not None)
 
 
 def _check_shard(vocab_start, vocab_size, width):
@@ -307,12 +291,10 @@ class _Job:
         world = dist.get_world_size(self.group)
         out = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(out, local, group=self.group)
-        collectives["forward"] += 1
         return torch.stack(out)
 
     def _all_reduce(self, local):
         dist.all_reduce(local, group=self.group)
-        collectives["forward"] += 1
         return local
 
     # ---- the forward -----------------------------------------------------------------------
@@ -320,7 +302,6 @@ class _Job:
     def prepare(self):
         """The passes and their collectives: (loss, temperatures, flags, the rows' combined
         statistics, the count "mean" divides by)."""
-        collectives["forward"] = 0
         rows = self.rows
         N, acc, dev = rows.N, rows.acc, rows.device
         y = rows.target
@@ -392,21 +373,28 @@ class _Job:
         et = torch.exp((t - mt_safe[:, None]) / Tc)
         cross = torch.where(et > 0, et * (t - s), 0.0).sum(-1)
         z1 = torch.exp(s - ms_safe[:, None]).sum(-1) if self.ce_w != 0 else torch.zeros_like(ms)
-        b = t.argmax(-1)
-        s_b = s.gather(1, b[:, None])[:, 0]
+        correction = self.hyper["correction"]
         owns = torch.zeros(n, dtype=torch.bool, device=s.device)
         s_y = t_y = torch.zeros_like(ms)
-        tx = t
+        ly = torch.zeros(n, 1, dtype=torch.long, device=s.device)
         if y is not None:
             local = y - start
             owns = (local >= 0) & (local < width)
             ly = torch.where(owns, local, 0)[:, None]
             s_y = torch.where(owns, s.gather(1, ly)[:, 0], 0.0)
             t_y = torch.where(owns, t.gather(1, ly)[:, 0], 0.0)
+        b = torch.zeros(n, dtype=torch.long, device=s.device)
+        s_b = torch.zeros_like(ms)
+        if correction in ("swap", "rectify"):  # the argmax's values: only a correction needs them
+            b = t.argmax(-1)
+            s_b = s.gather(1, b[:, None])[:, 0]
+        tx1 = tx2 = torch.full_like(ms, -_INF)
+        idx1 = torch.zeros(n, dtype=torch.long, device=s.device)
+        if correction == "rectify":  # the two largest teacher logits away from the label
             tx = t.scatter(1, ly, torch.where(owns[:, None], -_INF, t.gather(1, ly)))
-        top = tx.topk(min(2, width), -1)
-        tx1, idx1 = top.values[:, 0], top.indices[:, 0]
-        tx2 = top.values[:, 1] if width > 1 else torch.full_like(tx1, -_INF)
+            top = tx.topk(min(2, width), -1)
+            tx1, idx1 = top.values[:, 0], top.indices[:, 0]
+            tx2 = top.values[:, 1] if width > 1 else tx2
         s_sum = (s.sum(-1) if self.hyper["correction"] == "smooth"
                  else torch.zeros_like(ms))
         cols = [ms, es.sum(-1), mt, et.sum(-1), cross, z1, s_y, t_y, owns.to(s.dtype),

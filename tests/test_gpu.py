@@ -105,3 +105,83 @@ def test_no_host_sync_in_forward_and_backward(reduction):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def _sparse_rows_oracle(s, teacher, y, upstream, rows, **kw):
+    """The float64 oracle on `rows` of a sparse teacher (test_divergences does it at small C)."""
+    import kdkernels.reference as R
+    s64 = s[rows].double().cpu().requires_grad_()
+    t64 = kdkernels.SparseTeacher(teacher.indices[rows].cpu(),
+                                  teacher.values[rows].double().cpu(), teacher.tail)
+    loss, _ = R.distillation_loss(s64, t64, y[rows].cpu(), kw.pop("temperature", 4.0),
+                                  reduction="none", **kw)
+    (grad,) = torch.autograd.grad(loss, s64, upstream[rows].double().cpu())
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("k,tail,correction,divergence", [
+    (128, True, "rectify", "kl"), (64, False, "swap", "kl"), (128, True, None, "jsd")])
+def test_sparse_teachers_and_divergences_at_language_model_shapes(k, tail, correction,
+                                                                  divergence):
+    N, C = 4096, 32000
+    s, t, y = _lm_inputs(N, C, torch.bfloat16, seed=k)
+    values, indices = torch.log_softmax(t.float(), -1).topk(k, -1)
+    teacher = kdkernels.SparseTeacher(indices, (values if tail else t.float().gather(1, indices)
+                                                ).to(torch.bfloat16), tail)
+    kw = dict(temperature=2.0, correction=correction, divergence=divergence)
+    loss, grad, upstream = _fused(s, teacher, y, **kw)
+    rows = torch.cat([torch.arange(64), torch.arange(N - 64, N)]).cuda()
+    ref_loss, ref_grad = _sparse_rows_oracle(s, teacher, y, upstream, rows, **kw)
+    rtol, atol = tolerances(torch.bfloat16)
+    torch.testing.assert_close(loss[rows].double().cpu(), ref_loss, rtol=rtol,
+                               atol=atol * (1 + ref_loss.abs().max().item()))
+    torch.testing.assert_close(grad[rows].double().cpu(), ref_grad, rtol=rtol,
+                               atol=atol * (1 + ref_grad.abs().max().item()))
+
+
+def test_fused_linear_matches_full_logits_and_holds_less_memory():
+    torch.manual_seed(0)
+    N, H, V = 4096, 1024, 32000
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    W = (torch.randn(V, H, device="cuda") / 16).to(torch.bfloat16).requires_grad_()
+    ht = torch.randn(N, H, device="cuda", dtype=torch.bfloat16)
+    Wt = (torch.randn(V, H, device="cuda") / 16).to(torch.bfloat16)
+    y = torch.randint(0, V, (N,), device="cuda")
+
+    def peak(fn):
+        h.grad = W.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = fn()
+        loss.backward()
+        torch.cuda.synchronize()
+        used = torch.cuda.max_memory_allocated() - base
+        return loss.detach(), h.grad.clone(), W.grad.clone(), used
+
+    fused = peak(lambda: kdkernels.fused_linear_distillation_loss(h, W, ht, y, teacher_weight=Wt,
+                                                                  correction="swap"))
+    full = peak(lambda: kdkernels.distillation_loss(h @ W.t(), ht @ Wt.t(), y, correction="swap"))
+    torch.testing.assert_close(fused[0], full[0], rtol=1e-3, atol=1e-3)
+    for a, b in zip(fused[1:3], full[1:3]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-3)
+    assert fused[3] < 0.6 * full[3], (fused[3], full[3])
+
+
+def test_no_host_sync_for_sparse_teachers_and_fused_linear():
+    s, t, y = _lm_inputs(256, 1000, torch.float32, seed=4)
+    s.requires_grad_()
+    values, indices = torch.log_softmax(t, -1).topk(32, -1)
+    W = torch.randn(1000, 64, device="cuda", requires_grad=True)
+    h = torch.randn(256, 64, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = F.distillation_loss(s, kdkernels.SparseTeacher(indices, values, tail=True), y,
+                                   correction="swap", divergence="jsd")
+        loss.backward()
+        loss = F.fused_linear_distillation_loss(h, W, t, y, chunk_size=100)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(s.grad).all() and torch.isfinite(W.grad).all()
