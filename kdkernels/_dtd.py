@@ -13,7 +13,7 @@ def dtd_weights(student, teacher, weighting, teacher_indices=None):
         return torch.exp(torch.logsumexp(s, -1) - s.max(-1).values)
     t = teacher.detach().to(acc)
     if teacher_indices is not None:  # the finite pairs are the teacher's classes
-        used = teacher_indices >= 0
+        used = (teacher_indices >= 0) & (teacher_indices < s.shape[1])  # others: unused slots
         s = s.gather(1, torch.where(used, teacher_indices, 0))
         t = torch.where(used, t, -torch.inf)
     finite = torch.isfinite(s) & torch.isfinite(t)

@@ -139,15 +139,15 @@ def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
     return tuple(torch.cat(values) for values in zip(*parts))
 
 
-def _temperatures(s, t_for_dtd, temp_rows, o):
+def _temperatures(s, t_for_dtd, temp_rows, o, teacher_indices=None):
     N = s.shape[0]
     if o.temp_mode == TEMP_SCALAR:
         return torch.full((N,), o.temp_value, dtype=s.dtype, device=s.device)
     if o.temp_mode == TEMP_ROWS:
         return temp_rows.to(s.dtype)
     weighting = "cosine" if o.temp_mode == TEMP_COSINE else "max_prob"
-    return temperature_from_weights(dtd_weights(s, t_for_dtd, weighting), o.tau0, o.beta, False,
-                                    o.tau_min)
+    w = dtd_weights(s, t_for_dtd, weighting, teacher_indices)
+    return temperature_from_weights(w, o.tau0, o.beta, False, o.tau_min)
 
 
 def _forward_rows(student, teacher, target, temp_rows, o, teacher_indices):
@@ -272,14 +272,9 @@ def _sparse_teacher(s, indices, values, y, valid, temp_rows, o):
     N, C = s.shape
     rows = torch.arange(N, device=s.device)
     k = indices.shape[1]
-    used = indices >= 0
+    used = (indices >= 0) & (indices < C)  # out of range (unchecked on CUDA): unused
     at = torch.where(used, indices, 0)
-    if o.temp_mode == TEMP_COSINE:  # over the teacher's classes, as for a dense teacher
-        dense = torch.full((N, C + 1), -math.inf, dtype=s.dtype, device=s.device)
-        dense.scatter_(1, torch.where(used, indices, C), torch.where(used, values, 0.0))
-        T = _temperatures(s, dense[:, :C], temp_rows, o)
-    else:
-        T = _temperatures(s, None, temp_rows, o)
+    T = _temperatures(s, values, temp_rows, o, indices)  # cosine: over the teacher's classes
     Tc = T[:, None]
     log_p = torch.log_softmax(s / Tc, -1)
     p = log_p.exp()
