@@ -376,6 +376,32 @@ struct RowOut {
   int8_t flags;
 };
 
+// sum_j exp(s_j - ms), each term kept in e (softmax(s) at T = 1, unnormalised).
+template <typename acc_t>
+acc_t exp_sum(const acc_t* s, int64_t C, acc_t ms, acc_t* e) {
+  using Vec = Vectorized<acc_t>;
+  Vec vz(0);
+  for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec ej = vexp(load(s + j, n) - Vec(ms));
+    ej.store(e + j, n);
+    vz = vz + keep(ej, n, acc_t(0));
+  });
+  return hsum(vz);
+}
+
+// The rows that skip the math: ignored (loss 0, gradient 0) or holding a bad value (a
+// temperature <= 0, a label out of range: loss and gradient NaN, this row only).
+template <typename acc_t>
+bool skip_row(bool ignored, acc_t T, bool bad_label, const Options& o, acc_t* g, int64_t C,
+              RowOut* out) {
+  const bool bad = !(T > 0) || bad_label;
+  if (!ignored && !bad) return false;
+  const acc_t fill = ignored ? acc_t(0) : std::numeric_limits<acc_t>::quiet_NaN();
+  if (o.compute_grad) std::fill(g, g + C, fill);
+  *out = {static_cast<double>(fill), static_cast<double>(T), 0};
+  return true;
+}
+
 // A row's loss (its KD part and CE at T = 1) and flags.
 template <typename acc_t>
 RowOut finish_row(acc_t kd_part, acc_t ce_w, acc_t z1, acc_t ms, acc_t s_y, bool labelled,
@@ -398,7 +424,6 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
                    acc_t* b1, acc_t* bd) {
   using Vec = Vectorized<acc_t>;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const bool dtd = o.temp_mode == kTempCosine || o.temp_mode == kTempMaxProb;
   const bool need_z1 = o.ce_weight != 0 || o.temp_mode == kTempMaxProb;
   if (ignored && !dtd) {
@@ -424,15 +449,7 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
 
   acc_t z1 = 0;
   const bool max_prob = o.temp_mode == kTempMaxProb;
-  if (max_prob) {  // softmax(s) at T = 1 before the temperature: the max_prob weight needs it
-    Vec vz(0);
-    for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
-      Vec e = vexp(load(s + j, n) - Vec(ms));
-      e.store(b1 + j, n);
-      vz = vz + keep(e, n, acc_t(0));
-    });
-    z1 = hsum(vz);
-  }
+  if (max_prob) z1 = exp_sum(s, C, ms, b1);  // softmax(s) at T = 1: the max_prob weight
   if (o.temp_mode == kTempCosine) {
     const acc_t norms = std::max(std::sqrt(hsum(vss)), acc_t(1e-12)) *
                         std::max(std::sqrt(hsum(vtt)), acc_t(1e-12));
@@ -443,14 +460,8 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     const acc_t raw = acc_t(o.tau0) - acc_t(o.beta) * z1;
     T = raw < acc_t(o.tau_min) ? acc_t(o.tau_min) : raw;
   }
-  if (ignored) {
-    if (o.compute_grad) std::fill(g, g + C, acc_t(0));
-    return {0.0, static_cast<double>(T), 0};
-  }
-  if (!(T > 0) || (labelled && (y < 0 || y >= C))) {  // bad value: this row only is poisoned
-    if (o.compute_grad) std::fill(g, g + C, nan);
-    return {static_cast<double>(nan), static_cast<double>(T), 0};
-  }
+  RowOut skipped;
+  if (skip_row(ignored, T, labelled && (y < 0 || y >= C), o, g, C, &skipped)) return skipped;
 
   // A teacher row with no finite logit has no distribution: its KD term is 0 (CE still counts).
   const bool has_teacher = mt > -inf;
@@ -611,7 +622,6 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
                           const Options& o, acc_t* g, acc_t* bp, acc_t* b1, acc_t* outcome) {
   using Vec = Vectorized<acc_t>;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   const bool dtd = o.temp_mode == kTempCosine || o.temp_mode == kTempMaxProb;
   const bool smooth = o.correction == kCorrectionSmooth;
   const acc_t ce_w = acc_t(o.ce_weight);
@@ -622,15 +632,7 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
   }
   const acc_t ms = range_max(s, 0, C);
   acc_t z1 = 0;
-  if (o.temp_mode == kTempMaxProb || ce_w != 0) {  // exp(s - max) at T = 1, kept in b1
-    Vec vz(0);
-    for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
-      Vec e = vexp(load(s + j, n) - Vec(ms));
-      e.store(b1 + j, n);
-      vz = vz + keep(e, n, acc_t(0));
-    });
-    z1 = hsum(vz);
-  }
+  if (o.temp_mode == kTempMaxProb || ce_w != 0) z1 = exp_sum(s, C, ms, b1);  // kept in b1
   if (o.temp_mode == kTempCosine) {  // over the teacher's classes: the finite pairs
     acc_t ss = 0, tt = 0, st = 0;
     for (int64_t j = 0; j < k; ++j) {
@@ -645,14 +647,8 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
   } else if (o.temp_mode == kTempMaxProb) {
     T = std::max(acc_t(o.tau0) - acc_t(o.beta) * z1, acc_t(o.tau_min));
   }
-  if (ignored) {
-    if (o.compute_grad) std::fill(g, g + C, acc_t(0));
-    return {0.0, static_cast<double>(T), 0};
-  }
-  if (!(T > 0) || (labelled && (y < 0 || y >= C))) {  // bad value: this row only is poisoned
-    if (o.compute_grad) std::fill(g, g + C, nan);
-    return {static_cast<double>(nan), static_cast<double>(T), 0};
-  }
+  RowOut skipped;
+  if (skip_row(ignored, T, labelled && (y < 0 || y >= C), o, g, C, &skipped)) return skipped;
   const acc_t inv_t = 1 / T;
 
   // The student at T: es_j in bp, their sum, and (smooth) the sum of the shifted logits.

@@ -106,6 +106,31 @@ def _div_terms(P, lP, R, lR, divergence: tl.constexpr, param):
     return d, tl.where(P > 0, G, 0.0)
 
 @triton.jit
+def _store_row(loss_ptr, temp_out_ptr, flags_ptr, row, loss, T, valid, in_range, wrong,
+               still_wrong, HAS_LABELS: tl.constexpr):
+    """Writes a row's loss (0 if ignored, NaN for a bad temperature or label), temperature and
+    flags; returns whether the row is bad."""
+    bad = (T <= 0) | (T != T) | (valid & ~in_range)
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss))
+    tl.store(temp_out_ptr + row, T)
+    flags = tl.where(still_wrong, FLAG_STILL_WRONG, 0)
+    if HAS_LABELS:
+        flags += tl.where(valid & ~wrong, FLAG_TEACHER_CORRECT, 0)
+    tl.store(flags_ptr + row, flags.to(tl.int8))
+    return bad
+
+
+@triton.jit
+def _scalars(temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps):
+    """The options' floats in float32: they arrive as float32 or (from inductor) float64."""
+    return (tl.cast(temp_value, tl.float32), tl.cast(tau0, tl.float32),
+            tl.cast(beta, tl.float32), tl.cast(tau_min, tl.float32),
+            tl.cast(kd_weight, tl.float32), tl.cast(wrong_kd_weight, tl.float32),
+            tl.cast(ce_weight, tl.float32), tl.cast(smooth_eps, tl.float32))
+
+
+@triton.jit
 def _label(y_ptr, y_stride, row, ignore_index, C, HAS_LABELS: tl.constexpr):
     """(label, counts, in range) of a row; a bad label is read as 0 (a safe address) and
     poisons the row later."""
@@ -139,15 +164,8 @@ def _distill_kernel(
     t_row = t_ptr + row * t_stride
     cols = tl.arange(0, BLOCK)
     NEG_INF: tl.constexpr = float("-inf")
-    # scalars arrive as float32 or (from inductor) float64: one accumulation dtype
-    temp_value = tl.cast(temp_value, tl.float32)
-    tau0 = tl.cast(tau0, tl.float32)
-    beta = tl.cast(beta, tl.float32)
-    tau_min = tl.cast(tau_min, tl.float32)
-    kd_weight = tl.cast(kd_weight, tl.float32)
-    wrong_kd_weight = tl.cast(wrong_kd_weight, tl.float32)
-    ce_weight = tl.cast(ce_weight, tl.float32)
-    smooth_eps = tl.cast(smooth_eps, tl.float32)
+    temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps = _scalars(
+        temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps)
     log_a = tl.cast(log_a, tl.float32)
     log_rest = tl.cast(log_rest, tl.float32)
 
@@ -402,15 +420,8 @@ def _distill_kernel(
     if HAS_CE:
         loss += ce_weight * (tl.log(z1) + m_s - s_y)
         fix_y -= ce_weight
-    bad = (T <= 0) | (T != T) | (valid & ~in_range)
-    loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + row, loss)
-    tl.store(temp_out_ptr + row, T)
-    flags = tl.where(still_wrong, FLAG_STILL_WRONG, 0)
-    if HAS_LABELS:
-        flags += tl.where(valid & ~wrong, FLAG_TEACHER_CORRECT, 0)
-    tl.store(flags_ptr + row, flags.to(tl.int8))
+    bad = _store_row(loss_ptr, temp_out_ptr, flags_ptr, row, loss, T, valid, in_range, wrong,
+                     still_wrong, HAS_LABELS)
 
     # ---- what the gradient kernel needs: O(1) per row --------------------------------
     row_scale = tl.where(valid, 1.0, 0.0)
@@ -638,14 +649,8 @@ def _distill_sparse_kernel(
     cols = tl.arange(0, BLOCK)
     kcols = tl.arange(0, KBLOCK)
     NEG_INF: tl.constexpr = float("-inf")
-    temp_value = tl.cast(temp_value, tl.float32)
-    tau0 = tl.cast(tau0, tl.float32)
-    beta = tl.cast(beta, tl.float32)
-    tau_min = tl.cast(tau_min, tl.float32)
-    kd_weight = tl.cast(kd_weight, tl.float32)
-    wrong_kd_weight = tl.cast(wrong_kd_weight, tl.float32)
-    ce_weight = tl.cast(ce_weight, tl.float32)
-    smooth_eps = tl.cast(smooth_eps, tl.float32)
+    temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps = _scalars(
+        temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps)
     param = tl.cast(divergence_param, tl.float32)
 
     y, valid, in_range = _label(y_ptr, y_stride, row, ignore_index, C, HAS_LABELS)
@@ -804,15 +809,8 @@ def _distill_sparse_kernel(
     if HAS_CE:
         loss += ce_weight * (tl.log(z1) + m_s - s_y)
         ce_coef = ce_weight / z1
-    bad = (T <= 0) | (T != T) | (valid & ~in_range)
-    loss = tl.where(valid, loss, 0.0)
-    loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + row, loss)
-    tl.store(temp_out_ptr + row, T)
-    flags = tl.where(still_wrong, FLAG_STILL_WRONG, 0)
-    if HAS_LABELS:
-        flags += tl.where(valid & ~wrong, FLAG_TEACHER_CORRECT, 0)
-    tl.store(flags_ptr + row, flags.to(tl.int8))
+    bad = _store_row(loss_ptr, temp_out_ptr, flags_ptr, row, loss, T, valid, in_range, wrong,
+                     still_wrong, HAS_LABELS)
 
     # ---- for the gradient kernel: the rest's classes' coefficients, the explicit values
     kd_on = kd_grad != 0
