@@ -71,21 +71,8 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     h, W = student_hidden, student_weight
     _check_linear("student", h, W, student_bias)
     lead, V = h.shape[:-1], W.shape[0]
-    if teacher_weight is not None:
-        if not isinstance(teacher, torch.Tensor):
-            raise TypeError("teacher_weight is given: teacher must be the teacher's hidden "
-                            "states, a tensor")
-        _check_linear("teacher", teacher, teacher_weight, teacher_bias)
-        if teacher.shape[:-1] != lead or teacher_weight.shape[0] != V:
-            raise ValueError(f"teacher hidden states {tuple(teacher.shape)} and weight "
-                             f"{tuple(teacher_weight.shape)} do not give logits of shape "
-                             f"{tuple(lead) + (V,)}")
-        if teacher.device != h.device:
-            raise ValueError(f"teacher is on {teacher.device} but student_hidden on {h.device}")
-        checked_teacher = teacher.new_empty(()).expand(*lead, V)  # its logits' stand-in
-    elif teacher_bias is not None:
-        raise ValueError("teacher_bias needs teacher_weight (teacher given as hidden states)")
-    else:
+    checked_teacher = teacher_stand_in(teacher, teacher_weight, teacher_bias, h, lead, V, V)
+    if checked_teacher is None:
         checked_teacher = teacher
     if isinstance(temperature, DynamicTemperature) and temperature.center:
         raise ValueError("DynamicTemperature(center=True) needs every row's logits at once; the "
@@ -106,7 +93,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h, W, student_bias))
     options = fused_options(hyper, temp_plan, True, 1.0, source.tail)
-    rows = _chunk_rows(N, V, h, W, source, chunk_size, memory_budget)
+    rows = chunk_rows(N, h, W, source.bytes_per_row(V), chunk_size, memory_budget)
     job = _Job(runner, options, source, y2, temp_plan[2], rows, reduction, count)
     if N == 0:
         loss, temps, flags = empty_result([h2, W, student_bias], reduction, acc, h.device)
@@ -115,6 +102,27 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     else:
         loss, temps, flags = _loss_only(job, h2, W, student_bias)
     return finish(loss, temps, flags, lead, reduction, return_stats, target is not None)
+
+
+def teacher_stand_in(teacher, weight, bias, h, lead, width, full_width):
+    """For a teacher given as hidden states with its (shard of the) lm_head ``weight``: checks
+    them and returns a storage-free stand-in for its [..., full_width] logits; None for a
+    teacher given otherwise (which must then come without a bias)."""
+    if weight is None:
+        if bias is not None:
+            raise ValueError("teacher_bias needs teacher_weight (teacher given as hidden states)")
+        return None
+    if not isinstance(teacher, torch.Tensor):
+        raise TypeError("teacher_weight is given: teacher must be the teacher's hidden states, "
+                        "a tensor")
+    _check_linear("teacher", teacher, weight, bias)
+    if teacher.shape[:-1] != lead or weight.shape[0] != width:
+        raise ValueError(f"teacher hidden states {tuple(teacher.shape)} and weight "
+                         f"{tuple(weight.shape)} do not give logits of shape "
+                         f"{tuple(lead) + (width,)}")
+    if teacher.device != h.device:
+        raise ValueError(f"teacher is on {teacher.device} but student_hidden on {h.device}")
+    return teacher.new_empty(()).expand(*lead, full_width)
 
 
 def _check_linear(who, hidden, weight, bias):
@@ -184,12 +192,15 @@ def check_chunking(chunk_size, memory_budget):
         raise ValueError("give chunk_size or memory_budget, not both")
 
 
-def _chunk_rows(N, V, h, W, source, chunk_size, memory_budget):
+def chunk_rows(N, h, W, teacher_row_bytes, chunk_size, memory_budget):
+    """Rows per chunk: `chunk_size`, or as many as the budget of chunk buffers allows (the
+    logits and their gradient, in h's dtype, and `teacher_row_bytes` per row of teacher
+    logits computed from hidden states); the budget defaults to half the weight's bytes."""
     if chunk_size is not None:
         return chunk_size
     if memory_budget is None:
         memory_budget = max(32 * MIB, W.numel() * W.element_size() // 2)
-    per_row = 2 * V * h.element_size() + source.bytes_per_row(V)  # logits, gradient, teacher
+    per_row = 2 * W.shape[0] * h.element_size() + teacher_row_bytes
     return max(1, min(N, memory_budget // per_row))
 
 

@@ -116,7 +116,7 @@ def vocab_parallel_fused_linear_distillation_loss(
     whole (tensor-parallel frameworks all-reduce it where the hidden states enter the
     vocab-parallel lm_head, e.g. Megatron's copy to the tensor-parallel region).
     """
-    from ._fused_linear import _check_linear, check_chunking
+    from ._fused_linear import _check_linear, check_chunking, chunk_rows, teacher_stand_in
     hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
                  correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                  t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
@@ -127,22 +127,16 @@ def vocab_parallel_fused_linear_distillation_loss(
     _check_linear("student", h, W, student_bias)
     lead, width = h.shape[:-1], W.shape[0]
     _check_shard(vocab_start, vocab_size, width)
-    teacher_like = None
-    if teacher_weight is not None:
-        _check_linear("teacher", teacher, teacher_weight, teacher_bias)
-        if teacher.shape[:-1] != lead or teacher_weight.shape[0] != width:
-            raise ValueError(f"teacher hidden states {tuple(teacher.shape)} and weight shard "
-                             f"{tuple(teacher_weight.shape)} do not give logits of shape "
-                             f"{tuple(lead) + (width,)}")
-        teacher_like = teacher.new_empty(()).expand(*lead, vocab_size)
-    elif isinstance(teacher, SparseTeacher):
+    teacher_like = teacher_stand_in(teacher, teacher_weight, teacher_bias, h, lead, width,
+                                    vocab_size)
+    if teacher_like is None and isinstance(teacher, SparseTeacher):
         raise ValueError("a SparseTeacher is not offered in the vocab-parallel form (its k "
                          "classes would need routing to the ranks that hold them)")
-    elif teacher is not None:
+    if teacher_like is None and teacher is not None:  # this rank's shard of its logits
         check_floating("teacher", teacher)
-        if teacher.shape != lead + (width,):
-            raise ValueError(f"teacher logits shard {tuple(teacher.shape)} does not match "
-                             f"{tuple(lead) + (width,)}")
+        if teacher.shape != lead + (width,) or teacher.device != h.device:
+            raise ValueError(f"teacher logits shard {tuple(teacher.shape)} on {teacher.device} "
+                             f"does not match {tuple(lead) + (width,)} on {h.device}")
         teacher_like = teacher.new_empty(()).expand(*lead, vocab_size)
     full = h.new_empty(()).expand(*lead, vocab_size)
     temperature = check_tensors(full, teacher_like, target, temperature, **hyper)
@@ -152,25 +146,18 @@ def vocab_parallel_fused_linear_distillation_loss(
     H = h.shape[-1]
     h2 = h.reshape(-1, H)
     N = h2.shape[0]
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    temp_rows = (temperature.detach().reshape(-1).to(acc)
-                 if isinstance(temperature, torch.Tensor) else None)
-    if chunk_size is None:
-        budget = memory_budget or max(32 << 20, W.numel() * W.element_size() // 2)
-        per_row = width * (2 * h.element_size()
-                           + (teacher.element_size() if teacher is not None else 0))
-        chunk_size = max(1, min(N, budget // per_row))
+    teacher_bytes = width * teacher.element_size() if teacher_weight is not None else 0
+    chunk_size = chunk_rows(N, h, W, teacher_bytes, chunk_size, memory_budget)
     t2 = None
     if teacher is not None:
         t2 = teacher.reshape(-1, teacher.shape[-1])
-    rows = _LinearRows(h2, W, student_bias, t2, teacher_weight, teacher_bias,
-                       None if target is None else target.reshape(-1).long(), temp_rows,
-                       vocab_start, vocab_size, virtual_teacher, chunk_size)
+    rows = _LinearRows(h2, W, student_bias, t2, teacher_weight, teacher_bias, target,
+                       temperature, vocab_start, vocab_size, virtual_teacher, chunk_size)
     job = _Job(rows, hyper, temperature, vocab_size, group, reduction)
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h, W, student_bias))
     if N == 0:
-        loss, temps, flags = empty_result([h2, W, student_bias], reduction, acc, h.device)
+        loss, temps, flags = empty_result([h2, W, student_bias], reduction, rows.acc, h.device)
     elif wants_grad:
         loss, temps, flags = _VocabParallelLinear.apply(h2, W, student_bias, job)
     else:
@@ -191,24 +178,24 @@ class _Rows:
     """Where a pass reads its rows: this rank's [N, V_local] logits shards (and the rows'
     labels and given temperatures), in chunks that keep temporaries in cache."""
 
-    def __init__(self, student, teacher, target, temp_rows, vocab_start, acc, chunk):
-        self.student, self.teacher, self.target = student, teacher, target
-        self.temp_rows, self.vocab_start, self.acc, self.chunk = temp_rows, vocab_start, acc, chunk
-        self.N, self.width = student.shape
-        self.device, self.dtype = student.device, student.dtype
+    def __init__(self, N, width, like, target, temperature, vocab_start, vocab_size, virtual,
+                 chunk):
+        self.N, self.width, self.device, self.dtype = N, width, like.device, like.dtype
+        self.acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        self.target = target.reshape(-1).long() if target is not None else None
+        self.temp_rows = (temperature.detach().reshape(-1).to(self.acc)
+                          if isinstance(temperature, torch.Tensor) else None)
+        self.vocab_start, self.vocab_size, self.virtual = vocab_start, vocab_size, virtual
+        self.chunk = chunk
 
     @classmethod
     def from_logits(cls, s, t, target, temperature, vocab_start, vocab_size, hyper):
         width = s.shape[-1]
         s2 = s.reshape(-1, width)
-        t2 = t.detach().reshape(-1, width) if t is not None else None
-        y2 = target.reshape(-1).long() if target is not None else None
-        acc = torch.float64 if s.dtype == torch.float64 else torch.float32
-        temp_rows = (temperature.detach().reshape(-1).to(acc)
-                     if isinstance(temperature, torch.Tensor) else None)
-        rows = cls(s2, t2, y2, temp_rows, vocab_start, acc, max(1, (1 << 18) // width))
-        rows.virtual = hyper["virtual_teacher"]
-        rows.vocab_size = vocab_size
+        rows = cls(s2.shape[0], width, s, target, temperature, vocab_start, vocab_size,
+                   hyper["virtual_teacher"], max(1, (1 << 18) // width))
+        rows.student = s2
+        rows.teacher = t.detach().reshape(-1, width) if t is not None else None
         return rows
 
     def chunks(self):
@@ -241,19 +228,14 @@ class _LinearRows(_Rows):
     """Rows from hidden states and this rank's shard of each lm_head, a chunk at a time (the
     fused linear path): the logits are computed again by each pass."""
 
-    def __init__(self, h, W, b, teacher, teacher_weight, teacher_bias, target, temp_rows,
+    def __init__(self, h, W, b, teacher, teacher_weight, teacher_bias, target, temperature,
                  vocab_start, vocab_size, virtual, chunk):
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        super().__init__(h.shape[0], W.shape[0], h, target, temperature, vocab_start,
+                         vocab_size, virtual, chunk)
         self.h, self.W, self.b = h.detach(), W.detach(), None if b is None else b.detach()
-        self.t_hidden = teacher.detach() if teacher_weight is not None else None
         self.t_weight = None if teacher_weight is None else teacher_weight.detach()
         self.t_bias = None if teacher_bias is None else teacher_bias.detach()
-        self.student, self.teacher, self.target = None, (
-            None if teacher is None or teacher_weight is not None else teacher.detach()), target
-        self.temp_rows, self.vocab_start, self.acc, self.chunk = temp_rows, vocab_start, acc, chunk
-        self.N, self.width = h.shape[0], W.shape[0]
-        self.device, self.dtype = h.device, h.dtype
-        self.virtual, self.vocab_size = virtual, vocab_size
+        self.teacher = None if teacher is None else teacher.detach()  # logits, or hidden states
 
     def student_rows(self, i, j):
         with torch.no_grad():
@@ -261,10 +243,10 @@ class _LinearRows(_Rows):
             return logits + self.b if self.b is not None else logits
 
     def teacher_rows(self, i, j):
-        if self.t_hidden is None:
+        if self.t_weight is None:
             return self.teacher[i:j]
         with torch.no_grad():
-            logits = self.t_hidden[i:j] @ self.t_weight.t()
+            logits = self.teacher[i:j] @ self.t_weight.t()
             return logits + self.t_bias if self.t_bias is not None else logits
 
 
