@@ -226,7 +226,7 @@ def check_padded_width(name, width, C, padded_teacher, student="student_logits")
                          "extra classes look like real tokens, not padding")
 
 
-def fit_teacher(teacher, C, padded_teacher, name="teacher_logits"):
+def fit_teacher(teacher, C, padded_teacher, name="teacher_logits", student="student_logits"):
     """The teacher over the student's C classes: with padded_teacher=True, a wider dense teacher
     as a view of its first C columns (no copy), a SparseTeacher with its slots at classes >= C
     made unused. Any other teacher is returned as it is, for the usual checks."""
@@ -240,7 +240,7 @@ def fit_teacher(teacher, C, padded_teacher, name="teacher_logits"):
     if not isinstance(teacher, torch.Tensor) or not teacher.dtype.is_floating_point \
             or teacher.dim() < 1 or teacher.shape[-1] == C:
         return teacher  # not logits (refused by the checks), or nothing to cut
-    check_padded_width(name, teacher.shape[-1], C, padded_teacher)
+    check_padded_width(name, teacher.shape[-1], C, padded_teacher, student)
     return teacher[..., :C]
 
 

@@ -18,10 +18,12 @@ from ._core import (
     _host_scalars,
     check_floating,
     check_options,
+    check_padded_width,
     check_tensors,
     count_rows,
     empty_result,
     finish,
+    fit_teacher,
     fused_options,
     reduce_rows,
     resolve_backend,
@@ -39,7 +41,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
                                    virtual_teacher=None, t2_scale=True, divergence="kl",
                                    jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100,
                                    reduction="mean", return_stats=False, backend="auto",
-                                   chunk_size=None, memory_budget=None):
+                                   chunk_size=None, memory_budget=None, padded_teacher=False):
     r""":func:`distillation_loss` of the logits ``student_hidden @ student_weight.T (+ bias)``
     without materialising them: rows go through the matmul and the fused loss in chunks.
 
@@ -58,6 +60,9 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
             (at least 32 MiB): the chunk then holds half as much as the weight's gradient,
             which the path holds anyway. Smaller chunks cost time: the weight's gradient is
             read and written once per chunk.
+        padded_teacher: the teacher's vocabulary is the student's V classes plus padding: its
+            weight (and bias) may have more rows, its logits more columns, a sparse teacher
+            classes >= V; only the first V are read (views). As for :func:`distillation_loss`.
 
     Returns the loss (and a :class:`DistillStats` with ``return_stats``). The weight's gradient
     accumulates chunk by chunk in the weight's dtype.
@@ -66,14 +71,20 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
                  correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                  t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
                  skew_alpha=skew_alpha, ignore_index=ignore_index)
-    check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
+    check_options(temperature=temperature, reduction=reduction, backend=backend,
+                  padded_teacher=padded_teacher, **hyper)
     check_chunking(chunk_size, memory_budget)
     h, W = student_hidden, student_weight
     _check_linear("student", h, W, student_bias)
     lead, V = h.shape[:-1], W.shape[0]
-    checked_teacher = teacher_stand_in(teacher, teacher_weight, teacher_bias, h, lead, V, V)
+
+    def fit_rows(name, rows):
+        check_padded_width(name, rows, V, padded_teacher, "student_weight")
+    checked_teacher, teacher_weight, teacher_bias = teacher_stand_in(
+        teacher, teacher_weight, teacher_bias, h, lead, V, V, fit_rows)
     if checked_teacher is None:
-        checked_teacher = teacher
+        teacher = checked_teacher = fit_teacher(teacher, V, padded_teacher, "teacher",
+                                                "student_weight")
     if isinstance(temperature, DynamicTemperature) and temperature.center:
         raise ValueError("DynamicTemperature(center=True) needs every row's logits at once; the "
                          "fused linear path has one chunk at a time: use center=False")
@@ -104,25 +115,30 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     return finish(loss, temps, flags, lead, reduction, return_stats, target is not None)
 
 
-def teacher_stand_in(teacher, weight, bias, h, lead, width, full_width):
+def teacher_stand_in(teacher, weight, bias, h, lead, width, full_width, fit_rows):
     """For a teacher given as hidden states with its (shard of the) lm_head ``weight``: checks
-    them and returns a storage-free stand-in for its [..., full_width] logits; None for a
-    teacher given otherwise (which must then come without a bias)."""
+    them and returns (a storage-free stand-in for its [..., full_width] logits, the weight and
+    bias cut to ``width`` rows, views); (None, None, None) for a teacher given otherwise (which
+    must then come without a bias). A weight with other than ``width`` rows goes to
+    ``fit_rows(name, rows)``, which raises unless the rows past ``width`` are padding."""
     if weight is None:
         if bias is not None:
             raise ValueError("teacher_bias needs teacher_weight (teacher given as hidden states)")
-        return None
+        return None, None, None
     if not isinstance(teacher, torch.Tensor):
         raise TypeError("teacher_weight is given: teacher must be the teacher's hidden states, "
                         "a tensor")
     _check_linear("teacher", teacher, weight, bias)
-    if teacher.shape[:-1] != lead or weight.shape[0] != width:
+    if teacher.shape[:-1] != lead:
         raise ValueError(f"teacher hidden states {tuple(teacher.shape)} and weight "
                          f"{tuple(weight.shape)} do not give logits of shape "
                          f"{tuple(lead) + (width,)}")
+    if weight.shape[0] != width:
+        fit_rows("teacher_weight", weight.shape[0])
+        weight, bias = weight[:width], None if bias is None else bias[:width]
     if teacher.device != h.device:
         raise ValueError(f"teacher is on {teacher.device} but student_hidden on {h.device}")
-    return teacher.new_empty(()).expand(*lead, full_width)
+    return teacher.new_empty(()).expand(*lead, full_width), weight, bias
 
 
 def _check_linear(who, hidden, weight, bias):

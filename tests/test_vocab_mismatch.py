@@ -173,3 +173,200 @@ def test_methods_and_modules_take_padded_teacher():
 def test_mismatches_are_refused_with_both_widths_named(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+# ---- fused lm_head ----------------------------------------------------------------------------
+
+def _linear_problem(seed, N=7, H=5, Ht=6):
+    """Student leaves (hidden, weight [C, H], bias [C]) and a teacher with a padded lm_head
+    (weight [V_PADDED, Ht], bias [V_PADDED]) whose padding rows give large logits."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g)
+    W = torch.randn(C, H, generator=g) / H ** 0.5 * 2
+    b = torch.randn(C, generator=g) * 0.5
+    ht = torch.randn(N, Ht, generator=g)
+    Wt = torch.randn(V_PADDED, Ht, generator=g)
+    bt = torch.randn(V_PADDED, generator=g)
+    Wt[C:], bt[C:] = 0.0, 40.0
+    y = torch.randint(0, C, (N,), generator=g)
+    y[1] = -100
+    return [h, W, b], ht, Wt, bt, y
+
+
+def _linear_oracle(student, teacher_cut, y, upstream, reduction, **kw):
+    """The unfused float64 loss: logits h W^T + b, the teacher already cut to C."""
+    leaves = [x.detach().double().requires_grad_() for x in student]
+    logits = leaves[0] @ leaves[1].t() + leaves[2]
+    if isinstance(teacher_cut, SparseTeacher):
+        teacher_cut = SparseTeacher(teacher_cut.indices, teacher_cut.values.double(),
+                                    teacher_cut.tail)
+    else:
+        teacher_cut = teacher_cut.double()
+    loss = kdkernels.reference.distillation_loss(logits, teacher_cut, y, reduction=reduction,
+                                                 **kw)[0]
+    return loss, torch.autograd.grad(loss, leaves, upstream.double())
+
+
+@pytest.mark.parametrize("teacher_kind", ["hidden", "logits", "sparse_tail"])
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_fused_linear_with_a_padded_teacher(backend, device, teacher_kind):
+    student, ht, Wt, bt, y = _linear_problem(seed=11)
+    logits_t = ht @ Wt.t() + bt
+    if teacher_kind == "hidden":
+        teacher = dict(teacher=ht, teacher_weight=Wt, teacher_bias=bt)
+        cut, reduction, options = logits_t[:, :C], "mean", dict(correction="swap")
+    elif teacher_kind == "logits":
+        teacher = dict(teacher=logits_t)
+        cut, reduction, options = logits_t[:, :C], "none", dict(divergence="jsd")
+    else:
+        logits_t[:, C:] = torch.randn(7, V_PADDED - C, generator=torch.Generator().manual_seed(
+            1)) + logits_t[:, :C].max(-1, keepdim=True).values  # in every row's top k
+        values, indices = logits_t.topk(6, -1)
+        values = values - torch.logsumexp(logits_t, -1, keepdim=True)
+        assert bool((indices >= C).any(-1).all())
+        teacher = dict(teacher=SparseTeacher(indices.to(device), values.to(device), True))
+        cut = SparseTeacher(indices.masked_fill(indices >= C, -1), values, True)
+        reduction, options = "sum", dict(correction="rectify")
+    leaves = [x.to(device).requires_grad_() for x in student]
+    teacher = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in teacher.items()}
+    loss = kdkernels.fused_linear_distillation_loss(
+        leaves[0], leaves[1], target=y.to(device), student_bias=leaves[2], **teacher,
+        reduction=reduction, backend=backend, chunk_size=3, padded_teacher=True, **options)
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(2)) + 0.5
+    grads = torch.autograd.grad(loss, leaves, upstream.to(device))
+    ref_loss, ref_grads = _linear_oracle(student, cut, y, upstream, reduction, **options)
+    rtol, atol = tolerances(torch.float32)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss.detach(), rtol=rtol,
+                               atol=atol * (1 + ref_loss.abs().max().item()))
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad.double().cpu(), ref, rtol=rtol,
+                                   atol=atol * (1 + ref.abs().max().item()))
+
+
+def test_fused_linear_mismatches_are_refused():
+    student, ht, Wt, bt, y = _linear_problem(seed=12)
+    h, W, b = student
+    F = kdkernels.fused_linear_distillation_loss
+    cases = [
+        (dict(teacher=ht, teacher_weight=Wt, teacher_bias=bt),
+         r"teacher_weight has 40 classes but student_weight has 37: .*padded_teacher=True"),
+        (dict(teacher=ht, teacher_weight=Wt[:41 - 8], padded_teacher=True),
+         r"teacher_weight has 33 classes, fewer than the 37"),
+        (dict(teacher=ht, teacher_weight=torch.randn(41, 6), padded_teacher=True),
+         r"41 classes \(student_weight: 37\), not a multiple of 8"),
+        (dict(teacher=ht, teacher_weight=Wt, teacher_bias=bt[:C], padded_teacher=True),
+         r"teacher_bias must be \[40\]"),
+        (dict(teacher=ht @ Wt.t()), r"teacher has 40 classes but student_weight has 37"),
+        (dict(teacher=SparseTeacher(torch.tensor([[38]] * 7), torch.zeros(7, 1))),
+         r"classes >= 37, the student's width"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            F(h, W, target=y, student_bias=b, **kwargs)
+    module = kdkernels.FusedLinearDistillationLoss(padded_teacher=True, chunk_size=3)
+    assert torch.equal(module(h, W, ht, y, teacher_weight=Wt, teacher_bias=bt),
+                       F(h, W, ht, y, teacher_weight=Wt[:C], teacher_bias=bt[:C], chunk_size=3))
+
+
+# ---- vocab-parallel ---------------------------------------------------------------------------
+
+SHARDS = [0, 20, C]  # the student's shards; the last rank's teacher shard runs to V_PADDED
+
+
+def _vp_worker(rank, world, port, failures):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    start, end = SHARDS[rank], SHARDS[rank + 1]
+    t_end = V_PADDED if end == C else end
+    try:
+        # dense logits: the oracle on the teacher cut to C
+        s, t, y = _padded_problem((12,), seed=21, dtype=torch.float64)
+        for options in (dict(correction="swap", reduction="mean"),
+                        dict(divergence="jsd", reduction="none")):
+            shard = s[:, start:end].clone().requires_grad_()
+            loss = kdkernels.vocab_parallel_distillation_loss(
+                shard, t[:, start:t_end], y, vocab_start=start, vocab_size=C,
+                padded_teacher=True, **options)
+            up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3),
+                            dtype=loss.dtype) + 0.5
+            (grad,) = torch.autograd.grad(loss, shard, up)
+            ref_loss, ref_grad, _ = oracle(s, t[:, :C], y, up, **options)
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+            torch.testing.assert_close(grad, ref_grad[:, start:end], rtol=1e-9, atol=1e-10)
+        # hidden states and this rank's rows of the lm_heads, the teacher's padded
+        student, ht, Wt, bt, y = _linear_problem(seed=22)
+        student = [x.double() for x in student]
+        h, W, b = student
+        leaves = [h.clone().requires_grad_(), W[start:end].clone().requires_grad_(),
+                  b[start:end].clone().requires_grad_()]
+        loss = kdkernels.vocab_parallel_fused_linear_distillation_loss(
+            leaves[0], leaves[1], ht.double(), y, vocab_start=start, vocab_size=C,
+            student_bias=leaves[2], teacher_weight=Wt[start:t_end].double(),
+            teacher_bias=bt[start:t_end].double(), chunk_size=5, padded_teacher=True)
+        grads = torch.autograd.grad(loss, leaves)
+        cut = ht.double() @ Wt[:C].double().t() + bt[:C].double()
+        ref_loss, ref_grads = _linear_oracle(student, cut, y, torch.ones(()), "mean")
+        torch.testing.assert_close(loss, ref_loss.detach(), rtol=1e-9, atol=1e-10)
+        grad_h = grads[0].clone()
+        dist.all_reduce(grad_h)  # each rank's part of the hidden states' gradient
+        torch.testing.assert_close(grad_h, ref_grads[0], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(grads[1], ref_grads[1][start:end], rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(grads[2], ref_grads[2][start:end], rtol=1e-9, atol=1e-10)
+    except Exception:  # noqa: BLE001 -- reported by the parent with the rank
+        import traceback
+        failures.put(f"rank {rank}/{world}:\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vocab_parallel_with_the_padding_on_the_last_shard():
+    import os
+
+    import torch.multiprocessing as mp
+    from test_vocab_parallel import _free_port
+    context = mp.get_context("spawn")
+    failures = context.SimpleQueue()
+    env_interpret = os.environ.pop("TRITON_INTERPRET", None)  # not needed in the workers
+    try:
+        mp.start_processes(_vp_worker, args=(2, _free_port(), failures), nprocs=2,
+                           start_method="spawn")
+    finally:
+        if env_interpret is not None:
+            os.environ["TRITON_INTERPRET"] = env_interpret
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert not errors, "\n".join(errors)
+
+
+def test_vocab_parallel_mismatches_are_refused_before_any_collective():
+    s, t, y = _padded_problem((4,), seed=23)
+    F = kdkernels.vocab_parallel_distillation_loss
+    FL = kdkernels.vocab_parallel_fused_linear_distillation_loss
+    h, Wt = torch.randn(4, 3), torch.randn(V_PADDED, 3)
+    cases = [  # (call, message); the last shard is [20, 37)
+        (lambda: F(s[:, 20:], t[:, 20:], y, vocab_start=20, vocab_size=C),
+         r"has 40 classes but the student \(vocab_size\) has 37: .*padded_teacher=True"),
+        (lambda: F(s[:, 20:], torch.zeros(4, 21), y, vocab_start=20, vocab_size=C,
+                   padded_teacher=True), r"\[20, 41\)\) has 41 classes .*not a multiple of 8"),
+        (lambda: F(s[:, :20], t[:, :23], y, vocab_start=0, vocab_size=C, padded_teacher=True),
+         r"padding may lie only at the end of the last shard"),
+        (lambda: F(s[:, :20], t[:, :23], y, vocab_start=0, vocab_size=C),
+         r"teacher_logits shard has 23 classes but this rank's student shard has 20"),
+        (lambda: F(s[:, 20:], t[:, 20:30], y, vocab_start=20, vocab_size=C,
+                   padded_teacher=True), r"has 10 classes, fewer than the 17"),
+        (lambda: FL(h, torch.randn(17, 3), h, y, vocab_start=20, vocab_size=C,
+                    teacher_weight=Wt[20:]),
+         r"teacher_weight \(padded .*has 40 classes but the student \(vocab_size\) has 37"),
+        (lambda: FL(h, torch.randn(20, 3), h, y, vocab_start=0, vocab_size=C,
+                    teacher_weight=Wt[:24], padded_teacher=True),
+         r"teacher_weight shard has 24 classes.*only at the end of the last shard"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    # accepted checks lead to the collective, which needs torch.distributed
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        F(s[:, 20:], t[:, 20:], y, vocab_start=20, vocab_size=C, padded_teacher=True)
