@@ -186,10 +186,7 @@ class _TeacherSource:
         """(teacher values or logits, indices or None) for rows [i, j)."""
         if self.hidden is not None:
             with torch.no_grad():
-                logits = self.hidden[i:j] @ self.weight.detach().t()
-                if self.bias is not None:
-                    logits += self.bias.detach()
-            return logits, None
+                return linear(self.hidden[i:j], self.weight, self.bias), None
         if self.indices is not None:
             return self.values[i:j].contiguous(), self.indices[i:j].contiguous()
         if self.logits is not None:
@@ -234,13 +231,18 @@ class _Job:
     def run(self, h, W, b, i, j, compute_grad):
         """(loss rows, d loss rows / d logits or empty, temperatures, flags) of rows [i, j)."""
         with torch.no_grad():
-            logits = h[i:j] @ W.t()
-            if b is not None:
-                logits += b
+            logits = linear(h[i:j], W, b)
         teacher, indices = self.source.rows(i, j)
         options = self.options if compute_grad else replace(self.options, compute_grad=False)
         return self.runner.forward(logits, teacher, _part(self.target, i, j),
                                    _part(self.temp_rows, i, j), options, indices)
+
+
+def linear(x, weight, bias):
+    """Chunk logits as torch.nn.Linear computes them: the bias added before the one rounding
+    to a 16-bit dtype (a matmul then `+= bias` rounds twice)."""
+    return torch.nn.functional.linear(x.detach(), weight.detach(),
+                                      None if bias is None else bias.detach())
 
 
 def _part(x, i, j):

@@ -26,6 +26,7 @@ from ._core import (
     finish,
     reduce_rows,
 )
+from ._fused_linear import linear
 from ._options import (
     DIVERGENCES,
     FLAG_STILL_WRONG,
@@ -278,15 +279,13 @@ class _LinearRows(_Rows):
 
     def student_rows(self, i, j):
         with torch.no_grad():
-            logits = self.h[i:j] @ self.W.t()
-            return logits + self.b if self.b is not None else logits
+            return linear(self.h[i:j], self.W, self.b)
 
     def teacher_rows(self, i, j):
         if self.t_weight is None:
             return self.teacher[i:j]
         with torch.no_grad():
-            logits = self.teacher[i:j] @ self.t_weight.t()
-            return logits + self.t_bias if self.t_bias is not None else logits
+            return linear(self.teacher[i:j], self.t_weight, self.t_bias)
 
 
 class _Job:

@@ -301,3 +301,40 @@ def test_bad_input_is_refused_with_the_argument_named():
             F(**kwargs)
     with pytest.raises(ValueError, match="chunk_size"):
         kdkernels.FusedLinearDistillationLoss(chunk_size=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chunk_logits_are_computed_as_f_linear_computes_them(monkeypatch, dtype):
+    """The student's and the teacher's chunk logits, bias included, are F.linear's bit for bit
+    (one rounding in 16-bit dtypes, not a matmul then `+= bias`)."""
+    student, teacher, y = _problem(64, 48, 300, seed=5, teacher_kind="hidden", dtype=dtype)
+    h, W, b = student
+    module = kdkernels.ops.resolve("cpp", h.device)
+    seen = []
+    original = module.forward
+
+    def spy(logits, teacher_logits, *args, **kwargs):
+        seen.append((logits.clone(), teacher_logits.clone()))
+        return original(logits, teacher_logits, *args, **kwargs)
+    monkeypatch.setattr(module, "forward", spy)
+    _fused(student, teacher, y, backend="cpp", chunk_size=24)
+    assert len(seen) == 3
+    F = torch.nn.functional
+    for k, (logits, teacher_logits) in enumerate(seen):
+        rows = slice(24 * k, 24 * (k + 1))
+        assert torch.equal(logits, F.linear(h[rows].detach(), W.detach(), b.detach()))
+        assert torch.equal(teacher_logits, F.linear(teacher["teacher"][rows],
+                                                    teacher["teacher_weight"],
+                                                    teacher["teacher_bias"]))
+
+
+def test_vocab_parallel_chunk_logits_are_f_linear_s():
+    from kdkernels._vocab_parallel import _LinearRows
+    student, teacher, y = _problem(20, 48, 300, seed=6, teacher_kind="hidden",
+                                   dtype=torch.bfloat16)
+    h, W, b = (x.detach() for x in student)
+    ht, Wt, bt = teacher["teacher"], teacher["teacher_weight"], teacher["teacher_bias"]
+    rows = _LinearRows(h, W, b, ht, Wt, bt, y, 4.0, 0, 300, None, 8)
+    F = torch.nn.functional
+    assert torch.equal(rows.student_rows(8, 16), F.linear(h[8:16], W, b))
+    assert torch.equal(rows.teacher_rows(8, 16), F.linear(ht[8:16], Wt, bt))
