@@ -64,8 +64,8 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
             weight (and bias) may have more rows, its logits more columns, a sparse teacher
             classes >= V; only the first V are read (views). As for :func:`distillation_loss`.
 
-    Returns the loss (and a :class:`DistillStats` with ``return_stats``). The weight's gradient
-    accumulates chunk by chunk in the weight's dtype.
+    Returns the loss (and a :class:`DistillStats` with ``return_stats``). The weight's and the
+    bias's gradients accumulate chunk by chunk in float32 (float64 for float64).
     """
     hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
                  correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
@@ -263,25 +263,40 @@ class GradientSink:
         need_h, need_w, need_b = need
         self.h, self.W = h, W
         self.grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-        self.grad_w = torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_w else None
+        # the weight's and the bias's gradients summed over the chunks in float32 (float64 for
+        # float64): in a 16-bit dtype each chunk's addition would round the running sum, and
+        # the error would grow with the number of chunks. A 16-bit weight's chunk product is
+        # written into one reused buffer of its dtype (a GEMM at 16-bit speed), then added.
+        self.grad_w = self.product = None
+        if need_w:
+            self.grad_w = torch.zeros(W.shape, dtype=_accumulation(W.dtype), device=W.device)
+            if self.grad_w.dtype != W.dtype:
+                self.product = torch.empty(W.shape, dtype=W.dtype, device=W.device)
         self.grad_b = None
-        if need_b:  # summed over the rows in float32 (float64 for float64)
-            self.grad_b = torch.zeros(W.shape[0], dtype=torch.promote_types(b.dtype,
-                                                                            torch.float32),
-                                      device=b.device)
+        if need_b:
+            self.grad_b = torch.zeros(W.shape[0], dtype=_accumulation(b.dtype), device=b.device)
         self.b_dtype = None if b is None else b.dtype
 
     def __call__(self, i, j, g):
         if self.grad_h is not None:
             torch.mm(g, self.W.detach(), out=self.grad_h[i:j])
-        if self.grad_w is not None:
+        if self.product is not None:
+            self.grad_w += torch.mm(g.t(), self.h[i:j].detach(), out=self.product)
+        elif self.grad_w is not None:
             self.grad_w.addmm_(g.t(), self.h[i:j].detach())
         if self.grad_b is not None:
             self.grad_b += g.sum(0, dtype=self.grad_b.dtype)
 
     def results(self):
+        grad_w = self.grad_w
+        if self.product is not None:  # rounded once, into the product's buffer
+            grad_w = self.product.copy_(self.grad_w)
         grad_b = None if self.grad_b is None else self.grad_b.to(self.b_dtype)
-        return self.grad_h, self.grad_w, grad_b
+        return self.grad_h, grad_w, grad_b
+
+
+def _accumulation(dtype):
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _backward_chunks(job, h, W, b, upstream, need):

@@ -338,3 +338,26 @@ def test_vocab_parallel_chunk_logits_are_f_linear_s():
     F = torch.nn.functional
     assert torch.equal(rows.student_rows(8, 16), F.linear(h[8:16], W, b))
     assert torch.equal(rows.teacher_rows(8, 16), F.linear(ht[8:16], Wt, bt))
+
+
+def test_bf16_weight_gradient_does_not_degrade_with_the_chunk_count():
+    """The weight's gradient accumulates over the chunks in float32: its error against float64
+    stays near the one-chunk error (accumulated in bf16 it was 1.5x at 8 chunks, 3.7x at 64)."""
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 512, 64, 1000
+    h = torch.randn(N, H, generator=g, dtype=torch.float64).bfloat16()
+    W = (torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.5 * 2).bfloat16()
+    t = torch.randn(N, V, generator=g) * 3
+    y = torch.randint(0, V, (N,), generator=g)
+    h64, W64 = h.double().requires_grad_(), W.double().requires_grad_()
+    ref = R.distillation_loss(h64 @ W64.t(), t.double(), y, 4.0, reduction="sum")[0]
+    ref_gw = torch.autograd.grad(ref, W64)[0]
+    errors = []
+    for chunks in (1, 8, 64):
+        leaves = [h.clone().requires_grad_(), W.clone().requires_grad_()]
+        loss = kdkernels.fused_linear_distillation_loss(*leaves, t, y, reduction="sum",
+                                                        chunk_size=N // chunks)
+        gw = torch.autograd.grad(loss, leaves[1])[0]
+        assert gw.dtype == torch.bfloat16
+        errors.append(((gw.double() - ref_gw).norm() / ref_gw.norm()).item())
+    assert errors[0] < 4e-3 and max(errors) < 1.3 * errors[0], errors
