@@ -785,7 +785,9 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
   const acc_t gs = acc_t(o.grad_scale);
   const acc_t c1 = ce_w != 0 ? gs * ce_w / z1 : acc_t(0);
   const acc_t p_coef = gs * kd_grad / zs;
-  const acc_t rest_coef = smoothed ? p_coef : p_coef * (G[k + 1] - g_mean);
+  // no teacher: G and g_mean are NaN (no outcome has mass) and p_coef is 0: no KD term at all
+  const acc_t rest_coef = smoothed ? p_coef
+                          : has_teacher ? p_coef * (G[k + 1] - g_mean) : acc_t(0);
   const acc_t shift = smoothed ? -gs * kd_grad * ec : acc_t(0);
   for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
     Vec gv = Vec(rest_coef) * load(bp + j, n) + Vec(shift);
