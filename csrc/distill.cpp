@@ -664,11 +664,13 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
 
   // The teacher: its argmax b (first by class id), the label among its classes, wrong.
   int64_t n_used = 0, pos_y = k, pos_b = -1;
+  bool has_teacher = false;  // a used slot that is not -inf (a tail alone is no teacher)
   acc_t best = -inf;
   double mass = 0;  // the tail is often a small difference of masses near 1
   for (int64_t j = 0; j < k; ++j) {
     if (!used(j)) continue;
     ++n_used;
+    has_teacher = has_teacher || !(v[j] == -inf);
     if (o.teacher_tail) mass += std::exp(static_cast<double>(v[j]));
     if (pos_b < 0 || v[j] > best || (v[j] == best && idx[j] < idx[pos_b])) {
       best = v[j];
@@ -719,7 +721,6 @@ RowOut distill_row_sparse(const acc_t* s, int64_t C, const acc_t* v, const int64
   lP[k + 1] = P[k + 1] > 0 ? std::log(P[k + 1]) : -inf;
   acc_t mq = -inf;
   for (int64_t j = 0; j < M; ++j) mq = std::max(mq, R[j]);
-  const bool has_teacher = mq > -inf;
   acc_t zq = 0;
   for (int64_t j = 0; j < M; ++j) {
     lR[j] = has_teacher ? (R[j] - mq) * inv_t : -inf;

@@ -250,7 +250,8 @@ def _sparse_tail_loss(s, teacher, y, temperature, kd_weight, ce_weight, wrong_kd
     tail_mass = torch.where(member.all(-1), torch.zeros_like(tail_mass), tail_mass)
     logits = torch.cat([torch.where(used, v, float("-inf")), tail_mass.log()[:, None]], -1)
     q = torch.softmax(logits / T[:, None], -1)  # [N, k + 1]: the classes, then the tail
-    has_teacher = used.any(-1) | (tail_mass > 0)
+    # every slot unused or -inf: no teacher, even with a tail (docs/METHODS.md)
+    has_teacher = (used & (v != float("-inf"))).any(-1)
     P = torch.cat([torch.where(used, p.gather(1, at), 0.0),
                    torch.where(extra, p[rows, y_safe], 0.0)[:, None],
                    torch.where(member, 0.0, p).sum(-1, keepdim=True)], -1)
@@ -264,6 +265,9 @@ def _sparse_tail_loss(s, teacher, y, temperature, kd_weight, ce_weight, wrong_kd
         scale = (q_y + q_b) / (new_y + new_b)
         target[rows, pos_y], target[rows, pos_b] = new_y * scale, new_b * scale
     target = torch.where(wrong[:, None], target, Q)
+    # a row without a teacher compares P with itself: D = 0 and a zero gradient (masking D
+    # afterwards would send NaN through an infinite reverse KL)
+    target = torch.where(has_teacher[:, None], target, P.detach())
     d = divergence_rows(target, P, kind, jsd_beta, skew_alpha)
     if correction == "smooth":  # the target is no longer the teacher: dense, as without a tail
         smooth = torch.full_like(p, smooth_eps / C)

@@ -30,7 +30,7 @@ def _teacher_without_rows(tail, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-@pytest.mark.parametrize("tail", [False], ids=["no-tail"])
+@pytest.mark.parametrize("tail", [False, True], ids=["no-tail", "tail"])
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
 def test_rows_without_a_teacher_have_no_kd_term(backend, device, tail, divergence, dtype):
     s, teacher, y = _teacher_without_rows(tail, dtype)

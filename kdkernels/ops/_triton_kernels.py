@@ -744,7 +744,7 @@ def _distill_sparse_kernel(
         tail = tl.maximum(1.0 - mass, 0.0).to(tl.float32)
         u_r = tl.where(rest_empty | (tail <= 0), NEG_INF, tl.log(tail))
     m_q = tl.maximum(best, u_r)
-    has_teacher = m_q > NEG_INF
+    has_teacher = tl.max((v != NEG_INF).to(tl.int32), 0) > 0  # a tail alone is no teacher
     m_q = tl.where(has_teacher, m_q, 0.0)
     lQ_k = (v - m_q) * inv_t
     lQ_r = (u_r - m_q) * inv_t

@@ -308,9 +308,9 @@ def _sparse_teacher(s, indices, values, y, valid, temp_rows, o):
         teacher_logits = torch.cat([teacher_logits, tail.log()[:, None]], -1)
     q = torch.softmax(teacher_logits / Tc, -1)
     q = torch.nan_to_num(q, nan=0.0)  # a row with no mass at all
-    # no teacher on a row whose every slot is unused or -inf (a NaN value still poisons it)
-    has_teacher = (used & (values != -math.inf)).any(-1) | (
-        (q[:, k:].sum(-1) > 0) if o.teacher_tail else False)
+    # no teacher on a row whose every slot is unused or -inf, with a tail too (a NaN value
+    # still poisons the row)
+    has_teacher = (used & (values != -math.inf)).any(-1)
     q_rest = q[:, k] if o.teacher_tail else torch.zeros(N, dtype=s.dtype, device=s.device)
     P = torch.cat([torch.where(used, p.gather(1, at), 0.0),
                    torch.where(extra, p[rows, y_class], 0.0)[:, None],
