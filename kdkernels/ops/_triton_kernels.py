@@ -154,7 +154,7 @@ def _distill_kernel(
     temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
     ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
     ignore_index, divergence: tl.constexpr, divergence_param, teacher_tail: tl.constexpr,
-    compute_grad, grad_scale,
+    compute_grad, grad_scale, reduction: tl.constexpr,
     # derived by the launcher
     log_a, log_rest, BLOCK: tl.constexpr, VIRTUAL: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr, NUM_COEF: tl.constexpr,
@@ -456,10 +456,10 @@ def _distill_kernel(
 
 @triton.jit
 def _distill_grad_kernel(
-    s_ptr, s_stride, t_ptr, t_stride, coef_ptr, index_ptr, up_ptr, up_stride, grad_ptr,
-    C, log_a, log_rest, divergence_param,
+    s_ptr, s_stride, t_ptr, t_stride, coef_ptr, index_ptr, up_ptr, up_stride, scale_ptr,
+    grad_ptr, C, log_a, log_rest, divergence_param,
     BLOCK: tl.constexpr, VIRTUAL: tl.constexpr, HAS_CE: tl.constexpr,
-    NUM_COEF: tl.constexpr, DIVERGENCE: tl.constexpr,
+    NUM_COEF: tl.constexpr, DIVERGENCE: tl.constexpr, SCALED: tl.constexpr,
 ):
     """d loss_i / d s_i times the upstream gradient, from the forward's row coefficients:
     one read of the student and teacher rows, one write of the gradient."""
@@ -490,6 +490,8 @@ def _distill_grad_kernel(
     live = row_scale != 0
     read_limit = tl.where(live, C, 0)  # ignored rows: write zeros, read nothing
     scale = row_scale * tl.load(up_ptr + row * up_stride).to(tl.float32)
+    if SCALED:  # "mean": 1 / the rows that count, from the forward's reduction
+        scale *= tl.load(scale_ptr)
     a = inv_t * LOG2E
     if DIVERGENCE != DIVERGENCE_KL:  # kd_grad p_j (G_j - sum_k p_k G_k)
         param = tl.cast(divergence_param, tl.float32)
@@ -558,15 +560,60 @@ def _distill_grad_kernel(
             tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _reduce_kernel(loss_ptr, y_ptr, y_stride, N, ignore_index, out_ptr, scale_ptr,
+                   BLOCK: tl.constexpr, HAS_LABELS: tl.constexpr, MEAN: tl.constexpr):
+    """One program: the sum of the rows' losses, or their mean over the rows that count (labels
+    not ignore_index, at least 1), and the gradient's scale (1 / that count, or 1)."""
+    cols = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, N, BLOCK):
+        idx = start + cols
+        mask = idx < N
+        total += tl.load(loss_ptr + idx, mask=mask, other=0.0)
+        if MEAN and HAS_LABELS:
+            y = tl.load(y_ptr + idx.to(tl.int64) * y_stride, mask=mask, other=ignore_index)
+            count += (y != ignore_index).to(tl.int32)
+    total_sum = tl.sum(total, 0)
+    if MEAN:
+        if HAS_LABELS:
+            rows = tl.maximum(tl.sum(count, 0), 1).to(tl.float32)
+        else:
+            rows = tl.maximum(N, 1).to(tl.float32)
+        tl.store(out_ptr, total_sum / rows)
+        tl.store(scale_ptr, 1.0 / rows)
+    else:
+        tl.store(out_ptr, total_sum)
+        tl.store(scale_ptr, 1.0)
+
+
+def _reduce(loss, target, o):
+    """(loss, gradient scale) as the options' reduction asks: the rows and an unread scale, or
+    one value from _reduce_kernel."""
+    scale = loss.new_empty(1)
+    if o.reduction == _options.REDUCTION_NONE:
+        return loss, scale
+    out = loss.new_empty(())
+    N = loss.shape[0]
+    torch.library.wrap_triton(_reduce_kernel)[(1,)](
+        loss, target if target is not None else loss,
+        target.stride(0) if target is not None else 0, N, o.ignore_index, out, scale,
+        BLOCK=min(max(triton.next_power_of_2(N), 16), 1024), HAS_LABELS=target is not None,
+        MEAN=o.reduction == _options.REDUCTION_MEAN, num_warps=4)
+    return out, scale
+
+
 @torch.library.triton_op("kdkernels::distill_triton", mutates_args=())
 def distill_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
                    target: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor],
                    options: List[float]
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor]:
-    """Forward: per-row loss, temperature, flags, and the row coefficients (and label /
-    teacher-argmax indices) from which distill_triton_grad writes the gradient. ``options``:
-    FusedOptions.pack()."""
+                              torch.Tensor, torch.Tensor]:
+    """Forward: the loss (per row, or reduced as options.reduction asks), per-row temperature
+    and flags, the row coefficients (and label / teacher-argmax indices) from which
+    distill_triton_grad writes the gradient, and the gradient's scale ("mean": 1 / the rows that
+    count). ``options``: FusedOptions.pack()."""
     o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     loss = student.new_empty(N, dtype=torch.float32)
@@ -589,15 +636,16 @@ def distill_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
         log_a=log_a, log_rest=log_rest, BLOCK=block, VIRTUAL=o.virtual_teacher > 0,
         HAS_LABELS=target is not None, HAS_CE=o.ce_weight != 0, NUM_COEF=config.NUM_COEF,
         num_warps=warps)
-    return loss, temps, flags, coef, index
+    loss, scale = _reduce(loss, target, o)
+    return loss, temps, flags, coef, index, scale
 
 
 @torch.library.triton_op("kdkernels::distill_triton_grad", mutates_args=())
 def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
                         coef: torch.Tensor, index: torch.Tensor, upstream: torch.Tensor,
-                        options: List[float]) -> torch.Tensor:
+                        scale: torch.Tensor, options: List[float]) -> torch.Tensor:
     """The gradient wrt the student, each row times upstream[row] (upstream has N values,
-    or one for every row)."""
+    or one for every row), and times scale[0] when the loss was reduced."""
     o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
@@ -607,10 +655,11 @@ def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
         student, student.stride(0),
         teacher if teacher is not None else student,
         teacher.stride(0) if teacher is not None else 0,
-        coef, index, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, grad,
+        coef, index, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, scale, grad,
         C, log_a, log_rest, o.divergence_param,
         BLOCK=block, VIRTUAL=o.virtual_teacher > 0, HAS_CE=o.ce_weight != 0,
-        NUM_COEF=config.NUM_COEF, DIVERGENCE=o.divergence, num_warps=warps)
+        NUM_COEF=config.NUM_COEF, DIVERGENCE=o.divergence,
+        SCALED=o.reduction != _options.REDUCTION_NONE, num_warps=warps)
     return grad
 
 
@@ -631,7 +680,7 @@ def _distill_sparse_kernel(
     temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
     ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
     ignore_index, divergence: tl.constexpr, divergence_param, teacher_tail: tl.constexpr,
-    compute_grad, grad_scale,
+    compute_grad, grad_scale, reduction: tl.constexpr,
     # derived by the launcher
     BLOCK: tl.constexpr, KBLOCK: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     NUM_COEF: tl.constexpr,
@@ -847,8 +896,9 @@ def _distill_sparse_kernel(
 @triton.jit
 def _distill_sparse_grad_kernel(
     s_ptr, s_stride, i_ptr, i_stride, coef_ptr, index_ptr, member_ptr, up_ptr, up_stride,
-    grad_ptr, C, K,
+    scale_ptr, grad_ptr, C, K,
     BLOCK: tl.constexpr, KBLOCK: tl.constexpr, HAS_CE: tl.constexpr, NUM_COEF: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """The gradient against a sparse teacher, times the upstream gradient: the rest's
     coefficient on every class, the forward's values on the explicit ones."""
@@ -876,6 +926,8 @@ def _distill_sparse_grad_kernel(
     live = row_scale != 0
     read_limit = tl.where(live, C, 0)
     scale = row_scale * tl.load(up_ptr + row * up_stride).to(tl.float32)
+    if SCALED:
+        scale *= tl.load(scale_ptr)
     a = inv_t * LOG2E
     for start in range(0, C, BLOCK):  # (0/1 flags via int32: the interpreter's float compare)
         idx = start + cols
@@ -899,7 +951,7 @@ def distill_triton_sparse(student: torch.Tensor, values: torch.Tensor, indices: 
                           target: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor],
                           options: List[float]
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor, torch.Tensor]:
+                                     torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward against a sparse teacher whose class ids are sorted within each row:
     per-row loss, temperature, flags, the coefficients, label / argmax indices and the
     explicit classes' gradient values from which distill_triton_sparse_grad writes the
@@ -924,13 +976,15 @@ def distill_triton_sparse(student: torch.Tensor, values: torch.Tensor, indices: 
         loss, temps, flags, coef, index, member, C, K, **o.triton_kwargs(),
         BLOCK=block, KBLOCK=config.k_block(K), HAS_LABELS=target is not None,
         HAS_CE=o.ce_weight != 0, NUM_COEF=config.NUM_COEF, num_warps=warps)
-    return loss, temps, flags, coef, index, member
+    loss, scale = _reduce(loss, target, o)
+    return loss, temps, flags, coef, index, member, scale
 
 
 @torch.library.triton_op("kdkernels::distill_triton_sparse_grad", mutates_args=())
 def distill_triton_sparse_grad(student: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor,
                                index: torch.Tensor, member: torch.Tensor,
-                               upstream: torch.Tensor, options: List[float]) -> torch.Tensor:
+                               upstream: torch.Tensor, scale: torch.Tensor,
+                               options: List[float]) -> torch.Tensor:
     o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     K = indices.shape[1]
@@ -938,7 +992,8 @@ def distill_triton_sparse_grad(student: torch.Tensor, indices: torch.Tensor, coe
     block, warps = config.launch_config(C, "grad")
     torch.library.wrap_triton(_distill_sparse_grad_kernel)[(N,)](
         student, student.stride(0), indices, indices.stride(0), coef, index, member,
-        upstream, upstream.stride(0) if upstream.numel() > 1 else 0, grad, C, K,
+        upstream, upstream.stride(0) if upstream.numel() > 1 else 0, scale, grad, C, K,
         BLOCK=block, KBLOCK=config.k_block(K), HAS_CE=o.ce_weight != 0,
-        NUM_COEF=config.NUM_COEF, num_warps=warps)
+        NUM_COEF=config.NUM_COEF, SCALED=o.reduction != _options.REDUCTION_NONE,
+        num_warps=warps)
     return grad

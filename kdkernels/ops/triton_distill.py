@@ -86,32 +86,33 @@ def virtual_logits(virtual_teacher, C):
 
 
 def forward_deferred(student, teacher, target, temp_rows, o, teacher_indices=None):
-    """The forward kernel alone: (loss_rows, state, temperature, flags); `gradient(state, ...)`
+    """The forward kernel alone: (loss, state, temperature, flags); `gradient(state, ...)`
     writes the gradient later, in the backward, scaled by the upstream gradient on the device
     (no host sync, and no N x C buffer between forward and backward)."""
     if teacher_indices is not None:  # the kernels find each block's classes in sorted ids
         indices, order = teacher_indices.sort(-1)
-        loss, temps, flags, coef, index, member = torch.ops.kdkernels.distill_triton_sparse(
-            student, teacher.gather(1, order), indices, target, temp_rows, o.pack())
-        state = (coef, index, member, indices)
+        loss, temps, flags, coef, index, member, scale = (
+            torch.ops.kdkernels.distill_triton_sparse.default(
+                student, teacher.gather(1, order), indices, target, temp_rows, o.pack()))
+        state = (coef, index, scale, member, indices)
     else:
-        loss, temps, flags, coef, index = torch.ops.kdkernels.distill_triton(
+        loss, temps, flags, coef, index, scale = torch.ops.kdkernels.distill_triton.default(
             student, teacher, target, temp_rows, o.pack())
-        state = (coef, index)
+        state = (coef, index, scale)
     if student.dtype == torch.float64:  # the contract: losses in the accumulation dtype
         loss, temps = loss.double(), temps.double()
     return loss, state, temps, flags
 
 
 def gradient(student, teacher, state, upstream, o, teacher_indices=None):
-    """d loss_rows / d student times `upstream` ([N] per row, or [1] for all rows)."""
+    """d loss / d student times `upstream` ([N] per row, or one value for all rows)."""
     if teacher_indices is not None:
-        coef, index, member, indices = state
-        return torch.ops.kdkernels.distill_triton_sparse_grad(student, indices, coef, index,
-                                                             member, upstream, o.pack())
-    coef, index = state
-    return torch.ops.kdkernels.distill_triton_grad(student, teacher, coef, index, upstream,
-                                                  o.pack())
+        coef, index, scale, member, indices = state
+        return torch.ops.kdkernels.distill_triton_sparse_grad.default(
+            student, indices, coef, index, member, upstream, scale, o.pack())
+    coef, index, scale = state
+    return torch.ops.kdkernels.distill_triton_grad.default(student, teacher, coef, index,
+                                                          upstream, scale, o.pack())
 
 
 def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
