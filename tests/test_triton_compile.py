@@ -42,14 +42,14 @@ def _signature(kernel, student="bf16", teacher="bf16", acc="fp32", upstream="fp3
     pointers = {"s_ptr": student, "t_ptr": teacher, "y_ptr": "i64", "temp_ptr": acc,
                 "loss_ptr": "fp32", "temp_out_ptr": "fp32", "flags_ptr": "i8", "coef_ptr": "fp32",
                 "index_ptr": "i64", "up_ptr": upstream, "grad_ptr": student, "v_ptr": teacher,
-                "i_ptr": "i64", "member_ptr": "fp32"}
+                "i_ptr": "i64", "member_ptr": "fp32", "scale_ptr": "fp32", "out_ptr": "fp32"}
     declared = {f.name: {int: "i64", float: "fp32", bool: "i1"}[f.type]
                 for f in dataclasses.fields(FusedOptions)}
     signature = {}
     for name in kernel.arg_names:
         if name in pointers:
             signature[name] = "*" + pointers[name]
-        elif name in ("C", "K"):
+        elif name in ("C", "K", "N"):
             signature[name] = "i32"
         elif name in CONSTEXPR_OPTIONS or name.isupper():
             signature[name] = "constexpr"
@@ -72,14 +72,15 @@ def _forward_flags():
         if virtual and temp_mode in (TEMP_COSINE, TEMP_MAX_PROB):
             continue  # a dynamic temperature needs a teacher tensor
         yield dict(temp_mode=temp_mode, correction=correction, t2_scale=t2, VIRTUAL=virtual,
-                   HAS_LABELS=labels, HAS_CE=ce, divergence=DIVERGENCE_KL, teacher_tail=False)
+                   HAS_LABELS=labels, HAS_CE=ce, divergence=DIVERGENCE_KL, teacher_tail=False,
+                   reduction=0)
 
 
 def _divergence_flags(sparse):
     """Every divergence with every correction (and, sparse, with and without a tail), and every
     temperature mode with a divergence other than KL, the other flags common."""
     common = dict(temp_mode=TEMP_SCALAR, t2_scale=True, HAS_LABELS=True, HAS_CE=True,
-                  teacher_tail=False)
+                  teacher_tail=False, reduction=0)
     if not sparse:
         common["VIRTUAL"] = False
     for divergence, correction, tail in itertools.product(
@@ -98,7 +99,8 @@ def _launches():
     configs = {kind: sorted({triton_distill.launch_config(C, kind) for C in blocks})
                for kind in ("forward", "grad")}
     common = dict(temp_mode=TEMP_SCALAR, correction=0, t2_scale=True, VIRTUAL=False,
-                  HAS_LABELS=True, HAS_CE=True, divergence=DIVERGENCE_KL, teacher_tail=False)
+                  HAS_LABELS=True, HAS_CE=True, divergence=DIVERGENCE_KL, teacher_tail=False,
+                  reduction=0)
     largest_forward, largest_grad = configs["forward"][-1], configs["grad"][-1]
     for block, warps in configs["forward"]:  # every block size, the common flags
         yield "forward", dict(common, BLOCK=block), warps, ("bf16", "bf16")
@@ -109,7 +111,7 @@ def _launches():
                (student, teacher))
     for flags in _divergence_flags(sparse=False):
         yield "forward", dict(flags, BLOCK=largest_forward[0]), largest_forward[1], ("bf16", "bf16")
-    grad = dict(VIRTUAL=False, HAS_CE=True, DIVERGENCE=DIVERGENCE_KL)
+    grad = dict(VIRTUAL=False, HAS_CE=True, DIVERGENCE=DIVERGENCE_KL, SCALED=True)
     for (block, warps), virtual, ce in itertools.product(configs["grad"], (False, True),
                                                          (False, True)):
         yield "grad", dict(grad, BLOCK=block, VIRTUAL=virtual, HAS_CE=ce), warps, ("bf16", "bf16")
@@ -135,7 +137,10 @@ def _launches():
         yield ("sparse", dict(sparse, BLOCK=largest_forward[0]), largest_forward[1],
                (student, teacher))
     for (block, warps), k_block, ce in itertools.product(configs["grad"], k_blocks, (False, True)):
-        yield "sparse_grad", dict(BLOCK=block, KBLOCK=k_block, HAS_CE=ce), warps, ("bf16", "bf16")
+        yield ("sparse_grad", dict(BLOCK=block, KBLOCK=k_block, HAS_CE=ce, SCALED=True), warps,
+               ("bf16", "bf16"))
+    for labels, mean in itertools.product((False, True), (False, True)):  # "sum" and "mean"
+        yield ("reduce", dict(BLOCK=1024, HAS_LABELS=labels, MEAN=mean), 4, ("fp32", "fp32"))
 
 
 def compile_one(job):
@@ -144,8 +149,9 @@ def compile_one(job):
     from kdkernels.ops import _triton_kernels as K
     kernel = {"forward": K._distill_kernel, "grad": K._distill_grad_kernel,
               "sparse": K._distill_sparse_kernel,
-              "sparse_grad": K._distill_sparse_grad_kernel}[kind]
-    constexprs = dict(constexprs, NUM_COEF=triton_distill.NUM_COEF)
+              "sparse_grad": K._distill_sparse_grad_kernel, "reduce": K._reduce_kernel}[kind]
+    if kind != "reduce":
+        constexprs = dict(constexprs, NUM_COEF=triton_distill.NUM_COEF)
     acc = "fp64" if student == "fp64" else "fp32"
     source = ASTSource(kernel, _signature(kernel, student, teacher, acc, acc),
                        constexprs=constexprs)

@@ -223,6 +223,8 @@ def _distill_kernel(
           / tl.maximum(tl.sum(finite0.to(tl.float32), 0), 1.0))
 
     # ---- loop 1: online softmax statistics -----------------------------------------
+    LOG2E: tl.constexpr = 1.4426950408889634
+    a = inv_t * LOG2E
     a_sum = tl.zeros([], dtype=tl.float32)    # sum_j es_j expm1(d_j), like zs
     psi_sum = tl.zeros([], dtype=tl.float32)  # sum_j es_j psi(d_j)
     orphans = tl.zeros([], dtype=tl.int32)    # classes with q > 0 and p = 0
@@ -248,26 +250,33 @@ def _distill_kernel(
         mt_new = tl.maximum(m_t, block_max_t)
         ms_safe = tl.where(ms_new == NEG_INF, 0.0, ms_new)
         mt_safe = tl.where(mt_new == NEG_INF, 0.0, mt_new)
-        es = tl.exp((s - ms_safe) * inv_t)
-        et = tl.exp((t - mt_safe) * inv_t)
-        alpha_s = tl.exp((m_s - ms_safe) * inv_t)
+        # exp2 with log2(e) / T folded into one factor: one multiply per exponential fewer
+        es = tl.exp2((s - ms_safe) * a)
+        et = tl.exp2((t - mt_safe) * a)
+        alpha_s = tl.exp2((m_s - ms_safe) * a)
         zs = zs * alpha_s + tl.sum(es, 0)
         d = (t - s) * inv_t - c0
         small = tl.abs(d) < 0.5
         dz = tl.where(small, d, 0.0)
         F = _expm1_excess(dz)
-        et_k = et * tl.exp((mt_safe - ms_safe) * inv_t - c0)  # = es e^d
+        et_k = et * tl.exp2(((mt_safe - ms_safe) * inv_t - c0) * LOG2E)  # = es e^d
         live = (es > 0) | (et > 0)
         e = tl.where(small, es * (dz + F), et_k - es)
         psi = tl.where(small, es * (dz * dz + (dz - 1.0) * F), es - et_k * (1.0 - d))
         a_sum = a_sum * alpha_s + tl.sum(tl.where(live, e, 0.0), 0)
         psi_sum = psi_sum * alpha_s + tl.sum(tl.where(live, psi, 0.0), 0)
         orphans += tl.sum(((es == 0) & (et > 0)).to(tl.int32), 0)
-        alpha_t = tl.exp((m_t - mt_safe) * inv_t)
+        alpha_t = tl.exp2((m_t - mt_safe) * a)
         zt = zt * alpha_t + tl.sum(et, 0)
         cross = cross * alpha_t + tl.sum(tl.where(et > 0, et * (t - s), 0.0), 0)
         if HAS_CE:
-            z1 = z1 * tl.exp(m_s - ms_safe) + tl.sum(tl.exp(s - ms_safe), 0)
+            if T == 1.0:  # the same row for every lane: CE's exponentials are the tempered ones
+                e1_sum = tl.sum(es, 0)
+                alpha_1 = alpha_s
+            else:
+                e1_sum = tl.sum(tl.exp2((s - ms_safe) * LOG2E), 0)
+                alpha_1 = tl.exp2((m_s - ms_safe) * LOG2E)
+            z1 = z1 * alpha_1 + e1_sum
         if correction == CORRECTION_SMOOTH:
             s_sum += tl.sum(tl.where(mask, s, 0.0), 0)
         if correction == CORRECTION_RECTIFY:
@@ -599,7 +608,7 @@ def _reduce(loss, target, o):
     torch.library.wrap_triton(_reduce_kernel)[(1,)](
         loss, target if target is not None else loss,
         target.stride(0) if target is not None else 0, N, o.ignore_index, out, scale,
-        BLOCK=min(max(triton.next_power_of_2(N), 16), 1024), HAS_LABELS=target is not None,
+        BLOCK=1024, HAS_LABELS=target is not None,
         MEAN=o.reduction == _options.REDUCTION_MEAN, num_warps=4)
     return out, scale
 
