@@ -673,6 +673,193 @@ def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
 
 
 @triton.jit
+def _distill_rows_kernel(
+    s_ptr, s_stride, t_ptr, t_stride, y_ptr, y_stride, temp_ptr, temp_stride,
+    loss_ptr, temp_out_ptr, flags_ptr, grad_ptr, N, C,
+    # the options, named as in kdkernels/_options.py (FusedOptions.triton_kwargs)
+    temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
+    ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
+    ignore_index, divergence: tl.constexpr, divergence_param, teacher_tail: tl.constexpr,
+    compute_grad, grad_scale, reduction: tl.constexpr,
+    # derived by the launcher
+    log_a, log_rest, ROWS: tl.constexpr, BLOCK: tl.constexpr, VIRTUAL: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+):
+    """Rows that fit one block, ROWS of them per program ([ROWS, BLOCK] tiles): the forward of
+    _distill_kernel for a fixed or per-row temperature, no correction and the KL divergence,
+    and the gradient of each row's loss (float32, not yet times the upstream gradient) written
+    at once, while the rows are in registers. The same cancellation-free KL."""
+    NEG_INF: tl.constexpr = float("-inf")
+    LOG2E: tl.constexpr = 1.4426950408889634
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    rows = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = row_ok[:, None] & (cols[None, :] < C)
+    temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps = _scalars(
+        temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps)
+    s = tl.load(s_ptr + rows[:, None] * s_stride + cols[None, :], mask=mask,
+                other=NEG_INF).to(tl.float32)
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows * y_stride, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = y != ignore_index
+        in_range = (y >= 0) & (y < C)
+        y = tl.where(in_range, y, 0)
+    else:
+        y = tl.zeros([ROWS], dtype=tl.int64)
+        valid = tl.full([ROWS], 1, tl.int1)
+        in_range = tl.full([ROWS], 1, tl.int1)
+    at_y = cols[None, :] == y[:, None]
+    if VIRTUAL:
+        t = tl.where(mask, tl.where(at_y, tl.cast(log_a, tl.float32),
+                                    tl.cast(log_rest, tl.float32)), NEG_INF)
+    else:
+        t = tl.load(t_ptr + rows[:, None] * t_stride + cols[None, :], mask=mask,
+                    other=NEG_INF).to(tl.float32)
+    if temp_mode == TEMP_ROWS:
+        T = tl.load(temp_ptr + rows * temp_stride, mask=row_ok, other=1.0).to(tl.float32)
+    else:
+        T = tl.zeros([ROWS], dtype=tl.float32) + temp_value
+    inv_t = 1.0 / T
+    a = inv_t * LOG2E
+
+    # centre of the cancellation-free KL: the mean of (t - s) / T over the finite pairs
+    finite = mask & ((s - s) == 0) & ((t - t) == 0)
+    c0 = (tl.sum(tl.where(finite, t - s, 0.0), 1) * inv_t
+          / tl.maximum(tl.sum(finite.to(tl.float32), 1), 1.0))
+    m_s = tl.max(s, 1)
+    m_t = tl.max(t, 1)
+    ms_safe = tl.where(m_s == NEG_INF, 0.0, m_s)
+    mt_safe = tl.where(m_t == NEG_INF, 0.0, m_t)
+    es = tl.exp2((s - ms_safe[:, None]) * a[:, None])
+    et = tl.exp2((t - mt_safe[:, None]) * a[:, None])
+    zs = tl.sum(es, 1)
+    zt = tl.sum(et, 1)
+    d = (t - s) * inv_t[:, None] - c0[:, None]
+    small = tl.abs(d) < 0.5
+    dz = tl.where(small, d, 0.0)
+    F = _expm1_excess(dz)
+    et_k = et * tl.exp2(((mt_safe - ms_safe) * inv_t - c0) * LOG2E)[:, None]  # = es e^d
+    live = (es > 0) | (et > 0)
+    e = tl.where(live, tl.where(small, es * (dz + F), et_k - es), 0.0)  # es expm1(d)
+    psi = tl.where(small, es * (dz * dz + (dz - 1.0) * F), es - et_k * (1.0 - d))
+    A = tl.sum(e, 1) / zs
+    orphans = tl.sum(((es == 0) & (et > 0)).to(tl.int32), 1)
+    kl_stable = (tl.sum(tl.where(live, psi, 0.0), 1) / zs - _log1p_excess(A)) / (1.0 + A)
+    stable = (tl.abs(A) < 0.5) & ((kl_stable - kl_stable) == 0) & (orphans == 0)
+    cross = tl.sum(tl.where(et > 0, et * (t - s), 0.0), 1)
+    kl = tl.where(stable, kl_stable,
+                  cross * inv_t / zt + (m_s - m_t) * inv_t + tl.log(zs) - tl.log(zt))
+    has_teacher = m_t > NEG_INF
+    kl = tl.where(has_teacher, kl, 0.0)
+
+    wrong = tl.zeros([ROWS], dtype=tl.int1)
+    s_y = tl.zeros([ROWS], dtype=tl.float32)
+    if HAS_LABELS:
+        s_y = tl.sum(tl.where(at_y, s, 0.0), 1)
+        t_y = tl.max(tl.where(at_y, t, NEG_INF), 1)
+        wrong = valid & in_range & (t_y < m_t)
+    kd_w = tl.where(wrong, wrong_kd_weight, kd_weight)
+    kd_w = tl.where(has_teacher, kd_w, 0.0)
+    if t2_scale:
+        kd_grad = kd_w * T
+        loss = kd_w * T * T * kl
+    else:
+        kd_grad = kd_w * inv_t
+        loss = kd_w * kl
+    if HAS_CE:
+        e1 = tl.exp2((s - ms_safe[:, None]) * LOG2E)
+        z1 = tl.sum(e1, 1)
+        loss += ce_weight * (tl.log(z1) + m_s - s_y)
+
+    # stores: the rows' loss (0 if ignored, NaN for a bad temperature or label), T and flags
+    bad = (T <= 0) | (T != T) | (valid & ~in_range)
+    tl.store(loss_ptr + rows, tl.where(bad, float("nan"), tl.where(valid, loss, 0.0)),
+             mask=row_ok)
+    tl.store(temp_out_ptr + rows, T, mask=row_ok)
+    flags = tl.where(wrong, FLAG_STILL_WRONG, 0)  # no correction: a wrong row stays wrong
+    if HAS_LABELS:
+        flags += tl.where(valid & ~wrong, FLAG_TEACHER_CORRECT, 0)
+    tl.store(flags_ptr + rows, flags.to(tl.int8), mask=row_ok)
+
+    # the gradient: kd_grad (p - q) + ce_weight (softmax(s) - onehot(y)), p - q without
+    # cancellation where the stable form holds (as _distill_grad_kernel)
+    stable_grad = stable & (kd_grad != 0)
+    g = tl.where(stable_grad[:, None],
+                 (-kd_grad / (zs * (1.0 + A)))[:, None] * (e - A[:, None] * es),
+                 (kd_grad / zs)[:, None] * es
+                 - tl.where(has_teacher, kd_grad / zt, 0.0)[:, None] * et)
+    if HAS_CE:
+        g += (ce_weight / z1)[:, None] * e1
+        g = tl.where(at_y, g - ce_weight, g)
+    g = tl.where(valid[:, None], g, 0.0)
+    g = tl.where(bad[:, None], float("nan"), g)
+    tl.store(grad_ptr + rows[:, None] * C + cols[None, :], g, mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, up_ptr, up_stride, scale_ptr, out_ptr, C,
+                       BLOCK: tl.constexpr, SCALED: tl.constexpr):
+    """out = g times the upstream gradient of its row (and the reduction's scale)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < C
+    u = tl.load(up_ptr + row * up_stride).to(tl.float32)
+    if SCALED:
+        u *= tl.load(scale_ptr)
+    g = tl.load(g_ptr + row * C + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * C + cols, (g * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.triton_op("kdkernels::distill_triton_rows", mutates_args=())
+def distill_triton_rows(student: torch.Tensor, teacher: Optional[torch.Tensor],
+                        target: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor],
+                        options: List[float]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """Small rows in one launch: the loss (per row, or reduced), temperatures, flags, the
+    gradient of the loss (float32, before the upstream gradient) and its scale ("mean": 1 / the
+    rows that count)."""
+    o = _options.FusedOptions.unpack(options)
+    N, C = student.shape
+    loss = student.new_empty(N, dtype=torch.float32)
+    temps = student.new_empty(N, dtype=torch.float32)
+    flags = student.new_empty(N, dtype=torch.int8)
+    grad = student.new_empty((N, C), dtype=torch.float32)
+    log_a, log_rest = config.virtual_logits(o.virtual_teacher, C)
+    block, rows, warps = config.rows_config(C)
+    dummy = student
+    torch.library.wrap_triton(_distill_rows_kernel)[(triton.cdiv(N, rows),)](
+        student, student.stride(0),
+        teacher if teacher is not None else dummy,
+        teacher.stride(0) if teacher is not None else 0,
+        target if target is not None else dummy,
+        target.stride(0) if target is not None else 0,
+        temp_rows if temp_rows is not None else dummy,
+        temp_rows.stride(0) if temp_rows is not None else 0,
+        loss, temps, flags, grad, N, C, **o.triton_kwargs(),
+        log_a=log_a, log_rest=log_rest, ROWS=rows, BLOCK=block, VIRTUAL=o.virtual_teacher > 0,
+        HAS_LABELS=target is not None, HAS_CE=o.ce_weight != 0, num_warps=warps)
+    loss, scale = _reduce(loss, target, o)
+    return loss, temps, flags, grad, scale
+
+
+@torch.library.triton_op("kdkernels::distill_triton_scale_rows", mutates_args=())
+def distill_triton_scale_rows(grad: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor,
+                              like: torch.Tensor, options: List[float]) -> torch.Tensor:
+    """grad (float32 [N, C]) times upstream[row] (and scale[0] for a reduced loss), in the
+    dtype of `like`."""
+    o = _options.FusedOptions.unpack(options)
+    N, C = grad.shape
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    block = 1024
+    torch.library.wrap_triton(_scale_rows_kernel)[(N, triton.cdiv(C, block))](
+        grad, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, scale, out, C,
+        BLOCK=block, SCALED=o.reduction != _options.REDUCTION_NONE, num_warps=4)
+    return out
+
+
+@triton.jit
 def _members_in_block(k_idx, start, BLOCK: tl.constexpr):
     """[lo, hi): the slots of the sorted class ids k_idx that fall in [start, start + BLOCK)
     (unused slots, negative, sort first)."""
