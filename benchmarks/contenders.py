@@ -43,7 +43,9 @@ def contenders(method, device, compiled=True, skipped=None):
         found["compile-reference"] = torch.compile(ref, dynamic=False)
     else:
         skipped["compile-reference"] = "--no-compile"
-    if method == "kd":
+    if method == "kd" and device != "cuda":
+        skipped["liger-kl"] = "Liger-Kernel's Triton kernels run on CUDA only"
+    elif method == "kd":
         try:
             found["liger-kl"] = liger_kd()
         except ImportError as error:

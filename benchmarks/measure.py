@@ -24,6 +24,16 @@ GPU_SHAPES = [(256, 100), (1024, 1000), (4096, 32000), (8192, 128256)]
 CPU_SHAPES = [(256, 100), (1024, 1000), (1024, 32000), (256, 128256), (4096, 1000), (8192, 100)]
 CPU_QUICK_SHAPES = [(256, 100), (1024, 1000), (256, 32000), (64, 128256)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Each figure is the median of REPEATS repetitions (each the median of its calls); their spread,
+# (max - min) / median, above BUSY_SPREAD says the machine was busy while it was measured.
+REPEATS = 5
+BUSY_SPREAD = 0.25
+
+
+def summarize(medians):
+    """(figure, spread) of the repetitions' medians."""
+    figure = statistics.median(medians)
+    return figure, (max(medians) - min(medians)) / figure if figure > 0 else 0.0
 
 
 def make_inputs(N, C, dtype, device, seed=0):
@@ -43,21 +53,36 @@ def step(fn, s, t, y, backward):
             fn(s, t, y)
 
 
-def time_cpu(fn, s, t, y, backward, min_reps, budget_s):
+def time_cpu(fn, s, t, y, backward, min_reps, budget_s, repeats=REPEATS):
+    """(median ms, calls, spread): `repeats` repetitions of at least `min_reps` calls each,
+    budget_s seconds in all."""
     for _ in range(2):  # warm-up (compilation, caches)
         step(fn, s, t, y, backward)
-    times, started = [], time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - started < budget_s and len(times) < 200):
-        t0 = time.perf_counter()
-        step(fn, s, t, y, backward)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, len(times)
+    medians, calls = [], 0
+    for _ in range(repeats):
+        times, started = [], time.perf_counter()
+        while len(times) < min_reps or (time.perf_counter() - started < budget_s / repeats
+                                        and len(times) < 200 // repeats):
+            t0 = time.perf_counter()
+            step(fn, s, t, y, backward)
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times) * 1e3)
+        calls += len(times)
+    figure, spread = summarize(medians)
+    return figure, calls, spread
 
 
-def time_cuda(fn, s, t, y, backward):
+def time_cuda(fn, s, t, y, backward, repeats=REPEATS):
+    """(median ms, None, spread) from triton.testing.do_bench's calls, split into `repeats`
+    consecutive repetitions."""
     import triton
-    ms = triton.testing.do_bench(lambda: step(fn, s, t, y, backward), warmup=50, rep=300)
-    return ms, None
+    times = triton.testing.do_bench(lambda: step(fn, s, t, y, backward), warmup=50, rep=300,
+                                    return_mode="all")
+    size = max(1, len(times) // repeats)
+    medians = [statistics.median(times[i:i + size]) for i in range(0, size * repeats, size)
+               if times[i:i + size]]
+    figure, spread = summarize(medians)
+    return figure, None, spread
 
 
 def peak_cuda(fn, s, t, y, backward):
@@ -193,13 +218,13 @@ def run(args):
         for name, fn in candidates.items():
             try:
                 if device == "cuda":
-                    ms, reps = time_cuda(fn, s, t, y, backward)
+                    timings[name] = time_cuda(fn, s, t, y, backward, args.repeats)
                 else:
-                    ms, reps = time_cpu(fn, s, t, y, backward, args.min_reps, args.budget)
+                    timings[name] = time_cpu(fn, s, t, y, backward, args.min_reps, args.budget,
+                                             args.repeats)
             except Exception as error:  # a contender that cannot run this case is reported
                 print(f"  {name}: failed ({type(error).__name__}: {error})", file=sys.stderr)
                 continue
-            timings[name] = (ms, reps)
         memory = {}
         if backward and device == "cuda":
             memory = {name: peak_cuda(fn, s, t, y, True)
@@ -211,17 +236,20 @@ def run(args):
             copy_gbps = copy_bandwidth_cuda(max(nbytes, 2 ** 28))
         eager = timings.get("eager-reference", (None,))[0]
         mode = "fwd+bwd" if backward else "fwd"
-        for name, (ms, reps) in timings.items():
+        for name, (ms, reps, spread) in timings.items():
             gbps = nbytes / (ms * 1e-3) / 1e9
             row = dict(meta, method=method, shape=f"{N}x{C}", dtype=dtype_name, mode=mode,
                        contender=name, median_ms=round(ms, 4), reps=reps,
+                       spread=round(spread, 3), busy=spread > BUSY_SPREAD,
                        speedup_vs_eager=round(eager / ms, 3) if eager else None,
                        peak_extra_mib=round(memory[name], 1) if name in memory else None,
                        gbps=round(gbps, 1),
                        copy_fraction=round(gbps / copy_gbps, 3) if copy_gbps else None)
             rows.append(row)
-        line = ", ".join(f"{n} {ms:.2f} ms" + (f" ({eager / ms:.1f}x)" if eager else "")
-                         for n, (ms, _) in timings.items())
+        line = ", ".join(f"{n} {ms:.2f} ms ±{spread:.0%}" + (f" ({eager / ms:.1f}x)" if eager
+                                                             else "")
+                         + (" BUSY" if spread > BUSY_SPREAD else "")
+                         for n, (ms, _, spread) in timings.items())
         print(f"{method} {N}x{C} {dtype_name} {mode}: {line}", flush=True)
     return meta, rows, skipped
 

@@ -25,19 +25,40 @@ def skipped_note(skipped):
     return "; ".join(f"{name} ({why})" for name, why in sorted(skipped.items()))
 
 
+def is_busy(row):
+    return str(row.get("busy")) == "True"
+
+
+def busy_warning(rows):
+    """A warning line naming the figures whose repetitions spread too far, or None."""
+    busy = [f"{r['method']} {r['shape']} {r['dtype']} {r['mode']} {r['contender']}"
+            for r in rows if is_busy(r)]
+    if not busy:
+        return None
+    return (f"WARNING: the machine was busy: {len(busy)} of {len(rows)} figures spread by more "
+            f"than 25% over their repetitions (marked *): {'; '.join(busy)}")
+
+
 def markdown(meta, rows, skipped=None):
     lines = [f"{meta['device']} | {meta['versions']} | {meta['date']}", "",
-             "| method | shape | dtype | mode | contender | median ms | vs eager | peak extra MiB |"
+             "| method | shape | dtype | mode | contender | median ms | spread | vs eager | "
+             "peak extra MiB |"
              + (" GB/s | of copy |" if rows and rows[0]["copy_fraction"] is not None else ""),
-             "|---|---|---|---|---|---|---|---|"
+             "|---|---|---|---|---|---|---|---|---|"
              + ("---|---|" if rows and rows[0]["copy_fraction"] is not None else "")]
     for r in rows:
         extra = (f" {r['gbps']} | {r['copy_fraction']:.0%} |" if r["copy_fraction"] is not None
                  else "")
         ratio = "-" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}x"
         peak = "-" if r["peak_extra_mib"] is None else r["peak_extra_mib"]
+        spread = "-" if r.get("spread") is None else f"{float(r['spread']):.0%}"
+        mark = " *" if is_busy(r) else ""
         lines.append(f"| {r['method']} | {r['shape']} | {r['dtype']} | {r['mode']} | "
-                     f"{r['contender']} | {r['median_ms']:.3f} | {ratio} | {peak} |{extra}")
+                     f"{r['contender']} | {r['median_ms']:.3f}{mark} | {spread} | {ratio} | "
+                     f"{peak} |{extra}")
+    warning = busy_warning(rows)
+    if warning:
+        lines += ["", warning]
     if skipped:
         lines += ["", f"Not run: {skipped_note(skipped)}."]
     return "\n".join(lines)
@@ -80,19 +101,29 @@ def plot(rows, path, title, skipped=None):
             for k, name in enumerate(shown):
                 heights = [value[(name, case)][key] if (name, case) in value
                            and value[(name, case)][key] else math.nan for case in cases]
+                busy = [(name, case) in value and is_busy(value[(name, case)]) for case in cases]
                 xs = [i + (k - (len(shown) - 1) / 2) * width for i in range(len(cases))]
                 if key == "speedup_vs_eager":
-                    bars = ax.bar(xs, heights, width, color=colours[name])
-                    ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+                    bars = ax.bar(xs, heights, width, color=colours[name],
+                                  hatch=["////" if b else None for b in busy])
+                    # vertical labels: each stays within its own bar's width
+                    ax.bar_label(bars, labels=[("" if math.isnan(h) else f"{h:.1f}")
+                                               + ("*" if b else "")
+                                               for h, b in zip(heights, busy)],
+                                 fontsize=6, padding=2, rotation=90)
                 else:  # a bar's length means nothing on a log axis: markers
                     ax.plot(xs, heights, "o", ms=6, color=colours[name])
+                    if any(busy):  # a busy figure: an open ring around its marker
+                        ax.plot([x for x, b in zip(xs, busy) if b],
+                                [h for h, b in zip(heights, busy) if b], "o", ms=11,
+                                mfc="none", mec="red")
             ax.set_xticks(range(len(cases)), cases, fontsize=7)
             ax.set_xlim(-0.5, len(cases) - 0.5)
             if key == "speedup_vs_eager":
                 ax.axhline(1, color="black", lw=0.8, ls="--")
                 ax.set_title(f"{method}, fwd+bwd: speed-up vs eager reference", fontsize=9)
-                ax.set_ylabel("x", fontsize=8)
-                ax.set_ylim(0, ax.get_ylim()[1] * 1.1)  # room for the bar labels
+                ax.set_ylabel("speed-up over eager (x)", fontsize=8)
+                ax.set_ylim(0, ax.get_ylim()[1] * 1.2)  # room for the vertical bar labels
             else:
                 ax.set_yscale("log")
                 ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -106,8 +137,14 @@ def plot(rows, path, title, skipped=None):
     legend_height = 0.9 / fig.get_size_inches()[1]  # the legend and the note: 0.9 inch
     fig.legend(handles, labels, loc="lower center", ncol=min(len(names), 5), frameon=False,
                fontsize=8, bbox_to_anchor=(0.5, legend_height * 0.3))
+    notes = []
+    if any(is_busy(r) for r in picked):
+        notes.append("hatched bar, * and red ring: measured on a busy machine (the repetitions "
+                     "spread by more than 25%)")
     if skipped:
-        fig.text(0.5, legend_height * 0.08, f"not run: {skipped_note(skipped)}", ha="center",
+        notes.append(f"not run: {skipped_note(skipped)}")
+    if notes:
+        fig.text(0.5, legend_height * 0.08, "\n".join(notes), ha="center",
                  fontsize=7, color="0.3", wrap=True)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, legend_height, 1, 1))

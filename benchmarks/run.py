@@ -5,8 +5,10 @@
     python -m benchmarks.run --quick --write-results   # also refresh benchmarks/RESULTS.md
 
 Each run appends rows to OUT/results.csv (with machine, device, versions, date) and writes
-OUT/latest.md and OUT/speedup.png (OUT: --out, default benchmarks/out). Times are medians of many
-repetitions; ratios are against the eager reference measured in the same run. On the CPU every
+OUT/latest.md and OUT/speedup.png (OUT: --out, default benchmarks/out). Each time is the median of
+--repeats repetitions (each the median of its calls), with their spread; a spread above 25% marks
+the figure as measured on a busy machine (table, plot, and a warning line). Ratios are against
+the eager reference measured in the same run. On the CPU every
 contender runs under the same allocator settings (large mmap and trim thresholds: fresh large
 allocations are page-fault bound on these VMs), and peak memory is measured in a child process
 per shape with a small fixed mmap threshold (the high-water mark of resident memory above the
@@ -37,7 +39,10 @@ def parser():
     p.add_argument("--methods", default="kd,lessons_swap_dtd,teacher_bias,tfkd_reg")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--shapes", help="comma-separated NxC, e.g. 512x32000 (default: per device)")
-    p.add_argument("--min-reps", type=int, default=5)
+    p.add_argument("--min-reps", type=int, default=5, help="calls per repetition, at least")
+    p.add_argument("--repeats", type=int, default=measure.REPEATS,
+                   help="repetitions per figure (the figure: their median; the spread: "
+                   "(max - min) / median)")
     p.add_argument("--budget", type=float, default=None, help="seconds of repetitions per case")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile contenders")
     p.add_argument("--write-results", nargs="?", const="{device}", metavar="TITLE",
@@ -54,7 +59,8 @@ def main(argv=None):
     if args.budget is None:
         args.budget = 0.5 if args.quick else 2.0
     if args.quick:
-        args.min_reps = min(args.min_reps, 3)
+        args.min_reps = 1
+        args.repeats = min(args.repeats, 3)
     meta, rows, skipped = measure.run(args)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")
@@ -69,6 +75,9 @@ def main(argv=None):
     print(f"\nwrote {csv_path}, {args.out}/latest.md, {args.out}/speedup.png")
     if skipped:
         print(f"not run: {report.skipped_note(skipped)}")
+    warning = report.busy_warning(rows)
+    if warning:
+        print(warning)
     return 0
 
 

@@ -815,8 +815,8 @@ template <typename acc_t>
 void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
               const c10::optional<at::Tensor>& teacher_indices,
               const c10::optional<at::Tensor>& target, const c10::optional<at::Tensor>& temps,
-              const Options& o, at::Tensor& loss, at::Tensor& grad, at::Tensor& temperature,
-              at::Tensor& flags) {
+              const Options& o, int64_t rows, at::Tensor& loss, at::Tensor& grad,
+              at::Tensor& temperature, at::Tensor& flags) {
   const int64_t N = student.size(0), C = student.size(1);
   const bool sparse = teacher_indices.has_value();
   const int64_t k = sparse ? teacher_indices->size(1) : 0;
@@ -837,6 +837,12 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
   const acc_t log_rest = virtual_teacher
       ? std::log((1 - acc_t(o.virtual_teacher)) / acc_t(std::max<int64_t>(C - 1, 1))) : 0;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  acc_t* row_loss = loss_ptr;
+  std::vector<acc_t> loss_rows;
+  if (o.reduction != kdk::kReductionNone) {  // the rows' losses, then their sum or mean
+    loss_rows.resize(N);
+    row_loss = loss_rows.data();
+  }
 
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
@@ -874,11 +880,16 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
         r = distill_row<acc_t>(s, t, C, y, labelled, ignored, T, o, g, bp, bq, b1, bd);
       }
       if (write_grad && !grad_is_acc) store_row<acc_t>(bp, grad, i, C);
-      loss_ptr[i] = static_cast<acc_t>(r.loss);
+      row_loss[i] = static_cast<acc_t>(r.loss);
       temp_out[i] = static_cast<acc_t>(r.temperature);
       flag_ptr[i] = r.flags;
     }
   });
+  if (o.reduction != kdk::kReductionNone) {  // in order, in double: deterministic
+    double total = 0;
+    for (int64_t i = 0; i < N; ++i) total += double(row_loss[i]);
+    *loss_ptr = static_cast<acc_t>(o.reduction == kdk::kReductionMean ? total / rows : total);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
@@ -911,16 +922,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
   TORCH_CHECK(teacher.has_value() || o.virtual_teacher > 0, "kdkernels: no teacher");
   const int64_t N = student.size(0);
   const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({N}, student.options().dtype(acc));
+  // "mean" counts the rows whose label is not ignore_index (every row without labels), at
+  // least 1, and folds 1 / count into the gradient
+  int64_t rows = N;
+  if (target.has_value() && o.reduction == kdk::kReductionMean) {
+    const int64_t* y = target->const_data_ptr<int64_t>();
+    const int64_t stride = target->stride(0);
+    rows = 0;
+    for (int64_t i = 0; i < N; ++i) rows += y[i * stride] != o.ignore_index;
+  }
+  rows = std::max<int64_t>(rows, 1);
+  Options run = o;
+  if (o.reduction == kdk::kReductionMean) run.grad_scale = o.grad_scale / double(rows);
+  auto loss = o.reduction == kdk::kReductionNone ? at::empty({N}, student.options().dtype(acc))
+                                                 : at::empty({}, student.options().dtype(acc));
   auto grad = o.compute_grad ? at::empty(student.sizes(), student.options())
                            : at::empty({0}, student.options());
   auto temps_out = at::empty({N}, student.options().dtype(acc));
   auto flags = at::empty({N}, student.options().dtype(at::kChar));
   if (acc == at::kDouble) {
-    run_rows<double>(student, teacher, teacher_indices, target, temp_rows, o, loss, grad,
-                     temps_out, flags);
+    run_rows<double>(student, teacher, teacher_indices, target, temp_rows, run, rows, loss,
+                     grad, temps_out, flags);
   } else {
-    run_rows<float>(student, teacher, teacher_indices, target, temp_rows, o, loss, grad,
+    run_rows<float>(student, teacher, teacher_indices, target, temp_rows, run, rows, loss, grad,
                     temps_out, flags);
   }
   return {loss, grad, temps_out, flags};

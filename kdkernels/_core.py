@@ -13,6 +13,8 @@ from ._options import (
     DIVERGENCES,
     FLAG_STILL_WRONG,
     FLAG_TEACHER_CORRECT,
+    REDUCTION_CODES,
+    REDUCTION_NONE,
     REDUCTIONS,
     TEMP_COSINE,
     TEMP_MAX_PROB,
@@ -42,49 +44,39 @@ class DistillStats(NamedTuple):
 
 
 class _FusedDistill(torch.autograd.Function):
-    """Forward runs the backend, which writes the per-row loss and the gradient in one pass; the
-    backward only scales that gradient, in place unless the graph is retained. A backend with a
-    ``gradient`` function (Triton) instead leaves O(1) coefficients per row in the forward and
-    writes the gradient, already scaled by the upstream gradient, in the backward."""
+    """Forward runs the backend, which writes the loss (per row, or summed or averaged over the
+    rows that count by the kernel itself) and its gradient in one pass; the backward only scales
+    that gradient by the upstream one, in place unless the graph is retained. A backend with a
+    ``gradient`` function (Triton) instead leaves O(1) values per row in the forward and writes
+    the gradient, already scaled by the upstream gradient, in the backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, teacher_indices, target, temp_rows, count, backend,
-                options, reduction):
-        ctx.reduction, ctx.backend, ctx.options = reduction, backend, options
+    def forward(ctx, student, teacher, teacher_indices, target, temp_rows, backend, options):
+        ctx.set_materialize_grads(False)  # no zeros made for the stats' (absent) gradients
+        ctx.backend, ctx.options = backend, options
         ctx.deferred = hasattr(backend, "gradient")
         if ctx.deferred:  # the backward's kernel writes the gradient (Triton)
-            loss_rows, state, temperature, flags = backend.forward_deferred(
+            loss, state, temperature, flags = backend.forward_deferred(
                 student, teacher, target, temp_rows, options, teacher_indices)
-            ctx.save_for_backward(student, teacher, teacher_indices, count, *state)
+            ctx.save_for_backward(student, teacher, teacher_indices, *state)
         else:
-            loss_rows, grad, temperature, flags = backend.forward(
+            loss, grad, temperature, flags = backend.forward(
                 student, teacher, target, temp_rows, options, teacher_indices)
-            ctx.prescaled = options.grad_scale != 1.0  # "mean" on CPU: 1 / count applied
-            ctx.save_for_backward(grad, count)
-        loss = reduce_rows(loss_rows, reduction, count)
+            ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(temperature, flags)
         return loss, temperature, flags
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_temperature, _grad_flags):
+        if grad_loss is None:
+            return (None,) * 7
         if ctx.deferred:
-            student, teacher, teacher_indices, count, *state = ctx.saved_tensors
-            if ctx.reduction == "none":
-                upstream = grad_loss.reshape(-1)
-            elif ctx.reduction == "sum":
-                upstream = grad_loss.reshape(1)
-            else:
-                upstream = (grad_loss / count).reshape(1)
-            grad = ctx.backend.gradient(student, teacher, state, upstream, ctx.options,
+            student, teacher, teacher_indices, *state = ctx.saved_tensors
+            grad = ctx.backend.gradient(student, teacher, state, grad_loss, ctx.options,
                                         teacher_indices)
-            return grad, None, None, None, None, None, None, None, None
-        grad, count = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_loss[:, None]
-        elif ctx.reduction == "sum" or ctx.prescaled:
-            scale = grad_loss
-        else:
-            scale = grad_loss / count
+            return grad, None, None, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 else grad_loss  # "none": per row
         # While the graph lives on (retain_graph, gradcheck) the saved gradient must stay as it
         # is: return a new tensor, never the saved one (autograd may accumulate into it).
         keep = (torch.compiler.is_compiling()
@@ -95,7 +87,7 @@ class _FusedDistill(torch.autograd.Function):
             grad = grad * scale
         else:
             grad = grad.mul_(scale)  # last use of the saved gradient: no second N x C buffer
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def check_reduction(reduction):
@@ -175,7 +167,7 @@ def _check_labels(target, lead, C, ignore_index, device):
     if target.device != device:
         raise ValueError(f"target is on {target.device} but student_logits on {device}")
     if _host_scalars(target) and target.numel():
-        low, high = torch.aminmax(target)  # one pass in the common case
+        low, high = (x.tolist() for x in torch.aminmax(target))  # one op in the common case
         if low < 0 or high >= C:
             bad = (target != ignore_index) & ((target < 0) | (target >= C))
             if bool(bad.any()):
@@ -357,8 +349,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                  correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                  t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
                  skew_alpha=skew_alpha, ignore_index=ignore_index)
-    check_options(temperature=temperature, reduction=reduction, backend=backend,
-                  padded_teacher=padded_teacher, **hyper)
+    key = _checked(temperature, reduction, backend, dict(hyper, padded_teacher=padded_teacher))
     s = student_logits
     check_floating("student_logits", s)
     if s.dim() < 1 or s.shape[-1] < 1:
@@ -366,7 +357,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                          f"{tuple(s.shape)}")
     teacher_logits = fit_teacher(teacher_logits, s.shape[-1], padded_teacher)
     temperature = check_tensors(s, teacher_logits, target, temperature, **hyper)
-    plan = _plan(s, teacher_logits, target, temperature, reduction, backend, hyper)
+    plan = _plan(s, teacher_logits, target, temperature, reduction, backend, hyper, key)
     loss, temperature_used, flags = _run(plan, reduction)
     return finish(loss, temperature_used, flags, s.shape[:-1], reduction, return_stats,
                   target is not None)
@@ -374,7 +365,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
 
 def finish(loss, temperature, flags, lead, reduction, return_stats, labelled):
     """What the losses return: the loss shaped like the rows for "none", and the stats."""
-    if reduction == "none":
+    if reduction == "none" and loss.shape != lead:
         loss = loss.reshape(lead)
     if not return_stats:
         return loss
@@ -440,8 +431,7 @@ def stats_from(flags, temperature, lead, labelled):
 
 
 class _Plan(NamedTuple):
-    """What one call runs: [N, C] row views of the inputs, the backend, its options, and the
-    count of rows that "mean" divides by."""
+    """What one call runs: [N, C] row views of the inputs, the backend and its options."""
     student: torch.Tensor
     teacher: Optional[torch.Tensor]  # [N, C] logits, or [N, k] values of a sparse teacher
     teacher_indices: Optional[torch.Tensor]  # [N, k] for a sparse teacher
@@ -449,12 +439,12 @@ class _Plan(NamedTuple):
     temp_rows: Optional[torch.Tensor]
     backend: object
     options: FusedOptions
-    count: Optional[torch.Tensor]
 
 
 def rows_of(x, C):
-    """x as [N, C] rows: a view; a copy only when the class dimension itself is strided."""
-    rows = x.reshape(-1, C)
+    """x as [N, C] rows: itself or a view; a copy only when the class dimension itself is
+    strided."""
+    rows = x if x.dim() == 2 else x.reshape(-1, C)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
@@ -465,7 +455,9 @@ def teacher_rows(teacher, C):
         k = teacher.indices.shape[-1]
         return (teacher.values.detach().reshape(-1, k).contiguous(),
                 teacher.indices.reshape(-1, k).long().contiguous())
-    return (None if teacher is None else rows_of(teacher.detach(), C)), None
+    if teacher is None:
+        return None, None
+    return rows_of(teacher.detach() if teacher.requires_grad else teacher, C), None
 
 
 def temperature_plan(temperature, acc, ignore_index, target_rows=None, dtd_rows=None):
@@ -497,7 +489,8 @@ def count_rows(N, target_rows, ignore_index, acc, device):
     return (target_rows != ignore_index).sum().clamp(min=1).to(acc)
 
 
-def fused_options(hyper, temp_plan, compute_grad, grad_scale, teacher_tail):
+def fused_options(hyper, temp_plan, compute_grad, grad_scale, teacher_tail,
+                  reduction=REDUCTION_NONE):
     """The kernels' options (kdkernels/_options.py) from the checked hyper-parameters."""
     temp_mode, temp_value, _, dyn = temp_plan
     h = hyper
@@ -516,7 +509,7 @@ def fused_options(hyper, temp_plan, compute_grad, grad_scale, teacher_tail):
         compute_grad=compute_grad, grad_scale=grad_scale,
         divergence=_divergence_code(h["divergence"], h["jsd_beta"]),
         divergence_param=float(h["jsd_beta"] if h["divergence"] == "jsd" else h["skew_alpha"]),
-        teacher_tail=teacher_tail)
+        teacher_tail=teacher_tail, reduction=reduction)
 
 
 def resolve_backend(backend, device, teacher_indices):
@@ -528,26 +521,54 @@ def resolve_backend(backend, device, teacher_indices):
     return runner
 
 
-def _plan(s, teacher_logits, target, temperature, reduction, backend, hyper):
+# Option sets already checked, and the kernels' options made from them: a call with options seen
+# before pays for neither (keys carry each value's type: 1, 1.0 and True are different keys).
+_CHECKED = {}
+_KERNEL_OPTIONS = {}
+_CACHE_LIMIT = 1024
+
+
+def _checked(temperature, reduction, backend, hyper):
+    """check_options once per distinct set of options; returns the set's cache key (None while
+    torch.compile traces: it checks every call, and the caches stay out of its graph)."""
+    if torch.compiler.is_compiling():
+        check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
+        return None
+    spec = torch.Tensor if isinstance(temperature, torch.Tensor) else temperature
+    key = tuple((type(v), v) for v in (spec, reduction, backend, *hyper.values()))
+    if key not in _CHECKED:
+        check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
+        if len(_CHECKED) >= _CACHE_LIMIT:
+            _CHECKED.clear()
+            _KERNEL_OPTIONS.clear()
+        _CHECKED[key] = True
+    return key
+
+
+def labels_of(target):
+    """Labels as [N] int64: itself, a view, or (other integer dtypes) a copy."""
+    return (target if target.dim() == 1 else target.reshape(-1)).long()
+
+
+def _plan(s, teacher_logits, target, temperature, reduction, backend, hyper, key=None):
     C = s.shape[-1]
     s2 = rows_of(s, C)
     t2, t_idx = teacher_rows(teacher_logits, C)
-    y2 = target.reshape(-1).long() if target is not None else None
-    N = s2.shape[0]
+    y2 = labels_of(target) if target is not None else None
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     temp_plan = temperature_plan(temperature, acc, hyper["ignore_index"], y2,
                                  lambda: (s2, t2, t_idx))
     compute_grad = torch.is_grad_enabled() and s.requires_grad
-    count = None  # rows that count: needed by "mean" only (no launches for "sum" / "none")
-    grad_scale = 1.0
-    if reduction == "mean" and N > 0:
-        count = count_rows(N, y2, hyper["ignore_index"], acc, s.device)
-        if compute_grad and _host_scalars(s):  # on the CPU the kernel folds in 1 / count
-            grad_scale = 1.0 / count.item()
-    options = fused_options(hyper, temp_plan, compute_grad, grad_scale,
-                            isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail)
+    tail = isinstance(teacher_logits, SparseTeacher) and teacher_logits.tail
+    option_key = None if key is None else (key, compute_grad, tail)
+    options = _KERNEL_OPTIONS.get(option_key)
+    if options is None:  # "mean" and "sum" are done by the kernels, 1 / count included
+        options = fused_options(hyper, temp_plan, compute_grad, 1.0, tail,
+                                REDUCTION_CODES[reduction])
+        if option_key is not None:
+            _KERNEL_OPTIONS[option_key] = options
     runner = resolve_backend(backend, s.device, t_idx)
-    return _Plan(s2, t2, t_idx, y2, temp_plan[2], runner, options, count)
+    return _Plan(s2, t2, t_idx, y2, temp_plan[2], runner, options)
 
 
 def _divergence_code(divergence, jsd_beta):
@@ -568,9 +589,8 @@ def _run(plan, reduction):
                 torch.zeros(0, dtype=torch.int8, device=s.device))
     if plan.options.compute_grad:
         return _FusedDistill.apply(s, plan.teacher, plan.teacher_indices, plan.target,
-                                   plan.temp_rows, plan.count, plan.backend, plan.options,
-                                   reduction)
+                                   plan.temp_rows, plan.backend, plan.options)
     # evaluation: the loss alone, no gradient written, no graph
-    loss_rows, _, temperature_used, flags = plan.backend.forward(
+    loss, _, temperature_used, flags = plan.backend.forward(
         s, plan.teacher, plan.target, plan.temp_rows, plan.options, plan.teacher_indices)
-    return reduce_rows(loss_rows, reduction, plan.count), temperature_used, flags
+    return loss, temperature_used, flags

@@ -17,6 +17,11 @@ Adding a scalar option: a field here, then its use in each kernel's math.
 from dataclasses import dataclass, field, fields
 
 REDUCTIONS = ("mean", "sum", "none")
+# What a backend's forward returns as the loss: the per-row losses, or their sum, or their mean
+# over the rows that count (labels not ignore_index; every row without labels), with the
+# gradient then scaled by 1 / that count inside the kernel.
+REDUCTION_NONE, REDUCTION_SUM, REDUCTION_MEAN = 0, 1, 2
+REDUCTION_CODES = {"none": REDUCTION_NONE, "sum": REDUCTION_SUM, "mean": REDUCTION_MEAN}
 WEIGHTINGS = ("cosine", "max_prob")
 
 # How a row's temperature is found. ROWS: read from a [N] tensor; COSINE / MAX_PROB: the DTD
@@ -36,6 +41,7 @@ DIVERGENCES = {"kl": DIVERGENCE_KL, "reverse_kl": DIVERGENCE_REVERSE_KL, "jsd": 
 FLAG_TEACHER_CORRECT, FLAG_STILL_WRONG = 1, 2
 
 ENUMS = {name: globals()[name] for name in (
+    "REDUCTION_NONE", "REDUCTION_SUM", "REDUCTION_MEAN",
     "TEMP_SCALAR", "TEMP_ROWS", "TEMP_COSINE", "TEMP_MAX_PROB",
     "CORRECTION_NONE", "CORRECTION_SWAP", "CORRECTION_SMOOTH", "CORRECTION_RECTIFY",
     "DIVERGENCE_KL", "DIVERGENCE_REVERSE_KL", "DIVERGENCE_JSD", "DIVERGENCE_SKEW_KL",
@@ -116,7 +122,10 @@ class FusedOptions:
     divergence_param: float = _option(0.5)  # JSD's beta (in (0, 1)), the skew divergences' alpha
     teacher_tail: bool = _option(False, constexpr=True)  # sparse log-probs: 1 - sum exp is a tail
     compute_grad: bool = _option(True)  # False: the loss only, no N x C gradient written
-    grad_scale: float = _option(1.0)  # the gradient is written times this (1 / rows for "mean")
+    grad_scale: float = _option(1.0)  # the gradient is written times this
+    # REDUCTION_NONE: the loss per row; SUM / MEAN: one value, and "mean" divides the gradient
+    # by the count of rows that count as well (constexpr: Triton launches a reduction for it)
+    reduction: int = _option(REDUCTION_NONE, constexpr=True)
 
     def pack(self):
         """The options as the C++ and Triton ops take them: floats in declaration order."""

@@ -283,3 +283,45 @@ def test_teacher_row_entirely_masked(backend, device, correction, temp):
     ce_only, ce_grad, _ = assert_matches(backend, s[2:3], t[2:3], y[2:3], kd_weight=0.0,
                                          ce_weight=0.3, temperature=2.0)
     torch.testing.assert_close(loss[2:3], ce_only)
+
+
+TRITON = [(b, d) for b, d in BACKENDS if b == "triton"]
+
+
+@pytest.mark.parametrize("backend,device", TRITON, ids=[f"{b}-{d}" for b, d in TRITON])
+@pytest.mark.parametrize("path", ["small_rows", "two_kernels"])
+@pytest.mark.parametrize("case", [
+    dict(N=9, C=7, temperature=2.5, reduction="mean"),
+    dict(N=17, C=100, temperature="rows", kd_weight=0.7, wrong_kd_weight=0.3, ce_weight=0.3,
+         reduction="none"),
+    dict(N=5, C=33, temperature=20.0, virtual_teacher=0.9, reduction="sum"),
+    dict(N=6, C=1, temperature=1.0, reduction="mean"),
+    dict(N=6, C=100, temperature=1.0, ce_weight=0.0, labels=False, t2_scale=False,
+         reduction="mean")], ids=["mean", "rows-none", "virtual-sum", "C1", "no-labels"])
+def test_small_rows_kernel_and_two_kernels_agree_with_the_oracle(backend, device, path, case,
+                                                                 monkeypatch):
+    """Rows that fit one block run several per program with the gradient written in the forward
+    (small_rows); the two-kernel path must give the same. Each case checks which one ran."""
+    import torch.utils._python_dispatch as dispatch
+    if path == "two_kernels":
+        monkeypatch.setattr(triton_distill, "SMALL_ROWS_MAX", 0)
+    case = dict(case)
+    N, C = case.pop("N"), case.pop("C")
+    labels = case.pop("labels", True)
+    s, t, y = make_inputs(N, C, seed=N * C, device=device, masked=True, ignored=(1, 4))
+    if case["temperature"] == "rows":
+        case["temperature"] = _temperature("rows", N, device)
+    if case.get("virtual_teacher"):
+        t = None
+    seen = set()
+
+    class Ops(dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        assert_matches(backend, s, t, y if labels else None, **case)
+    expected = ("kdkernels.distill_triton_rows" if path == "small_rows"
+                else "kdkernels.distill_triton")
+    assert expected in seen, seen

@@ -112,3 +112,35 @@ def test_markdown_names_what_was_not_run():
 def test_log_axis_labels_are_plain_numbers():
     assert [report.log_minor_label(v, None) for v in (0.2, 0.3, 0.5, 20, 70)] == \
         ["0.2", "", "0.5", "20", ""]
+
+
+def test_busy_figures_are_marked_in_the_table_and_plot(tmp_path, monkeypatch):
+    import matplotlib.axes
+    rows = [_row("kd", "64x100", name, ms, 2.0) for name, ms in
+            [("kdkernels-cpp", 0.5), ("eager-reference", 2.0)]]
+    rows[0].update(spread=0.6, busy=True)
+    rows[1].update(spread=0.05, busy=False)
+    meta = dict(device="cpu", versions="torch", date="today")
+    table = report.markdown(meta, rows)
+    assert "| kdkernels-cpp | 0.500 * | 60% | 4.00x |" in table
+    assert "| eager-reference | 2.000 | 5% | 1.00x |" in table
+    assert "WARNING: the machine was busy: 1 of 2 figures" in table
+    assert report.busy_warning(rows[1:]) is None
+    recorded, ylabels = [], []
+    original_label = matplotlib.axes.Axes.bar_label
+    original_ylabel = matplotlib.axes.Axes.set_ylabel
+
+    def recording_label(self, container, labels=None, **kwargs):
+        recorded.append((list(labels), kwargs.get("rotation")))
+        return original_label(self, container, labels=labels, **kwargs)
+
+    def recording_ylabel(self, text, **kwargs):
+        ylabels.append(text)
+        return original_ylabel(self, text, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar_label", recording_label)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", recording_ylabel)
+    report.plot(rows, str(tmp_path / "speedup.png"), "test")
+    assert recorded == [(["4.0*"], 90)]  # the busy bar's label is marked; labels are vertical
+    assert "speed-up over eager (x)" in ylabels
+    assert (tmp_path / "speedup.png").stat().st_size > 1000

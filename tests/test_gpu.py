@@ -1,5 +1,6 @@
 """What only real hardware can show: the Triton kernels compiled for the GPU at language-model
-sizes, int64 offsets past 2^31 elements, torch.compile over the Triton op, and no host syncs.
+sizes, int64 offsets past 2^31 elements, torch.compile over the Triton op, no host syncs, and
+training steps captured in CUDA graphs (torch.cuda.graphs, torch.compile "reduce-overhead").
 The same math runs under the Triton interpreter in test_backends.py; these need CUDA."""
 import pytest
 import torch
@@ -185,3 +186,85 @@ def test_no_host_sync_for_sparse_teachers_and_fused_linear():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(s.grad).all() and torch.isfinite(W.grad).all()
+
+
+def _training_step(model, loss_fn):
+    """One SGD step on a small classifier distilled from fixed teacher logits; returns the loss."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(x, t, y):
+        optimizer.zero_grad(set_to_none=False)  # graphs replay into the same gradient buffers
+        loss = loss_fn(model(x), t, y)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def _graph_inputs(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(256, 64, generator=g, device="cuda")
+    t = torch.randn(256, 100, generator=g, device="cuda") * 3
+    y = torch.randint(0, 100, (256,), generator=g, device="cuda")
+    y[::9] = -100
+    return x, t, y
+
+
+@pytest.mark.parametrize("loss_fn", [
+    kdkernels.KDLoss(temperature=4.0),
+    kdkernels.DistillationLoss(temperature="cosine", correction="swap", reduction="sum"),
+    kdkernels.TeacherBiasLoss(gamma=0.3)], ids=["kd", "lessons-dtd-sum", "teacher-bias"])
+def test_cuda_graph_capture_replays_a_training_step(loss_fn):
+    """torch.cuda.graphs: the step captured once and replayed on new inputs copied into the
+    static ones gives the losses and weights of the same steps run eagerly."""
+    torch.manual_seed(0)
+    eager_model = torch.nn.Linear(64, 100).cuda()
+    graph_model = torch.nn.Linear(64, 100).cuda()
+    graph_model.load_state_dict(eager_model.state_dict())
+    eager_step = _training_step(eager_model, loss_fn)
+    graph_step = _training_step(graph_model, loss_fn)
+    static = [x.clone() for x in _graph_inputs(0)]
+    side = torch.cuda.Stream()  # warm-up on a side stream, as the CUDA graphs docs ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            graph_step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):  # the eager model takes the same three warm-up steps
+        eager_step(*static)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = graph_step(*static)
+    for seed in range(1, 4):
+        inputs = _graph_inputs(seed)
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
+        graph.replay()
+        eager_loss = eager_step(*inputs)
+        torch.testing.assert_close(static_loss, eager_loss)
+        torch.testing.assert_close(graph_model.weight, eager_model.weight)
+
+
+def test_compile_reduce_overhead_replays_a_training_step():
+    """torch.compile(mode="reduce-overhead") (CUDA graphs under inductor) of the loss, with its
+    backward: the same losses and gradients as eager on every call, and no step left out of
+    the CUDA graphs."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 100).cuda()
+    loss_fn = kdkernels.KDLoss(temperature=4.0, backend="triton")
+    compiled = torch.compile(lambda x, t, y: loss_fn(model(x), t, y), mode="reduce-overhead",
+                             fullgraph=True)
+    counters.clear()
+    for seed in range(5):
+        inputs = _graph_inputs(seed)
+        model.zero_grad(set_to_none=True)
+        eager = loss_fn(model(inputs[0]), *inputs[1:])
+        eager.backward()
+        eager_grad = model.weight.grad.clone()
+        model.zero_grad(set_to_none=True)
+        loss = compiled(*inputs)
+        loss.backward()
+        torch.testing.assert_close(loss.detach().clone(), eager.detach())
+        torch.testing.assert_close(model.weight.grad, eager_grad)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])

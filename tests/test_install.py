@@ -29,8 +29,11 @@ def test_the_best_variant_for_this_cpu_was_built_and_loaded():
 
 
 @pytest.mark.parametrize("variant", _runnable_variants())
-def test_every_cpu_variant_passes_the_backend_tests(variant):
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=variant)
+def test_every_cpu_variant_passes_the_backend_tests(variant, tmp_path):
+    # a fresh inductor cache per setting: torch reuses kernels compiled for another
+    # ATEN_CPU_CAPABILITY from a shared cache (wrong values or a crash)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=variant,
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     probe = subprocess.run(
         [sys.executable, "-c", "import kdkernels; print(kdkernels.backends()['cpp'].reason)"],
         env=env, capture_output=True, text=True, cwd=ROOT)

@@ -36,20 +36,22 @@ DTYPE_PAIRS = [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("fp64", "f
                ("bf16", "fp32"), ("fp32", "bf16"), ("fp16", "fp32")]
 
 
-def _signature(kernel, student="bf16", teacher="bf16", acc="fp32", upstream="fp32"):
+def _signature(kernel, student="bf16", teacher="bf16", acc="fp32", upstream="fp32",
+               **overrides):
     """Argument types as the launcher passes them: tensors by dtype, the options by their
     declared types (kdkernels/_options.py), strides and the like as ints, the rest floats."""
     pointers = {"s_ptr": student, "t_ptr": teacher, "y_ptr": "i64", "temp_ptr": acc,
                 "loss_ptr": "fp32", "temp_out_ptr": "fp32", "flags_ptr": "i8", "coef_ptr": "fp32",
                 "index_ptr": "i64", "up_ptr": upstream, "grad_ptr": student, "v_ptr": teacher,
-                "i_ptr": "i64", "member_ptr": "fp32"}
+                "i_ptr": "i64", "member_ptr": "fp32", "scale_ptr": "fp32", "out_ptr": "fp32",
+                **overrides}
     declared = {f.name: {int: "i64", float: "fp32", bool: "i1"}[f.type]
                 for f in dataclasses.fields(FusedOptions)}
     signature = {}
     for name in kernel.arg_names:
         if name in pointers:
             signature[name] = "*" + pointers[name]
-        elif name in ("C", "K"):
+        elif name in ("C", "K", "N"):
             signature[name] = "i32"
         elif name in CONSTEXPR_OPTIONS or name.isupper():
             signature[name] = "constexpr"
@@ -72,14 +74,15 @@ def _forward_flags():
         if virtual and temp_mode in (TEMP_COSINE, TEMP_MAX_PROB):
             continue  # a dynamic temperature needs a teacher tensor
         yield dict(temp_mode=temp_mode, correction=correction, t2_scale=t2, VIRTUAL=virtual,
-                   HAS_LABELS=labels, HAS_CE=ce, divergence=DIVERGENCE_KL, teacher_tail=False)
+                   HAS_LABELS=labels, HAS_CE=ce, divergence=DIVERGENCE_KL, teacher_tail=False,
+                   reduction=0)
 
 
 def _divergence_flags(sparse):
     """Every divergence with every correction (and, sparse, with and without a tail), and every
     temperature mode with a divergence other than KL, the other flags common."""
     common = dict(temp_mode=TEMP_SCALAR, t2_scale=True, HAS_LABELS=True, HAS_CE=True,
-                  teacher_tail=False)
+                  teacher_tail=False, reduction=0)
     if not sparse:
         common["VIRTUAL"] = False
     for divergence, correction, tail in itertools.product(
@@ -98,7 +101,8 @@ def _launches():
     configs = {kind: sorted({triton_distill.launch_config(C, kind) for C in blocks})
                for kind in ("forward", "grad")}
     common = dict(temp_mode=TEMP_SCALAR, correction=0, t2_scale=True, VIRTUAL=False,
-                  HAS_LABELS=True, HAS_CE=True, divergence=DIVERGENCE_KL, teacher_tail=False)
+                  HAS_LABELS=True, HAS_CE=True, divergence=DIVERGENCE_KL, teacher_tail=False,
+                  reduction=0)
     largest_forward, largest_grad = configs["forward"][-1], configs["grad"][-1]
     for block, warps in configs["forward"]:  # every block size, the common flags
         yield "forward", dict(common, BLOCK=block), warps, ("bf16", "bf16")
@@ -109,7 +113,7 @@ def _launches():
                (student, teacher))
     for flags in _divergence_flags(sparse=False):
         yield "forward", dict(flags, BLOCK=largest_forward[0]), largest_forward[1], ("bf16", "bf16")
-    grad = dict(VIRTUAL=False, HAS_CE=True, DIVERGENCE=DIVERGENCE_KL)
+    grad = dict(VIRTUAL=False, HAS_CE=True, DIVERGENCE=DIVERGENCE_KL, SCALED=True)
     for (block, warps), virtual, ce in itertools.product(configs["grad"], (False, True),
                                                          (False, True)):
         yield "grad", dict(grad, BLOCK=block, VIRTUAL=virtual, HAS_CE=ce), warps, ("bf16", "bf16")
@@ -135,7 +139,31 @@ def _launches():
         yield ("sparse", dict(sparse, BLOCK=largest_forward[0]), largest_forward[1],
                (student, teacher))
     for (block, warps), k_block, ce in itertools.product(configs["grad"], k_blocks, (False, True)):
-        yield "sparse_grad", dict(BLOCK=block, KBLOCK=k_block, HAS_CE=ce), warps, ("bf16", "bf16")
+        yield ("sparse_grad", dict(BLOCK=block, KBLOCK=k_block, HAS_CE=ce, SCALED=True), warps,
+               ("bf16", "bf16"))
+    for labels, mean in itertools.product((False, True), (False, True)):  # "sum" and "mean"
+        yield ("reduce", dict(BLOCK=1024, HAS_LABELS=labels, MEAN=mean), 4, ("fp32", "fp32"))
+
+    # small rows: every tile the launcher picks, every flag it covers, every dtype pair
+    tiles = sorted({triton_distill.rows_config(C)
+                    for C in [1 << k for k in range(11)] if C <= triton_distill.SMALL_ROWS_MAX})
+    rows = dict(temp_mode=TEMP_SCALAR, correction=0, t2_scale=True, VIRTUAL=False,
+                HAS_LABELS=True, HAS_CE=True, divergence=DIVERGENCE_KL, teacher_tail=False,
+                reduction=0)
+    for block, count, warps in tiles:
+        yield "rows", dict(rows, BLOCK=block, ROWS=count), warps, ("bf16", "bf16")
+    block, count, warps = tiles[-1]
+    for temp_mode, virtual, labels, ce, t2 in itertools.product(
+            (TEMP_SCALAR, TEMP_ROWS), (False, True), (False, True), (False, True), (False, True)):
+        if not labels and (virtual or ce):
+            continue
+        yield ("rows", dict(rows, temp_mode=temp_mode, VIRTUAL=virtual, HAS_LABELS=labels,
+                            HAS_CE=ce, t2_scale=t2, BLOCK=block, ROWS=count), warps,
+               ("bf16", "bf16"))
+    for student, teacher in DTYPE_PAIRS:
+        yield "rows", dict(rows, BLOCK=block, ROWS=count), warps, (student, teacher)
+    for student, scaled in itertools.product(("fp32", "bf16", "fp16", "fp64"), (False, True)):
+        yield "scale_rows", dict(BLOCK=1024, SCALED=scaled), 4, (student, student)
 
 
 def compile_one(job):
@@ -144,10 +172,15 @@ def compile_one(job):
     from kdkernels.ops import _triton_kernels as K
     kernel = {"forward": K._distill_kernel, "grad": K._distill_grad_kernel,
               "sparse": K._distill_sparse_kernel,
-              "sparse_grad": K._distill_sparse_grad_kernel}[kind]
-    constexprs = dict(constexprs, NUM_COEF=triton_distill.NUM_COEF)
+              "sparse_grad": K._distill_sparse_grad_kernel, "reduce": K._reduce_kernel,
+              "rows": K._distill_rows_kernel, "scale_rows": K._scale_rows_kernel}[kind]
+    if kind not in ("reduce", "rows", "scale_rows"):
+        constexprs = dict(constexprs, NUM_COEF=triton_distill.NUM_COEF)
     acc = "fp64" if student == "fp64" else "fp32"
-    source = ASTSource(kernel, _signature(kernel, student, teacher, acc, acc),
+    # the small-rows kernel leaves a float32 gradient, which scale_rows writes in the dtype
+    overrides = {"rows": {"grad_ptr": "fp32"},
+                 "scale_rows": {"g_ptr": "fp32", "out_ptr": student}}.get(kind, {})
+    source = ASTSource(kernel, _signature(kernel, student, teacher, acc, acc, **overrides),
                        constexprs=constexprs)
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
@@ -183,3 +216,6 @@ def test_every_launchable_variant_compiles_without_spills():
     assert not spills, "\n".join(spills[:20])
     most = max(results, key=lambda r: r[1])
     print(f"{len(results)} variants compiled; most registers: {most[1]} ({most[0]})")
+    for kind in dict.fromkeys(job[0] for job, _, _ in results):
+        mine = [registers for job, registers, _ in results if job[0] == kind]
+        print(f"  {kind}: {len(mine)} variants, registers {min(mine)}..{max(mine)}")

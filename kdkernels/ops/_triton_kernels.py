@@ -154,7 +154,7 @@ def _distill_kernel(
     temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
     ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
     ignore_index, divergence: tl.constexpr, divergence_param, teacher_tail: tl.constexpr,
-    compute_grad, grad_scale,
+    compute_grad, grad_scale, reduction: tl.constexpr,
     # derived by the launcher
     log_a, log_rest, BLOCK: tl.constexpr, VIRTUAL: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr, NUM_COEF: tl.constexpr,
@@ -223,6 +223,8 @@ def _distill_kernel(
           / tl.maximum(tl.sum(finite0.to(tl.float32), 0), 1.0))
 
     # ---- loop 1: online softmax statistics -----------------------------------------
+    LOG2E: tl.constexpr = 1.4426950408889634
+    a = inv_t * LOG2E
     a_sum = tl.zeros([], dtype=tl.float32)    # sum_j es_j expm1(d_j), like zs
     psi_sum = tl.zeros([], dtype=tl.float32)  # sum_j es_j psi(d_j)
     orphans = tl.zeros([], dtype=tl.int32)    # classes with q > 0 and p = 0
@@ -248,26 +250,33 @@ def _distill_kernel(
         mt_new = tl.maximum(m_t, block_max_t)
         ms_safe = tl.where(ms_new == NEG_INF, 0.0, ms_new)
         mt_safe = tl.where(mt_new == NEG_INF, 0.0, mt_new)
-        es = tl.exp((s - ms_safe) * inv_t)
-        et = tl.exp((t - mt_safe) * inv_t)
-        alpha_s = tl.exp((m_s - ms_safe) * inv_t)
+        # exp2 with log2(e) / T folded into one factor: one multiply per exponential fewer
+        es = tl.exp2((s - ms_safe) * a)
+        et = tl.exp2((t - mt_safe) * a)
+        alpha_s = tl.exp2((m_s - ms_safe) * a)
         zs = zs * alpha_s + tl.sum(es, 0)
         d = (t - s) * inv_t - c0
         small = tl.abs(d) < 0.5
         dz = tl.where(small, d, 0.0)
         F = _expm1_excess(dz)
-        et_k = et * tl.exp((mt_safe - ms_safe) * inv_t - c0)  # = es e^d
+        et_k = et * tl.exp2(((mt_safe - ms_safe) * inv_t - c0) * LOG2E)  # = es e^d
         live = (es > 0) | (et > 0)
         e = tl.where(small, es * (dz + F), et_k - es)
         psi = tl.where(small, es * (dz * dz + (dz - 1.0) * F), es - et_k * (1.0 - d))
         a_sum = a_sum * alpha_s + tl.sum(tl.where(live, e, 0.0), 0)
         psi_sum = psi_sum * alpha_s + tl.sum(tl.where(live, psi, 0.0), 0)
         orphans += tl.sum(((es == 0) & (et > 0)).to(tl.int32), 0)
-        alpha_t = tl.exp((m_t - mt_safe) * inv_t)
+        alpha_t = tl.exp2((m_t - mt_safe) * a)
         zt = zt * alpha_t + tl.sum(et, 0)
         cross = cross * alpha_t + tl.sum(tl.where(et > 0, et * (t - s), 0.0), 0)
         if HAS_CE:
-            z1 = z1 * tl.exp(m_s - ms_safe) + tl.sum(tl.exp(s - ms_safe), 0)
+            if T == 1.0:  # the same row for every lane: CE's exponentials are the tempered ones
+                e1_sum = tl.sum(es, 0)
+                alpha_1 = alpha_s
+            else:
+                e1_sum = tl.sum(tl.exp2((s - ms_safe) * LOG2E), 0)
+                alpha_1 = tl.exp2((m_s - ms_safe) * LOG2E)
+            z1 = z1 * alpha_1 + e1_sum
         if correction == CORRECTION_SMOOTH:
             s_sum += tl.sum(tl.where(mask, s, 0.0), 0)
         if correction == CORRECTION_RECTIFY:
@@ -456,10 +465,10 @@ def _distill_kernel(
 
 @triton.jit
 def _distill_grad_kernel(
-    s_ptr, s_stride, t_ptr, t_stride, coef_ptr, index_ptr, up_ptr, up_stride, grad_ptr,
-    C, log_a, log_rest, divergence_param,
+    s_ptr, s_stride, t_ptr, t_stride, coef_ptr, index_ptr, up_ptr, up_stride, scale_ptr,
+    grad_ptr, C, log_a, log_rest, divergence_param,
     BLOCK: tl.constexpr, VIRTUAL: tl.constexpr, HAS_CE: tl.constexpr,
-    NUM_COEF: tl.constexpr, DIVERGENCE: tl.constexpr,
+    NUM_COEF: tl.constexpr, DIVERGENCE: tl.constexpr, SCALED: tl.constexpr,
 ):
     """d loss_i / d s_i times the upstream gradient, from the forward's row coefficients:
     one read of the student and teacher rows, one write of the gradient."""
@@ -490,6 +499,8 @@ def _distill_grad_kernel(
     live = row_scale != 0
     read_limit = tl.where(live, C, 0)  # ignored rows: write zeros, read nothing
     scale = row_scale * tl.load(up_ptr + row * up_stride).to(tl.float32)
+    if SCALED:  # "mean": 1 / the rows that count, from the forward's reduction
+        scale *= tl.load(scale_ptr)
     a = inv_t * LOG2E
     if DIVERGENCE != DIVERGENCE_KL:  # kd_grad p_j (G_j - sum_k p_k G_k)
         param = tl.cast(divergence_param, tl.float32)
@@ -558,15 +569,60 @@ def _distill_grad_kernel(
             tl.store(g_row + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _reduce_kernel(loss_ptr, y_ptr, y_stride, N, ignore_index, out_ptr, scale_ptr,
+                   BLOCK: tl.constexpr, HAS_LABELS: tl.constexpr, MEAN: tl.constexpr):
+    """One program: the sum of the rows' losses, or their mean over the rows that count (labels
+    not ignore_index, at least 1), and the gradient's scale (1 / that count, or 1)."""
+    cols = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, N, BLOCK):
+        idx = start + cols
+        mask = idx < N
+        total += tl.load(loss_ptr + idx, mask=mask, other=0.0)
+        if MEAN and HAS_LABELS:
+            y = tl.load(y_ptr + idx.to(tl.int64) * y_stride, mask=mask, other=ignore_index)
+            count += (y != ignore_index).to(tl.int32)
+    total_sum = tl.sum(total, 0)
+    if MEAN:
+        if HAS_LABELS:
+            rows = tl.maximum(tl.sum(count, 0), 1).to(tl.float32)
+        else:
+            rows = tl.maximum(N, 1).to(tl.float32)
+        tl.store(out_ptr, total_sum / rows)
+        tl.store(scale_ptr, 1.0 / rows)
+    else:
+        tl.store(out_ptr, total_sum)
+        tl.store(scale_ptr, 1.0)
+
+
+def _reduce(loss, target, o):
+    """(loss, gradient scale) as the options' reduction asks: the rows and an unread scale, or
+    one value from _reduce_kernel."""
+    scale = loss.new_empty(1)
+    if o.reduction == _options.REDUCTION_NONE:
+        return loss, scale
+    out = loss.new_empty(())
+    N = loss.shape[0]
+    torch.library.wrap_triton(_reduce_kernel)[(1,)](
+        loss, target if target is not None else loss,
+        target.stride(0) if target is not None else 0, N, o.ignore_index, out, scale,
+        BLOCK=1024, HAS_LABELS=target is not None,
+        MEAN=o.reduction == _options.REDUCTION_MEAN, num_warps=4)
+    return out, scale
+
+
 @torch.library.triton_op("kdkernels::distill_triton", mutates_args=())
 def distill_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
                    target: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor],
                    options: List[float]
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                              torch.Tensor]:
-    """Forward: per-row loss, temperature, flags, and the row coefficients (and label /
-    teacher-argmax indices) from which distill_triton_grad writes the gradient. ``options``:
-    FusedOptions.pack()."""
+                              torch.Tensor, torch.Tensor]:
+    """Forward: the loss (per row, or reduced as options.reduction asks), per-row temperature
+    and flags, the row coefficients (and label / teacher-argmax indices) from which
+    distill_triton_grad writes the gradient, and the gradient's scale ("mean": 1 / the rows that
+    count). ``options``: FusedOptions.pack()."""
     o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     loss = student.new_empty(N, dtype=torch.float32)
@@ -589,15 +645,16 @@ def distill_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
         log_a=log_a, log_rest=log_rest, BLOCK=block, VIRTUAL=o.virtual_teacher > 0,
         HAS_LABELS=target is not None, HAS_CE=o.ce_weight != 0, NUM_COEF=config.NUM_COEF,
         num_warps=warps)
-    return loss, temps, flags, coef, index
+    loss, scale = _reduce(loss, target, o)
+    return loss, temps, flags, coef, index, scale
 
 
 @torch.library.triton_op("kdkernels::distill_triton_grad", mutates_args=())
 def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
                         coef: torch.Tensor, index: torch.Tensor, upstream: torch.Tensor,
-                        options: List[float]) -> torch.Tensor:
+                        scale: torch.Tensor, options: List[float]) -> torch.Tensor:
     """The gradient wrt the student, each row times upstream[row] (upstream has N values,
-    or one for every row)."""
+    or one for every row), and times scale[0] when the loss was reduced."""
     o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     grad = torch.empty_like(student, memory_format=torch.contiguous_format)
@@ -607,11 +664,199 @@ def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
         student, student.stride(0),
         teacher if teacher is not None else student,
         teacher.stride(0) if teacher is not None else 0,
-        coef, index, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, grad,
+        coef, index, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, scale, grad,
         C, log_a, log_rest, o.divergence_param,
         BLOCK=block, VIRTUAL=o.virtual_teacher > 0, HAS_CE=o.ce_weight != 0,
-        NUM_COEF=config.NUM_COEF, DIVERGENCE=o.divergence, num_warps=warps)
+        NUM_COEF=config.NUM_COEF, DIVERGENCE=o.divergence,
+        SCALED=o.reduction != _options.REDUCTION_NONE, num_warps=warps)
     return grad
+
+
+@triton.jit
+def _distill_rows_kernel(
+    s_ptr, s_stride, t_ptr, t_stride, y_ptr, y_stride, temp_ptr, temp_stride,
+    loss_ptr, temp_out_ptr, flags_ptr, grad_ptr, N, C,
+    # the options, named as in kdkernels/_options.py (FusedOptions.triton_kwargs)
+    temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
+    ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
+    ignore_index, divergence: tl.constexpr, divergence_param, teacher_tail: tl.constexpr,
+    compute_grad, grad_scale, reduction: tl.constexpr,
+    # derived by the launcher
+    log_a, log_rest, ROWS: tl.constexpr, BLOCK: tl.constexpr, VIRTUAL: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
+):
+    """Rows that fit one block, ROWS of them per program ([ROWS, BLOCK] tiles): the forward of
+    _distill_kernel for a fixed or per-row temperature, no correction and the KL divergence,
+    and the gradient of each row's loss (float32, not yet times the upstream gradient) written
+    at once, while the rows are in registers. The same cancellation-free KL."""
+    NEG_INF: tl.constexpr = float("-inf")
+    LOG2E: tl.constexpr = 1.4426950408889634
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    rows = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = row_ok[:, None] & (cols[None, :] < C)
+    temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps = _scalars(
+        temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight, ce_weight, smooth_eps)
+    s = tl.load(s_ptr + rows[:, None] * s_stride + cols[None, :], mask=mask,
+                other=NEG_INF).to(tl.float32)
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows * y_stride, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = y != ignore_index
+        in_range = (y >= 0) & (y < C)
+        y = tl.where(in_range, y, 0)
+    else:
+        y = tl.zeros([ROWS], dtype=tl.int64)
+        valid = tl.full([ROWS], 1, tl.int1)
+        in_range = tl.full([ROWS], 1, tl.int1)
+    at_y = cols[None, :] == y[:, None]
+    if VIRTUAL:
+        t = tl.where(mask, tl.where(at_y, tl.cast(log_a, tl.float32),
+                                    tl.cast(log_rest, tl.float32)), NEG_INF)
+    else:
+        t = tl.load(t_ptr + rows[:, None] * t_stride + cols[None, :], mask=mask,
+                    other=NEG_INF).to(tl.float32)
+    if temp_mode == TEMP_ROWS:
+        T = tl.load(temp_ptr + rows * temp_stride, mask=row_ok, other=1.0).to(tl.float32)
+    else:
+        T = tl.zeros([ROWS], dtype=tl.float32) + temp_value
+    inv_t = 1.0 / T
+    a = inv_t * LOG2E
+
+    # centre of the cancellation-free KL: the mean of (t - s) / T over the finite pairs
+    finite = mask & ((s - s) == 0) & ((t - t) == 0)
+    c0 = (tl.sum(tl.where(finite, t - s, 0.0), 1) * inv_t
+          / tl.maximum(tl.sum(finite.to(tl.float32), 1), 1.0))
+    m_s = tl.max(s, 1)
+    m_t = tl.max(t, 1)
+    ms_safe = tl.where(m_s == NEG_INF, 0.0, m_s)
+    mt_safe = tl.where(m_t == NEG_INF, 0.0, m_t)
+    es = tl.exp2((s - ms_safe[:, None]) * a[:, None])
+    et = tl.exp2((t - mt_safe[:, None]) * a[:, None])
+    zs = tl.sum(es, 1)
+    zt = tl.sum(et, 1)
+    d = (t - s) * inv_t[:, None] - c0[:, None]
+    small = tl.abs(d) < 0.5
+    dz = tl.where(small, d, 0.0)
+    F = _expm1_excess(dz)
+    et_k = et * tl.exp2(((mt_safe - ms_safe) * inv_t - c0) * LOG2E)[:, None]  # = es e^d
+    live = (es > 0) | (et > 0)
+    e = tl.where(live, tl.where(small, es * (dz + F), et_k - es), 0.0)  # es expm1(d)
+    psi = tl.where(small, es * (dz * dz + (dz - 1.0) * F), es - et_k * (1.0 - d))
+    A = tl.sum(e, 1) / zs
+    orphans = tl.sum(((es == 0) & (et > 0)).to(tl.int32), 1)
+    kl_stable = (tl.sum(tl.where(live, psi, 0.0), 1) / zs - _log1p_excess(A)) / (1.0 + A)
+    stable = (tl.abs(A) < 0.5) & ((kl_stable - kl_stable) == 0) & (orphans == 0)
+    cross = tl.sum(tl.where(et > 0, et * (t - s), 0.0), 1)
+    kl = tl.where(stable, kl_stable,
+                  cross * inv_t / zt + (m_s - m_t) * inv_t + tl.log(zs) - tl.log(zt))
+    has_teacher = m_t > NEG_INF
+    kl = tl.where(has_teacher, kl, 0.0)
+
+    wrong = tl.zeros([ROWS], dtype=tl.int1)
+    s_y = tl.zeros([ROWS], dtype=tl.float32)
+    if HAS_LABELS:
+        s_y = tl.sum(tl.where(at_y, s, 0.0), 1)
+        t_y = tl.max(tl.where(at_y, t, NEG_INF), 1)
+        wrong = valid & in_range & (t_y < m_t)
+    kd_w = tl.where(wrong, wrong_kd_weight, kd_weight)
+    kd_w = tl.where(has_teacher, kd_w, 0.0)
+    if t2_scale:
+        kd_grad = kd_w * T
+        loss = kd_w * T * T * kl
+    else:
+        kd_grad = kd_w * inv_t
+        loss = kd_w * kl
+    if HAS_CE:
+        e1 = tl.exp2((s - ms_safe[:, None]) * LOG2E)
+        z1 = tl.sum(e1, 1)
+        loss += ce_weight * (tl.log(z1) + m_s - s_y)
+
+    # stores: the rows' loss (0 if ignored, NaN for a bad temperature or label), T and flags
+    bad = (T <= 0) | (T != T) | (valid & ~in_range)
+    tl.store(loss_ptr + rows, tl.where(bad, float("nan"), tl.where(valid, loss, 0.0)),
+             mask=row_ok)
+    tl.store(temp_out_ptr + rows, T, mask=row_ok)
+    flags = tl.where(wrong, FLAG_STILL_WRONG, 0)  # no correction: a wrong row stays wrong
+    if HAS_LABELS:
+        flags += tl.where(valid & ~wrong, FLAG_TEACHER_CORRECT, 0)
+    tl.store(flags_ptr + rows, flags.to(tl.int8), mask=row_ok)
+
+    # the gradient: kd_grad (p - q) + ce_weight (softmax(s) - onehot(y)), p - q without
+    # cancellation where the stable form holds (as _distill_grad_kernel)
+    stable_grad = stable & (kd_grad != 0)
+    g = tl.where(stable_grad[:, None],
+                 (-kd_grad / (zs * (1.0 + A)))[:, None] * (e - A[:, None] * es),
+                 (kd_grad / zs)[:, None] * es
+                 - tl.where(has_teacher, kd_grad / zt, 0.0)[:, None] * et)
+    if HAS_CE:
+        g += (ce_weight / z1)[:, None] * e1
+        g = tl.where(at_y, g - ce_weight, g)
+    g = tl.where(valid[:, None], g, 0.0)
+    g = tl.where(bad[:, None], float("nan"), g)
+    tl.store(grad_ptr + rows[:, None] * C + cols[None, :], g, mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, up_ptr, up_stride, scale_ptr, out_ptr, C,
+                       BLOCK: tl.constexpr, SCALED: tl.constexpr):
+    """out = g times the upstream gradient of its row (and the reduction's scale)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < C
+    u = tl.load(up_ptr + row * up_stride).to(tl.float32)
+    if SCALED:
+        u *= tl.load(scale_ptr)
+    g = tl.load(g_ptr + row * C + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * C + cols, (g * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@torch.library.triton_op("kdkernels::distill_triton_rows", mutates_args=())
+def distill_triton_rows(student: torch.Tensor, teacher: Optional[torch.Tensor],
+                        target: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor],
+                        options: List[float]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor]:
+    """Small rows in one launch: the loss (per row, or reduced), temperatures, flags, the
+    gradient of the loss (float32, before the upstream gradient) and its scale ("mean": 1 / the
+    rows that count)."""
+    o = _options.FusedOptions.unpack(options)
+    N, C = student.shape
+    loss = student.new_empty(N, dtype=torch.float32)
+    temps = student.new_empty(N, dtype=torch.float32)
+    flags = student.new_empty(N, dtype=torch.int8)
+    grad = student.new_empty((N, C), dtype=torch.float32)
+    log_a, log_rest = config.virtual_logits(o.virtual_teacher, C)
+    block, rows, warps = config.rows_config(C)
+    dummy = student
+    torch.library.wrap_triton(_distill_rows_kernel)[(triton.cdiv(N, rows),)](
+        student, student.stride(0),
+        teacher if teacher is not None else dummy,
+        teacher.stride(0) if teacher is not None else 0,
+        target if target is not None else dummy,
+        target.stride(0) if target is not None else 0,
+        temp_rows if temp_rows is not None else dummy,
+        temp_rows.stride(0) if temp_rows is not None else 0,
+        loss, temps, flags, grad, N, C, **o.triton_kwargs(),
+        log_a=log_a, log_rest=log_rest, ROWS=rows, BLOCK=block, VIRTUAL=o.virtual_teacher > 0,
+        HAS_LABELS=target is not None, HAS_CE=o.ce_weight != 0, num_warps=warps)
+    loss, scale = _reduce(loss, target, o)
+    return loss, temps, flags, grad, scale
+
+
+@torch.library.triton_op("kdkernels::distill_triton_scale_rows", mutates_args=())
+def distill_triton_scale_rows(grad: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor,
+                              like: torch.Tensor, options: List[float]) -> torch.Tensor:
+    """grad (float32 [N, C]) times upstream[row] (and scale[0] for a reduced loss), in the
+    dtype of `like`."""
+    o = _options.FusedOptions.unpack(options)
+    N, C = grad.shape
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    block = 1024
+    torch.library.wrap_triton(_scale_rows_kernel)[(N, triton.cdiv(C, block))](
+        grad, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, scale, out, C,
+        BLOCK=block, SCALED=o.reduction != _options.REDUCTION_NONE, num_warps=4)
+    return out
 
 
 @triton.jit
@@ -631,7 +876,7 @@ def _distill_sparse_kernel(
     temp_mode: tl.constexpr, temp_value, tau0, beta, tau_min, kd_weight, wrong_kd_weight,
     ce_weight, correction: tl.constexpr, smooth_eps, virtual_teacher, t2_scale: tl.constexpr,
     ignore_index, divergence: tl.constexpr, divergence_param, teacher_tail: tl.constexpr,
-    compute_grad, grad_scale,
+    compute_grad, grad_scale, reduction: tl.constexpr,
     # derived by the launcher
     BLOCK: tl.constexpr, KBLOCK: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
     NUM_COEF: tl.constexpr,
@@ -847,8 +1092,9 @@ def _distill_sparse_kernel(
 @triton.jit
 def _distill_sparse_grad_kernel(
     s_ptr, s_stride, i_ptr, i_stride, coef_ptr, index_ptr, member_ptr, up_ptr, up_stride,
-    grad_ptr, C, K,
+    scale_ptr, grad_ptr, C, K,
     BLOCK: tl.constexpr, KBLOCK: tl.constexpr, HAS_CE: tl.constexpr, NUM_COEF: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     """The gradient against a sparse teacher, times the upstream gradient: the rest's
     coefficient on every class, the forward's values on the explicit ones."""
@@ -876,6 +1122,8 @@ def _distill_sparse_grad_kernel(
     live = row_scale != 0
     read_limit = tl.where(live, C, 0)
     scale = row_scale * tl.load(up_ptr + row * up_stride).to(tl.float32)
+    if SCALED:
+        scale *= tl.load(scale_ptr)
     a = inv_t * LOG2E
     for start in range(0, C, BLOCK):  # (0/1 flags via int32: the interpreter's float compare)
         idx = start + cols
@@ -899,7 +1147,7 @@ def distill_triton_sparse(student: torch.Tensor, values: torch.Tensor, indices: 
                           target: Optional[torch.Tensor], temp_rows: Optional[torch.Tensor],
                           options: List[float]
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor, torch.Tensor]:
+                                     torch.Tensor, torch.Tensor, torch.Tensor]:
     """The forward against a sparse teacher whose class ids are sorted within each row:
     per-row loss, temperature, flags, the coefficients, label / argmax indices and the
     explicit classes' gradient values from which distill_triton_sparse_grad writes the
@@ -924,13 +1172,15 @@ def distill_triton_sparse(student: torch.Tensor, values: torch.Tensor, indices: 
         loss, temps, flags, coef, index, member, C, K, **o.triton_kwargs(),
         BLOCK=block, KBLOCK=config.k_block(K), HAS_LABELS=target is not None,
         HAS_CE=o.ce_weight != 0, NUM_COEF=config.NUM_COEF, num_warps=warps)
-    return loss, temps, flags, coef, index, member
+    loss, scale = _reduce(loss, target, o)
+    return loss, temps, flags, coef, index, member, scale
 
 
 @torch.library.triton_op("kdkernels::distill_triton_sparse_grad", mutates_args=())
 def distill_triton_sparse_grad(student: torch.Tensor, indices: torch.Tensor, coef: torch.Tensor,
                                index: torch.Tensor, member: torch.Tensor,
-                               upstream: torch.Tensor, options: List[float]) -> torch.Tensor:
+                               upstream: torch.Tensor, scale: torch.Tensor,
+                               options: List[float]) -> torch.Tensor:
     o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     K = indices.shape[1]
@@ -938,7 +1188,8 @@ def distill_triton_sparse_grad(student: torch.Tensor, indices: torch.Tensor, coe
     block, warps = config.launch_config(C, "grad")
     torch.library.wrap_triton(_distill_sparse_grad_kernel)[(N,)](
         student, student.stride(0), indices, indices.stride(0), coef, index, member,
-        upstream, upstream.stride(0) if upstream.numel() > 1 else 0, grad, C, K,
+        upstream, upstream.stride(0) if upstream.numel() > 1 else 0, scale, grad, C, K,
         BLOCK=block, KBLOCK=config.k_block(K), HAS_CE=o.ce_weight != 0,
-        NUM_COEF=config.NUM_COEF, num_warps=warps)
+        NUM_COEF=config.NUM_COEF, SCALED=o.reduction != _options.REDUCTION_NONE,
+        num_warps=warps)
     return grad

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .._options import ENUMS, OPTION_INDEX, OPTION_NAMES
+from .._options import ENUMS, OPTION_INDEX, OPTION_NAMES, REDUCTION_NONE
 
 NAME = "cpp"
 VARIANTS = ("avx512", "avx2", "default")  # best first
@@ -91,11 +91,12 @@ if _C is not None:
         N = student.shape[0]
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
         compute_grad = bool(options[OPTION_INDEX["compute_grad"]])
-        return (student.new_empty(N, dtype=acc),
+        reduced = options[OPTION_INDEX["reduction"]] != REDUCTION_NONE
+        return (student.new_empty(() if reduced else N, dtype=acc),
                 torch.empty_like(student) if compute_grad else student.new_empty(0),
                 student.new_empty(N, dtype=acc), student.new_empty(N, dtype=torch.int8))
 
 
 def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
-    return torch.ops.kdkernels.distill_cpu(student, teacher, teacher_indices, target, temp_rows,
-                                           o.pack())
+    return torch.ops.kdkernels.distill_cpu.default(student, teacher, teacher_indices, target,
+                                                   temp_rows, o.pack())

@@ -16,6 +16,8 @@ from .._options import (
     DIVERGENCE_SKEW_REVERSE_KL,
     FLAG_STILL_WRONG,
     FLAG_TEACHER_CORRECT,
+    REDUCTION_MEAN,
+    REDUCTION_NONE,
     TEMP_COSINE,
     TEMP_ROWS,
     TEMP_SCALAR,
@@ -130,13 +132,23 @@ def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
     (top-k) teacher at those indices."""
     N, C = student.shape
     rows = max(1, (1 << 18) // max(C, 1))
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    count = None  # the rows "mean" divides by (a tensor: no host sync)
+    grad_scale = o.grad_scale
+    if o.reduction == REDUCTION_MEAN:
+        count = (torch.tensor(float(N), dtype=acc, device=student.device) if target is None
+                 else (target != o.ignore_index).sum().clamp(min=1).to(acc))
+        grad_scale = o.grad_scale / count
 
     def part(x, i):
         return None if x is None else x[i:i + rows]
     parts = [_forward_rows(student[i:i + rows], part(teacher, i), part(target, i),
-                           part(temp_rows, i), o, part(teacher_indices, i))
+                           part(temp_rows, i), o, part(teacher_indices, i), grad_scale)
              for i in range(0, N, rows)]
-    return tuple(torch.cat(values) for values in zip(*parts))
+    loss, grad, temps, flags = (torch.cat(values) for values in zip(*parts))
+    if o.reduction != REDUCTION_NONE:
+        loss = loss.sum() if count is None else loss.sum() / count
+    return loss, grad, temps, flags
 
 
 def _temperatures(s, t_for_dtd, temp_rows, o, teacher_indices=None):
@@ -150,7 +162,7 @@ def _temperatures(s, t_for_dtd, temp_rows, o, teacher_indices=None):
     return temperature_from_weights(w, o.tau0, o.beta, False, o.tau_min)
 
 
-def _forward_rows(student, teacher, target, temp_rows, o, teacher_indices):
+def _forward_rows(student, teacher, target, temp_rows, o, teacher_indices, grad_scale):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     N, C = student.shape
     s = student.to(acc)
@@ -187,7 +199,7 @@ def _forward_rows(student, teacher, target, temp_rows, o, teacher_indices):
         if o.ce_weight != 0:
             grad = grad + o.ce_weight * (log_p1.exp() - torch.zeros_like(s).scatter_(1, y, 1.0))
         grad = torch.where(valid[:, None], grad, 0.0)
-        grad = torch.where(bad[:, None], torch.nan, grad * o.grad_scale).to(student.dtype)
+        grad = torch.where(bad[:, None], torch.nan, grad * grad_scale).to(student.dtype)
 
     flags = torch.zeros(N, dtype=torch.int8, device=s.device)
     if y is not None:

@@ -25,11 +25,16 @@ import os
 
 import torch
 
+from .._options import CORRECTION_NONE, DIVERGENCE_KL, TEMP_ROWS, TEMP_SCALAR
+
 NAME = "triton"
 
 # Largest block of classes one program holds; rows longer than this loop. Tests lower it to reach
 # the multi-block path at small C.
 MAX_BLOCK = 8192
+# Rows up to this many classes run the small-rows kernel (several rows per program, the gradient
+# written in the forward) where the options allow; tests set 0 to reach the two-kernel path.
+SMALL_ROWS_MAX = 1024
 # Largest k of a sparse teacher: one program holds the k classes in registers.
 MAX_K = 1024
 LAUNCH_OVERRIDE = None  # a function (C, kernel) -> (block, warps): for tuning sweeps only
@@ -72,6 +77,22 @@ def launch_config(C, kernel):
     return block, 4 if kernel == "forward" or block < 2048 else 8
 
 
+def rows_config(C):
+    """(block, rows per program, warps) of the small-rows kernel: a [rows, block] tile of about
+    512 values, 4 per thread (compiled for sm_90, tiles of 2048 needed all 255 registers and
+    tiles of 1024 up to 183; small tiles also keep many programs at a few hundred rows)."""
+    block = max(16, 1 << (max(C, 1) - 1).bit_length())
+    return block, max(1, min(16, 512 // block)), 4
+
+
+def small_rows(C, o, teacher_indices):
+    """Whether the small-rows kernel runs: rows that fit one block, the gradient wanted, and the
+    options it covers (a fixed or per-row temperature, no correction, the KL divergence)."""
+    return (C <= SMALL_ROWS_MAX and o.compute_grad and teacher_indices is None
+            and o.temp_mode in (TEMP_SCALAR, TEMP_ROWS) and o.correction == CORRECTION_NONE
+            and o.divergence == DIVERGENCE_KL)
+
+
 def k_block(k):
     """The block that holds a sparse teacher's k classes in one program."""
     return max(16, 1 << (max(k, 1) - 1).bit_length())
@@ -86,32 +107,41 @@ def virtual_logits(virtual_teacher, C):
 
 
 def forward_deferred(student, teacher, target, temp_rows, o, teacher_indices=None):
-    """The forward kernel alone: (loss_rows, state, temperature, flags); `gradient(state, ...)`
+    """The forward kernel alone: (loss, state, temperature, flags); `gradient(state, ...)`
     writes the gradient later, in the backward, scaled by the upstream gradient on the device
     (no host sync, and no N x C buffer between forward and backward)."""
-    if teacher_indices is not None:  # the kernels find each block's classes in sorted ids
-        indices, order = teacher_indices.sort(-1)
-        loss, temps, flags, coef, index, member = torch.ops.kdkernels.distill_triton_sparse(
-            student, teacher.gather(1, order), indices, target, temp_rows, o.pack())
-        state = (coef, index, member, indices)
-    else:
-        loss, temps, flags, coef, index = torch.ops.kdkernels.distill_triton(
+    if small_rows(student.shape[1], o, teacher_indices):  # one launch writes the gradient too
+        loss, temps, flags, grad, scale = torch.ops.kdkernels.distill_triton_rows.default(
             student, teacher, target, temp_rows, o.pack())
-        state = (coef, index)
+        state = (grad, scale)
+    elif teacher_indices is not None:  # the kernels find each block's classes in sorted ids
+        indices, order = teacher_indices.sort(-1)
+        loss, temps, flags, coef, index, member, scale = (
+            torch.ops.kdkernels.distill_triton_sparse.default(
+                student, teacher.gather(1, order), indices, target, temp_rows, o.pack()))
+        state = (coef, index, scale, member, indices)
+    else:
+        loss, temps, flags, coef, index, scale = torch.ops.kdkernels.distill_triton.default(
+            student, teacher, target, temp_rows, o.pack())
+        state = (coef, index, scale)
     if student.dtype == torch.float64:  # the contract: losses in the accumulation dtype
         loss, temps = loss.double(), temps.double()
     return loss, state, temps, flags
 
 
 def gradient(student, teacher, state, upstream, o, teacher_indices=None):
-    """d loss_rows / d student times `upstream` ([N] per row, or [1] for all rows)."""
+    """d loss / d student times `upstream` ([N] per row, or one value for all rows)."""
+    if len(state) == 2:  # the small-rows kernel wrote it: scale it
+        grad, scale = state
+        return torch.ops.kdkernels.distill_triton_scale_rows.default(grad, upstream, scale,
+                                                                     student, o.pack())
     if teacher_indices is not None:
-        coef, index, member, indices = state
-        return torch.ops.kdkernels.distill_triton_sparse_grad(student, indices, coef, index,
-                                                             member, upstream, o.pack())
-    coef, index = state
-    return torch.ops.kdkernels.distill_triton_grad(student, teacher, coef, index, upstream,
-                                                  o.pack())
+        coef, index, scale, member, indices = state
+        return torch.ops.kdkernels.distill_triton_sparse_grad.default(
+            student, indices, coef, index, member, upstream, scale, o.pack())
+    coef, index, scale = state
+    return torch.ops.kdkernels.distill_triton_grad.default(student, teacher, coef, index,
+                                                          upstream, scale, o.pack())
 
 
 def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
