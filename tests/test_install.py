@@ -104,10 +104,16 @@ def test_install_with_a_failing_compile(tmp_path):
         done.stdout
 
 
+INTEGRATED = ("transformers", "trl", "torchtune", "torchao", "accelerate", "datasets",
+              "liger_kernel", "sklearn", "matplotlib")
+
+
 def test_import_is_light_on_a_cpu_only_machine():
-    """No triton and no inductor at import when there is no GPU and no interpreter."""
-    code = ("import sys, kdkernels; "
-            "print(sorted(m for m in ('triton', 'torch._inductor') if m in sys.modules))")
+    """No triton and no inductor at import when there is no GPU and no interpreter; none of the
+    libraries kdkernels.integrations and the driver work with."""
+    code = ("import sys, kdkernels, kdkernels.functional, kdkernels.integrations; "
+            f"print(sorted(m for m in ('triton', 'torch._inductor') + {INTEGRATED!r} "
+            "if m in sys.modules))")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
