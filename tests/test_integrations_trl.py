@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from helpers import LargestTensor
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.tiny_lm import tiny_llama, token_batch, word_tokenizer
 from kdkernels.integrations.trl import generalized_jsd_loss, gkd_trainer_class
@@ -148,22 +148,6 @@ def test_gkd_compute_loss_equals_trls(beta, items, tmp_path):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-13)
     for g_ours, g_trl in zip(*grads):
         torch.testing.assert_close(g_ours, g_trl, rtol=1e-8, atol=1e-12)
-
-
-class LargestTensor(TorchDispatchMode):
-    """The most elements in the storage of any tensor an op returns (storage: the stand-ins the
-    library builds by expanding a 0-d tensor hold one element)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for x in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(x, torch.Tensor):
-                self.numel = max(self.numel, x.untyped_storage().nbytes() // x.element_size())
-        return out
 
 
 def test_one_gkd_training_step_equals_trls_without_full_logits(tmp_path):
