@@ -253,3 +253,18 @@ def test_modelopt_megatron_top_k_with_ghost_token_at_t1():
     teacher = kdkernels.SparseTeacher(idx, top_q, tail=True)
     ours = kdkernels.distillation_loss(s, teacher, labels, temperature=1.0, **KD_ONLY)
     _same(theirs, ours, s, rtol=1e-9, atol=1e-11)
+
+
+def test_top_k_log_probs_served_at_t_as_scaled_logits():
+    """docs/INTEGRATIONS.md, conventions: top-k log-probs already at T, passed as T * logprobs
+    without a tail, give the teacher's distribution at T renormalised over its k classes."""
+    s, t, labels = _inputs(seed=9)
+    T, k = 2.0, 6
+    served, idx = torch.log_softmax(t / T, -1).topk(k, -1)  # what a server sampling at T sends
+    teacher_k = torch.softmax(served, -1)  # renormalised over the k classes
+    log_p = torch.log_softmax(s / T, -1).gather(-1, idx)
+    per_token = (teacher_k * (teacher_k.log() - log_p)).sum(-1)
+    theirs = per_token[labels != -100].mean()
+    ours = kdkernels.distillation_loss(s, kdkernels.SparseTeacher(idx, T * served), labels,
+                                       temperature=T, t2_scale=False, **KD_ONLY)
+    _same(theirs, ours, s)
