@@ -122,3 +122,13 @@ def test_import_is_light_on_a_cpu_only_machine():
     if torch.cuda.is_available():
         pytest.skip("a GPU machine imports the Triton kernels at once")
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_driver_without_scikit_learn_says_what_to_install(tmp_path):
+    """A plain install has no scikit-learn (the extra kdkernels[train]): a message, exit 2."""
+    code = ("import sys; sys.modules['sklearn'] = None; from kdkernels.train import cli; "
+            f"sys.exit(cli.main(['--seeds', '1', '--epochs', '1', '--no-progress', '--out', "
+            f"{str(tmp_path / 'run')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "kdkernels[train]" in done.stderr and "Traceback" not in done.stderr, done.stderr
