@@ -177,3 +177,12 @@ def test_one_gkd_training_step_equals_trls_without_full_logits(tmp_path):
     B = batch["input_ids"].shape[0]
     assert largest["trl"] >= tokens * V
     assert largest["ours"] <= V * H_TEACHER < (tokens - B) * V
+
+
+def test_gkd_evaluate_equals_trls(tmp_path):
+    """Trainer.evaluate goes through compute_loss(return_outputs=True): same eval_loss."""
+    results = []
+    for cls, options in ((gkd_trainer_class(), {"chunk_size": 5}), (gkd.GKDTrainer, None)):
+        trainer, _ = _trainer(tmp_path, cls, torch.float64, 0.5, options)
+        results.append(trainer.evaluate(eval_dataset=trainer.train_dataset)["eval_loss"])
+    assert results[0] == pytest.approx(results[1], rel=1e-10)
