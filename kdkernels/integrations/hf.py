@@ -91,9 +91,10 @@ def _refuse_logit_transforms(who, model):
     config = model.config.get_text_config()
     for name in LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
-        if value is not None and not (name != "final_logit_softcapping" and value == 1):
-            raise ValueError(
-                f"the {who}'s config sets {name}={value!r}: its logits are not hidden @ "
-                f"lm_head.T, and fused_linear_distillation_loss has no {name} option. Set "
-                f"config.{name} = None only if the model was trained without it; otherwise "
-                "distil from full logits (kdkernels.distillation_loss on model(...).logits)")
+        if value is None or (name != "final_logit_softcapping" and value == 1):
+            continue  # absent, or a scale of 1
+        raise ValueError(
+            f"the {who}'s config sets {name}={value!r}: its logits are not hidden @ "
+            f"lm_head.T, and fused_linear_distillation_loss has no {name} option. Set "
+            f"config.{name} = None only if the model was trained without it; otherwise "
+            "distil from full logits (kdkernels.distillation_loss on model(...).logits)")

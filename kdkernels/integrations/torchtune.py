@@ -19,13 +19,9 @@ ones); the loss is float64 for float64 logits (torchtune's is float32). Needs on
 import torch
 
 from .._core import distillation_loss
+from ._common import row_mask_target
 
 ENTROPY_BLOCK = 1 << 24  # elements of the teacher's probabilities held at once for H(q)
-
-
-def _kept(labels, ignore_index):
-    """torchtune's labels are a row mask: -100 on dropped rows, 0 elsewhere (any label value)."""
-    return torch.where(labels.reshape(-1) == ignore_index, -100, 0)
 
 
 def _teacher_entropy_sum(teacher_logits, kept):
@@ -46,7 +42,7 @@ def _kd_sum(student_logits, teacher_logits, labels, ignore_index, fkl_ratio):
     """fkl_ratio * (soft cross-entropy) + (1 - fkl_ratio) * (reverse KL), summed over kept rows."""
     V = student_logits.shape[-1]
     s, t = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
-    kept = _kept(labels, ignore_index)
+    kept = row_mask_target(labels.reshape(-1), ignore_index)
     if kept.shape[0] != s.shape[0]:
         raise ValueError(f"labels have {kept.shape[0]} elements, the logits {s.shape[0]} rows")
     options = dict(temperature=1.0, kd_weight=1.0, ce_weight=0.0, reduction="sum")

@@ -17,6 +17,7 @@ import functools
 import torch
 
 from .._core import distillation_loss
+from ._common import row_mask_target
 from .hf import distill_models_loss
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -54,14 +55,11 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
                          "fused kernels never form them; use kdkernels.distillation_loss(..., "
                          "divergence='jsd', reduction='none') for one value per row")
     options = _jsd_options(beta, temperature)
-    if labels is None:
-        target = None
-    else:  # TRL uses labels as a mask only: any other value keeps its row
-        target = torch.where(labels == -100, -100, 0)
+    target = None if labels is None else row_mask_target(labels)
     if num_items_in_batch is not None:
         total = distillation_loss(student_logits, teacher_logits, target, reduction="sum",
                                   **options)
-        return total / _on(num_items_in_batch, total)
+        return total / _on_device_of(total, num_items_in_batch)
     if reduction == "sum":
         return distillation_loss(student_logits, teacher_logits, target, reduction="sum",
                                  **options)
@@ -74,7 +72,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     return mean if reduction == "batchmean" else mean / student_logits.shape[-1]
 
 
-def _on(count, like):
+def _on_device_of(like, count):
     return count.to(like.device) if isinstance(count, torch.Tensor) else count
 
 
@@ -85,7 +83,7 @@ def gkd_compute_loss(student, teacher, inputs, beta, num_items_in_batch=None, **
     ``attention_mask`` and ``labels`` (unshifted, TRL's collator). ``fused_options`` go to
     :func:`kdkernels.fused_linear_distillation_loss` (``chunk_size``, ``memory_budget``,
     ``backend``)."""
-    labels = torch.where(inputs["labels"] == -100, -100, 0)  # a mask, as TRL uses them
+    labels = row_mask_target(inputs["labels"])
     options = _jsd_options(beta, 1.0)
     if num_items_in_batch is None:
         return distill_models_loss(student, teacher, inputs["input_ids"],
@@ -93,7 +91,7 @@ def gkd_compute_loss(student, teacher, inputs, beta, num_items_in_batch=None, **
                                    **options, **fused_options)
     total = distill_models_loss(student, teacher, inputs["input_ids"], inputs["attention_mask"],
                                 labels, reduction="sum", **options, **fused_options)
-    return total / _on(num_items_in_batch, total)
+    return total / _on_device_of(total, num_items_in_batch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,17 +100,17 @@ def gkd_trainer_class():
     ``compute_loss`` is :func:`gkd_compute_loss`. Everything else (on-policy generation with
     ``lmbda``, ``seq_kd``, the collator, logging) is TRL's. ``return_outputs=True`` returns no
     student outputs (there are no logits to return). The trainer's ``fused_options`` attribute
-    (a dict, empty by default) goes to the fused loss."""
+    (a dict, or None) goes to the fused loss."""
     from trl.experimental.gkd import GKDTrainer
 
     class KDKernelsGKDTrainer(GKDTrainer):
-        fused_options = {}
+        fused_options = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
             unwrap = self.accelerator.unwrap_model  # the models' own classes (base_model, heads)
             loss = gkd_compute_loss(unwrap(model), unwrap(self.teacher_model), inputs, self.beta,
-                                    num_items_in_batch, **self.fused_options)
+                                    num_items_in_batch, **(self.fused_options or {}))
             return (loss, {}) if return_outputs else loss
 
     return KDKernelsGKDTrainer
