@@ -161,3 +161,22 @@ def test_padded_teacher_vocabulary():
                          for k, v in teacher.state_dict().items()})
     want = _through_full_logits(student, cut, ids, mask, labels, OPTIONS[0])
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    """16-bit models: the chunks' logits are the lm_head's matmul in the models' dtype, as their
+    own logits are; the loss against the float64 reference on those logits."""
+    student, teacher = tiny_llama(V, 16, seed=0, dtype=dtype), tiny_llama(V, 24, seed=1,
+                                                                         dtype=dtype)
+    ids, mask, labels = token_batch(2, 9, V, seed=10)
+    loss = distill_models_loss(student, teacher, ids, mask, labels, **OPTIONS[0])
+    assert loss.dtype == torch.float32
+    loss.backward()
+    grad = student.model.embed_tokens.weight.grad.double()
+    student.zero_grad()
+    want = _through_full_logits(student, teacher, ids, mask, labels, OPTIONS[0])
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=2e-2, atol=2e-3)
+    want_grad = student.model.embed_tokens.weight.grad.double()
+    torch.testing.assert_close(grad, want_grad, rtol=5e-2, atol=5e-2 * want_grad.abs().max())

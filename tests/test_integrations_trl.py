@@ -186,3 +186,14 @@ def test_gkd_evaluate_equals_trls(tmp_path):
         trainer, _ = _trainer(tmp_path, cls, torch.float64, 0.5, options)
         results.append(trainer.evaluate(eval_dataset=trainer.train_dataset)["eval_loss"])
     assert results[0] == pytest.approx(results[1], rel=1e-10)
+
+
+def test_sliced_logits_as_trls_compute_loss_passes_them():
+    """GKDTrainer.compute_loss passes logits[:, :-1, :] (a strided view) and labels[:, 1:]."""
+    s, t, labels = _logits((3, 7, 19), 8)
+    s_view, t_view, y_view = s[:, :-1, :], t[:, :-1, :], labels[:, 1:]
+    assert not s_view.is_contiguous()
+    got = _value_and_grad(generalized_jsd_loss, s_view, t_view, y_view, beta=0.7)
+    want = _value_and_grad(trl_jsd, s_view, t_view, y_view, beta=0.7)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
