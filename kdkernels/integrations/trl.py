@@ -102,6 +102,7 @@ def gkd_trainer_class():
     student outputs (there are no logits to return). The trainer's ``fused_options`` attribute
     (a dict, or None) goes to the fused loss."""
     from trl.experimental.gkd import GKDTrainer
+    from trl.models.utils import _ForwardRedirection
 
     class KDKernelsGKDTrainer(GKDTrainer):
         fused_options = None
@@ -109,8 +110,11 @@ def gkd_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.teacher_model.eval()
             unwrap = self.accelerator.unwrap_model  # the models' own classes (base_model, heads)
-            loss = gkd_compute_loss(unwrap(model), unwrap(self.teacher_model), inputs, self.beta,
-                                    num_items_in_batch, **(self.fused_options or {}))
+            student = unwrap(model)
+            # through the wrapper's forward (DDP / FSDP), as TRL's DistillationTrainer does
+            loss = _ForwardRedirection()(model, student, gkd_compute_loss, student,
+                                         unwrap(self.teacher_model), inputs, self.beta,
+                                         num_items_in_batch, **(self.fused_options or {}))
             return (loss, {}) if return_outputs else loss
 
     return KDKernelsGKDTrainer
