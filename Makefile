@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# the libraries kdkernels.integrations and tests/test_coming_from.py test against (torch stays
+# pinned: it is named again in their install line)
+INTEGRATIONS ?= transformers trl accelerate datasets "torchtune==0.6.1" "torchao==0.16.*" \
+	liger-kernel nvidia-modelopt megatron-core
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkernels-installed
 
@@ -17,6 +21,7 @@ $(STAMP): setup.py pyproject.toml csrc/distill.cpp
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q numpy triton tqdm pytest hypothesis mpmath scikit-learn matplotlib setuptools wheel ninja ruff
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(INTEGRATIONS) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import kdkernels; print(kdkernels.backends())"
 	touch $(STAMP)

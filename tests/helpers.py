@@ -1,5 +1,6 @@
 """Shared test machinery: backends to test, input makers, and the float64 oracle comparison."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdkernels
 import kdkernels.reference as reference
@@ -104,3 +105,19 @@ def assert_matches(backend, s, t, y, reduction="none", **kw):
         assert torch.equal(stats.teacher_correct.cpu(), ref_stats["teacher_correct"])
         assert torch.equal(stats.still_wrong.cpu(), ref_stats["still_wrong"])
     return loss, grad, stats
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements in the storage of any tensor an op returns (storage: the stand-ins the
+    library builds by expanding a 0-d tensor hold one element)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.numel = max(self.numel, x.untyped_storage().nbytes() // x.element_size())
+        return out

@@ -107,10 +107,16 @@ def test_install_with_a_failing_compile(tmp_path):
         done.stdout
 
 
+INTEGRATED = ("transformers", "trl", "torchtune", "torchao", "accelerate", "datasets",
+              "liger_kernel", "sklearn", "matplotlib")
+
+
 def test_import_is_light_on_a_cpu_only_machine():
-    """No triton and no inductor at import when there is no GPU and no interpreter."""
-    code = ("import sys, kdkernels; "
-            "print(sorted(m for m in ('triton', 'torch._inductor') if m in sys.modules))")
+    """No triton and no inductor at import when there is no GPU and no interpreter; none of the
+    libraries kdkernels.integrations and the driver work with."""
+    code = ("import sys, kdkernels, kdkernels.functional, kdkernels.integrations; "
+            f"print(sorted(m for m in ('triton', 'torch._inductor') + {INTEGRATED!r} "
+            "if m in sys.modules))")
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -119,3 +125,13 @@ def test_import_is_light_on_a_cpu_only_machine():
     if torch.cuda.is_available():
         pytest.skip("a GPU machine imports the Triton kernels at once")
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_driver_without_scikit_learn_says_what_to_install(tmp_path):
+    """A plain install has no scikit-learn (the extra kdkernels[train]): a message, exit 2."""
+    code = ("import sys; sys.modules['sklearn'] = None; from kdkernels.train import cli; "
+            f"sys.exit(cli.main(['--seeds', '1', '--epochs', '1', '--no-progress', '--out', "
+            f"{str(tmp_path / 'run')!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "kdkernels[train]" in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -20,7 +20,11 @@ class Dataset:
 
 def digits(seed=0, test_fraction=0.2):
     """scikit-learn's 8x8 digits (1797 images, 10 classes), shipped with sklearn: works offline."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:  # a plain install: the driver's packages are an extra
+        raise RuntimeError(f"the digits data set needs scikit-learn: pip install "
+                           f"'kdkernels[train]' (or scikit-learn): {error}") from error
     bunch = load_digits()
     x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.int64)
