@@ -422,3 +422,16 @@ def test_torch_compile_fullgraph_with_a_padded_teacher(sparse):
     compiled = torch.compile(forward, fullgraph=True)
     eager = forward(s, t, y)
     torch.testing.assert_close(compiled(s, t, y), eager)
+
+
+def test_without_the_keyword_a_device_tensor_s_padding_slot_counts_as_unused(monkeypatch):
+    """Where the index check would cost a device sync (CUDA; simulated here on the torch
+    backend), an index >= C is not checked and counts as an unused slot, as documented."""
+    s, teacher, cut, y = _sparse_padded(tail=False, seed=8)
+    monkeypatch.setattr(kdkernels._core, "_host_scalars", lambda tensor: False)
+    unchecked = kdkernels.distillation_loss(s, teacher, y, backend="torch", reduction="none")
+    padded = kdkernels.distillation_loss(s, teacher, y, backend="torch", reduction="none",
+                                         padded_teacher=True)
+    torch.testing.assert_close(unchecked, padded)
+    torch.testing.assert_close(padded, kdkernels.distillation_loss(s, cut, y, backend="torch",
+                                                                   reduction="none"))
