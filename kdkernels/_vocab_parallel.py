@@ -200,9 +200,9 @@ def _check_padded_shard(name, teacher_width, width, vocab_start, vocab_size, pad
         check_padded_width(f"{name} shard", teacher_width, width, padded_teacher,
                            "this rank's student shard")
         return
-    check_padded_width(f"{name} (padded on the last shard to [{vocab_start}, "
-                       f"{vocab_start + teacher_width}))", vocab_start + teacher_width,
-                       vocab_size, padded_teacher, "the student (vocab_size)")
+    check_padded_width(f"{name} (its last shard ends at {vocab_start + teacher_width})",
+                       vocab_start + teacher_width, vocab_size, padded_teacher,
+                       "the student (vocab_size)")
 
 
 def _check_shard(vocab_start, vocab_size, width):

@@ -5,6 +5,8 @@ narrower teacher, and for a width that is no padding."""
 import pytest
 import torch
 from helpers import BACKEND_IDS, BACKENDS, INTERPRETED, oracle, run, tolerances
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kdkernels
 from kdkernels import DynamicTemperature, SparseTeacher
@@ -350,7 +352,7 @@ def test_vocab_parallel_mismatches_are_refused_before_any_collective():
         (lambda: F(s[:, 20:], t[:, 20:], y, vocab_start=20, vocab_size=C),
          r"has 40 classes but the student \(vocab_size\) has 37: .*padded_teacher=True"),
         (lambda: F(s[:, 20:], torch.zeros(4, 21), y, vocab_start=20, vocab_size=C,
-                   padded_teacher=True), r"\[20, 41\)\) has 41 classes .*not a multiple of 8"),
+                   padded_teacher=True), r"ends at 41\) has 41 classes .*not a multiple of 8"),
         (lambda: F(s[:, :20], t[:, :23], y, vocab_start=0, vocab_size=C, padded_teacher=True),
          r"padding may lie only at the end of the last shard"),
         (lambda: F(s[:, :20], t[:, :23], y, vocab_start=0, vocab_size=C),
@@ -359,7 +361,8 @@ def test_vocab_parallel_mismatches_are_refused_before_any_collective():
                    padded_teacher=True), r"has 10 classes, fewer than the 17"),
         (lambda: FL(h, torch.randn(17, 3), h, y, vocab_start=20, vocab_size=C,
                     teacher_weight=Wt[20:]),
-         r"teacher_weight \(padded .*has 40 classes but the student \(vocab_size\) has 37"),
+         r"teacher_weight \(its last shard ends at 40\) has 40 classes but the student "
+         r"\(vocab_size\) has 37"),
         (lambda: FL(h, torch.randn(20, 3), h, y, vocab_start=0, vocab_size=C,
                     teacher_weight=Wt[:24], padded_teacher=True),
          r"teacher_weight shard has 24 classes.*only at the end of the last shard"),
@@ -370,3 +373,65 @@ def test_vocab_parallel_mismatches_are_refused_before_any_collective():
     # accepted checks lead to the collective, which needs torch.distributed
     with pytest.raises(RuntimeError, match="torch.distributed"):
         F(s[:, 20:], t[:, 20:], y, vocab_start=20, vocab_size=C, padded_teacher=True)
+
+
+# ---- random problems, torch.compile -----------------------------------------------------------
+
+@settings(max_examples=25)
+@given(N=st.integers(1, 9), C=st.integers(1, 70), pad=st.integers(0, 3), seed=st.integers(0, 99),
+       tail=st.booleans(), backend=st.sampled_from(["cpp", "torch"]))
+def test_random_padded_teachers_match_the_oracle_on_the_cut_teacher(N, C, pad, seed, tail,
+                                                                    backend):
+    if not kdkernels.backends()[backend].available:
+        return
+    V = -(-C // 8) * 8 + 8 * pad  # C rounded up to a multiple of 8, plus whole padding blocks
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(N, C, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, C, (N,), generator=g)
+    loss, grad, _, upstream = run(backend, s, t, y, padded_teacher=True, correction="swap")
+    ref_loss, ref_grad, _ = oracle(s, t[:, :C], y, upstream, correction="swap")
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-10)
+    k = min(4, V)  # a top-k over the padded vocabulary
+    values, indices = t.topk(k, -1)
+    if tail:
+        values = values - torch.logsumexp(t, -1, keepdim=True)
+    sparse = SparseTeacher(indices, values, tail)
+    cut = SparseTeacher(indices.masked_fill(indices >= C, -1), values, tail)
+    loss, grad, _, upstream = run(backend, s, sparse, y, padded_teacher=True)
+    ref_loss, ref_grad, _ = oracle(s, cut, y, upstream)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.skipif(not kdkernels.backends()["cpp"].available, reason="needs the C++ kernel")
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_torch_compile_fullgraph_with_a_padded_teacher(sparse):
+    s, t, y = _padded_problem((8,), seed=5)
+    t = t.nan_to_num(neginf=-30.0)
+    if sparse:
+        values, indices = t.topk(5, -1)
+        t = SparseTeacher(indices, values)
+    model = torch.nn.Linear(C, C, dtype=torch.float32)
+
+    def forward(x, teacher, y):
+        return kdkernels.distillation_loss(model(x), teacher, y, padded_teacher=True,
+                                           backend="cpp")
+
+    compiled = torch.compile(forward, fullgraph=True)
+    eager = forward(s, t, y)
+    torch.testing.assert_close(compiled(s, t, y), eager)
+
+
+def test_without_the_keyword_a_device_tensor_s_padding_slot_counts_as_unused(monkeypatch):
+    """Where the index check would cost a device sync (CUDA; simulated here on the torch
+    backend), an index >= C is not checked and counts as an unused slot, as documented."""
+    s, teacher, cut, y = _sparse_padded(tail=False, seed=8)
+    monkeypatch.setattr(kdkernels._core, "_host_scalars", lambda tensor: False)
+    unchecked = kdkernels.distillation_loss(s, teacher, y, backend="torch", reduction="none")
+    padded = kdkernels.distillation_loss(s, teacher, y, backend="torch", reduction="none",
+                                         padded_teacher=True)
+    torch.testing.assert_close(unchecked, padded)
+    torch.testing.assert_close(padded, kdkernels.distillation_loss(s, cut, y, backend="torch",
+                                                                   reduction="none"))
