@@ -338,3 +338,52 @@ def test_teacher_bias_module_follows_its_schedule():
     loss.set_epoch(2)
     s, t, y = _inputs()
     torch.testing.assert_close(loss(s, t, y), R.teacher_bias_loss(s, t, y, 0.5))
+
+
+def test_options_are_checked_once_per_distinct_set_and_every_bad_one_raises():
+    """The option cache keys carry the values' types: a value equal to a good one (True == 1)
+    is still checked, and a bad value never reaches the cache."""
+    s, t, y = make_inputs(4, 9, seed=30)
+    F.distillation_loss(s, t, y, kd_weight=1, t2_scale=True)  # good, now cached
+    with pytest.raises(ValueError, match="kd_weight must be a finite number"):
+        F.distillation_loss(s, t, y, kd_weight=True)
+    with pytest.raises(TypeError, match="t2_scale must be a bool"):
+        F.distillation_loss(s, t, y, t2_scale=1)
+    for _ in range(2):  # a bad value raises every time, not only the first
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            F.distillation_loss(s, t, y, temperature=-1.0)
+
+
+@pytest.mark.skipif(cpp_distill._C is None, reason=f"no C++ kernel: {cpp_distill._WHY_NOT}")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_host_work_per_call_is_a_few_ops(reduction):
+    """A kd_loss forward + backward on the CPU dispatches the kernel and at most 4 other aten
+    ops (the label check, autograd's seed, the upstream check or scaling, the gradient's
+    accumulation): the mean and the sum are the kernel's own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    s, t, y = make_inputs(8, 10, seed=31)
+    s.requires_grad_()
+    loss_fn = kdkernels.KDLoss(reduction=reduction)
+    for _ in range(2):  # the second call meets the cached options
+        s.grad = None
+        loss = loss_fn(s, t, y)
+        with Count() as counted:
+            s.grad = None
+            loss = loss_fn(s, t, y)
+            loss.backward(torch.ones_like(loss) if reduction == "none" else None)
+    kernels = [op for op in counted.ops if op.startswith("kdkernels.")]
+    others = [op for op in counted.ops if not op.startswith("kdkernels.")]
+    assert kernels == ["kdkernels.distill_cpu"]
+    assert len(others) <= 4 + (reduction == "none"), others
+    reference = R.kd_loss(s.detach().double(), t.double(), y, reduction=reduction)
+    torch.testing.assert_close(loss.detach().double(), reference, rtol=2e-5, atol=2e-5)
