@@ -132,7 +132,7 @@ def _host_scalars(tensor):
 def check_options(*, temperature=4.0, kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None,
                   correction=None, smooth_eps=0.1, virtual_teacher=None, t2_scale=True,
                   divergence="kl", jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100,
-                  reduction="mean", backend="auto"):
+                  reduction="mean", backend="auto", padded_teacher=False):
     """Checks the primitive's hyper-parameters (everything but the tensors), with the messages
     the functions and the modules (at construction) share."""
     check_reduction(reduction)
@@ -149,8 +149,9 @@ def check_options(*, temperature=4.0, kd_weight=0.9, ce_weight=0.1, wrong_kd_wei
     _check_number("skew_alpha", skew_alpha, low=0, high=1)
     if virtual_teacher is not None:
         _check_number("virtual_teacher", virtual_teacher, low=0, low_inclusive=False, high=1)
-    if not isinstance(t2_scale, bool):
-        raise TypeError(f"t2_scale must be a bool, got {t2_scale!r}")
+    for name, flag in (("t2_scale", t2_scale), ("padded_teacher", padded_teacher)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if backend != "auto" and backend not in _ops.NAMES:
@@ -199,6 +200,50 @@ def _check_teacher(teacher, student):
                          f"on {student.device}")
 
 
+# Embedding padding rounds a vocabulary up to a multiple of 8 at least (64 and 128 are usual,
+# Megatron's 128 x tensor-parallel size too); a wider teacher of another width has real tokens.
+PADDING_MULTIPLE = 8
+
+
+def check_padded_width(name, width, C, padded_teacher, student="student_logits"):
+    """Whether a teacher `width` classes wide may stand for the student's C classes
+    (docs/METHODS.md, "Mismatched vocabularies"): equal widths, or, with padded_teacher=True, a
+    wider teacher whose width is a multiple of PADDING_MULTIPLE. Raises a ValueError naming both
+    widths otherwise."""
+    if width == C:
+        return
+    if width < C:
+        raise ValueError(f"{name} has {width} classes, fewer than the {C} of {student}: a "
+                         "teacher narrower than the student is not supported (padded_teacher "
+                         "drops the padding columns of a wider teacher only)")
+    if not padded_teacher:
+        raise ValueError(f"{name} has {width} classes but {student} has {C}: if the teacher's "
+                         f"columns from {C} on are vocabulary padding, pass padded_teacher=True "
+                         "(they are dropped)")
+    if width % PADDING_MULTIPLE:
+        raise ValueError(f"padded_teacher=True, but {name} has {width} classes ({student}: {C}), "
+                         f"not a multiple of {PADDING_MULTIPLE} as padded vocabularies are: its "
+                         "extra classes look like real tokens, not padding")
+
+
+def fit_teacher(teacher, C, padded_teacher, name="teacher_logits", student="student_logits"):
+    """The teacher over the student's C classes: with padded_teacher=True, a wider dense teacher
+    as a view of its first C columns (no copy), a SparseTeacher with its slots at classes >= C
+    made unused. Any other teacher is returned as it is, for the usual checks."""
+    if isinstance(teacher, SparseTeacher):
+        indices = teacher.indices
+        if not padded_teacher or not isinstance(indices, torch.Tensor) \
+                or indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            return teacher
+        return SparseTeacher(indices.masked_fill(indices >= C, -1), teacher.values,
+                             teacher.tail)
+    if not isinstance(teacher, torch.Tensor) or not teacher.dtype.is_floating_point \
+            or teacher.dim() < 1 or teacher.shape[-1] == C:
+        return teacher  # not logits (refused by the checks), or nothing to cut
+    check_padded_width(name, teacher.shape[-1], C, padded_teacher, student)
+    return teacher[..., :C]
+
+
 def _check_sparse_teacher(teacher, student):
     lead, C = student.shape[:-1], student.shape[-1]
     indices, values = teacher.indices, teacher.values
@@ -222,8 +267,9 @@ def _check_sparse_teacher(teacher, student):
     if not _host_scalars(indices) or not indices.numel():
         return  # on CUDA these checks would cost a sync: out-of-range indices count as unused
     if bool((indices >= C).any()):
-        raise ValueError(f"SparseTeacher.indices holds classes >= {C}: e.g. "
-                         f"{int(indices[indices >= C][0])}")
+        raise ValueError(f"SparseTeacher.indices holds classes >= {C}, the student's width: "
+                         f"e.g. {int(indices[indices >= C][0])}; if they are the teacher's "
+                         "vocabulary padding, pass padded_teacher=True (such slots are unused)")
     ordered = indices.reshape(-1, indices.shape[-1]).sort(-1).values
     if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
         raise ValueError("SparseTeacher.indices repeats a class within a row")
@@ -253,7 +299,7 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                       kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None, correction=None,
                       smooth_eps=0.1, virtual_teacher=None, t2_scale=True, divergence="kl",
                       jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100, reduction="mean",
-                      return_stats=False, backend="auto"):
+                      return_stats=False, backend="auto", padded_teacher=False):
     r"""The general distillation primitive every method of kdkernels is built on.
 
     Per row i (the last dimension holds the C classes; leading dimensions are rows)::
@@ -297,6 +343,10 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
         return_stats: also return a :class:`DistillStats`.
         backend: ``"auto"`` (Triton on CUDA, C++ on CPU when built, else pure torch), ``"triton"``,
             ``"cpp"`` or ``"torch"``. See :func:`kdkernels.backends`.
+        padded_teacher: the teacher's vocabulary is the student's plus padding: a teacher wider
+            than the student ([..., V_t], V_t a multiple of 8) is read over its first C columns
+            (a view), and a :class:`SparseTeacher`'s slots at classes >= C are unused. Without
+            it, a width mismatch is an error. docs/METHODS.md, "Mismatched vocabularies".
 
     Returns the loss (float32, or float64 for float64 inputs), and the stats if asked.
 
@@ -307,12 +357,14 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
                  correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                  t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
                  skew_alpha=skew_alpha, ignore_index=ignore_index)
-    check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
+    check_options(temperature=temperature, reduction=reduction, backend=backend,
+                  padded_teacher=padded_teacher, **hyper)
     s = student_logits
     check_floating("student_logits", s)
     if s.dim() < 1 or s.shape[-1] < 1:
         raise ValueError(f"student_logits must have shape [..., C] with C >= 1, got "
                          f"{tuple(s.shape)}")
+    teacher_logits = fit_teacher(teacher_logits, s.shape[-1], padded_teacher)
     temperature = check_tensors(s, teacher_logits, target, temperature, **hyper)
     plan = _plan(s, teacher_logits, target, temperature, reduction, backend, hyper)
     loss, temperature_used, flags = _run(plan, reduction)

@@ -18,10 +18,12 @@ from ._core import (
     _host_scalars,
     check_floating,
     check_options,
+    check_padded_width,
     check_tensors,
     count_rows,
     empty_result,
     finish,
+    fit_teacher,
     fused_options,
     reduce_rows,
     resolve_backend,
@@ -39,7 +41,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
                                    virtual_teacher=None, t2_scale=True, divergence="kl",
                                    jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100,
                                    reduction="mean", return_stats=False, backend="auto",
-                                   chunk_size=None, memory_budget=None):
+                                   chunk_size=None, memory_budget=None, padded_teacher=False):
     r""":func:`distillation_loss` of the logits ``student_hidden @ student_weight.T (+ bias)``
     without materialising them: rows go through the matmul and the fused loss in chunks.
 
@@ -58,22 +60,31 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
             (at least 32 MiB): the chunk then holds half as much as the weight's gradient,
             which the path holds anyway. Smaller chunks cost time: the weight's gradient is
             read and written once per chunk.
+        padded_teacher: the teacher's vocabulary is the student's V classes plus padding: its
+            weight (and bias) may have more rows, its logits more columns, a sparse teacher
+            classes >= V; only the first V are read (views). As for :func:`distillation_loss`.
 
-    Returns the loss (and a :class:`DistillStats` with ``return_stats``). The weight's gradient
-    accumulates chunk by chunk in the weight's dtype.
+    Returns the loss (and a :class:`DistillStats` with ``return_stats``). The weight's and the
+    bias's gradients accumulate chunk by chunk in float32 (float64 for float64).
     """
     hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
                  correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                  t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
                  skew_alpha=skew_alpha, ignore_index=ignore_index)
-    check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
+    check_options(temperature=temperature, reduction=reduction, backend=backend,
+                  padded_teacher=padded_teacher, **hyper)
     check_chunking(chunk_size, memory_budget)
     h, W = student_hidden, student_weight
     _check_linear("student", h, W, student_bias)
     lead, V = h.shape[:-1], W.shape[0]
-    checked_teacher = teacher_stand_in(teacher, teacher_weight, teacher_bias, h, lead, V, V)
+
+    def fit_rows(name, rows):
+        check_padded_width(name, rows, V, padded_teacher, "student_weight")
+    checked_teacher, teacher_weight, teacher_bias = teacher_stand_in(
+        teacher, teacher_weight, teacher_bias, h, lead, V, V, fit_rows)
     if checked_teacher is None:
-        checked_teacher = teacher
+        teacher = checked_teacher = fit_teacher(teacher, V, padded_teacher, "teacher",
+                                                "student_weight")
     if isinstance(temperature, DynamicTemperature) and temperature.center:
         raise ValueError("DynamicTemperature(center=True) needs every row's logits at once; the "
                          "fused linear path has one chunk at a time: use center=False")
@@ -104,25 +115,30 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     return finish(loss, temps, flags, lead, reduction, return_stats, target is not None)
 
 
-def teacher_stand_in(teacher, weight, bias, h, lead, width, full_width):
+def teacher_stand_in(teacher, weight, bias, h, lead, width, full_width, fit_rows):
     """For a teacher given as hidden states with its (shard of the) lm_head ``weight``: checks
-    them and returns a storage-free stand-in for its [..., full_width] logits; None for a
-    teacher given otherwise (which must then come without a bias)."""
+    them and returns (a storage-free stand-in for its [..., full_width] logits, the weight and
+    bias cut to ``width`` rows, views); (None, None, None) for a teacher given otherwise (which
+    must then come without a bias). A weight with other than ``width`` rows goes to
+    ``fit_rows(name, rows)``, which raises unless the rows past ``width`` are padding."""
     if weight is None:
         if bias is not None:
             raise ValueError("teacher_bias needs teacher_weight (teacher given as hidden states)")
-        return None
+        return None, None, None
     if not isinstance(teacher, torch.Tensor):
         raise TypeError("teacher_weight is given: teacher must be the teacher's hidden states, "
                         "a tensor")
     _check_linear("teacher", teacher, weight, bias)
-    if teacher.shape[:-1] != lead or weight.shape[0] != width:
+    if teacher.shape[:-1] != lead:
         raise ValueError(f"teacher hidden states {tuple(teacher.shape)} and weight "
                          f"{tuple(weight.shape)} do not give logits of shape "
                          f"{tuple(lead) + (width,)}")
+    if weight.shape[0] != width:
+        fit_rows("teacher_weight", weight.shape[0])
+        weight, bias = weight[:width], None if bias is None else bias[:width]
     if teacher.device != h.device:
         raise ValueError(f"teacher is on {teacher.device} but student_hidden on {h.device}")
-    return teacher.new_empty(()).expand(*lead, full_width)
+    return teacher.new_empty(()).expand(*lead, full_width), weight, bias
 
 
 def _check_linear(who, hidden, weight, bias):
@@ -170,10 +186,7 @@ class _TeacherSource:
         """(teacher values or logits, indices or None) for rows [i, j)."""
         if self.hidden is not None:
             with torch.no_grad():
-                logits = self.hidden[i:j] @ self.weight.detach().t()
-                if self.bias is not None:
-                    logits += self.bias.detach()
-            return logits, None
+                return linear(self.hidden[i:j], self.weight, self.bias), None
         if self.indices is not None:
             return self.values[i:j].contiguous(), self.indices[i:j].contiguous()
         if self.logits is not None:
@@ -218,13 +231,18 @@ class _Job:
     def run(self, h, W, b, i, j, compute_grad):
         """(loss rows, d loss rows / d logits or empty, temperatures, flags) of rows [i, j)."""
         with torch.no_grad():
-            logits = h[i:j] @ W.t()
-            if b is not None:
-                logits += b
+            logits = linear(h[i:j], W, b)
         teacher, indices = self.source.rows(i, j)
         options = self.options if compute_grad else replace(self.options, compute_grad=False)
         return self.runner.forward(logits, teacher, _part(self.target, i, j),
                                    _part(self.temp_rows, i, j), options, indices)
+
+
+def linear(x, weight, bias):
+    """Chunk logits as torch.nn.Linear computes them: the bias added before the one rounding
+    to a 16-bit dtype (a matmul then `+= bias` rounds twice)."""
+    return torch.nn.functional.linear(x.detach(), weight.detach(),
+                                      None if bias is None else bias.detach())
 
 
 def _part(x, i, j):
@@ -245,25 +263,40 @@ class GradientSink:
         need_h, need_w, need_b = need
         self.h, self.W = h, W
         self.grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
-        self.grad_w = torch.zeros(W.shape, dtype=W.dtype, device=W.device) if need_w else None
+        # the weight's and the bias's gradients summed over the chunks in float32 (float64 for
+        # float64): in a 16-bit dtype each chunk's addition would round the running sum, and
+        # the error would grow with the number of chunks. A 16-bit weight's chunk product is
+        # written into one reused buffer of its dtype (a GEMM at 16-bit speed), then added.
+        self.grad_w = self.product = None
+        if need_w:
+            self.grad_w = torch.zeros(W.shape, dtype=_accumulation(W.dtype), device=W.device)
+            if self.grad_w.dtype != W.dtype:
+                self.product = torch.empty(W.shape, dtype=W.dtype, device=W.device)
         self.grad_b = None
-        if need_b:  # summed over the rows in float32 (float64 for float64)
-            self.grad_b = torch.zeros(W.shape[0], dtype=torch.promote_types(b.dtype,
-                                                                            torch.float32),
-                                      device=b.device)
+        if need_b:
+            self.grad_b = torch.zeros(W.shape[0], dtype=_accumulation(b.dtype), device=b.device)
         self.b_dtype = None if b is None else b.dtype
 
     def __call__(self, i, j, g):
         if self.grad_h is not None:
             torch.mm(g, self.W.detach(), out=self.grad_h[i:j])
-        if self.grad_w is not None:
+        if self.product is not None:
+            self.grad_w += torch.mm(g.t(), self.h[i:j].detach(), out=self.product)
+        elif self.grad_w is not None:
             self.grad_w.addmm_(g.t(), self.h[i:j].detach())
         if self.grad_b is not None:
             self.grad_b += g.sum(0, dtype=self.grad_b.dtype)
 
     def results(self):
+        grad_w = self.grad_w
+        if self.product is not None:  # rounded once, into the product's buffer
+            grad_w = self.product.copy_(self.grad_w)
         grad_b = None if self.grad_b is None else self.grad_b.to(self.b_dtype)
-        return self.grad_h, self.grad_w, grad_b
+        return self.grad_h, grad_w, grad_b
+
+
+def _accumulation(dtype):
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _backward_chunks(job, h, W, b, upstream, need):

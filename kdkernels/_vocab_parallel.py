@@ -20,11 +20,13 @@ from ._core import (
     _host_scalars,
     check_floating,
     check_options,
+    check_padded_width,
     check_tensors,
     empty_result,
     finish,
     reduce_rows,
 )
+from ._fused_linear import linear
 from ._options import (
     DIVERGENCES,
     FLAG_STILL_WRONG,
@@ -46,7 +48,7 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
                                      correction=None, smooth_eps=0.1, virtual_teacher=None,
                                      t2_scale=True, divergence="kl", jsd_beta=0.5,
                                      skew_alpha=0.1, ignore_index=-100, reduction="mean",
-                                     return_stats=False):
+                                     return_stats=False, padded_teacher=False):
     r""":func:`distillation_loss` over logits split by vocabulary across the ranks of ``group``.
 
     Each rank passes its shard: ``student_logits`` and ``teacher_logits`` of shape
@@ -59,12 +61,18 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
 
     A :class:`SparseTeacher` is not offered here (its classes would need routing to their
     shards); a virtual teacher is (each rank builds its columns).
+
+    ``padded_teacher=True``: the teacher's vocabulary is the student's plus padding, which lies
+    at the end of the last shard (the one that ends at ``vocab_size``): that rank's teacher shard
+    may be wider, up to a padded width that is a multiple of 8; its extra columns are dropped.
+    Every other rank's teacher shard covers the same classes as its student shard.
     """
     hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
                  correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                  t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
                  skew_alpha=skew_alpha, ignore_index=ignore_index)
-    check_options(temperature=temperature, reduction=reduction, **hyper)
+    check_options(temperature=temperature, reduction=reduction, padded_teacher=padded_teacher,
+                  **hyper)
     s = student_logits
     check_floating("student_logits", s)
     lead, width = s.shape[:-1], s.shape[-1]
@@ -77,6 +85,10 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
     teacher_like = None
     if teacher_logits is not None:
         check_floating("teacher_logits", teacher_logits)
+        if teacher_logits.dim() == s.dim() and teacher_logits.shape[-1] != width:
+            _check_padded_shard("teacher_logits", teacher_logits.shape[-1], width, vocab_start,
+                                vocab_size, padded_teacher)
+            teacher_logits = teacher_logits[..., :width]
         if teacher_logits.shape != s.shape or teacher_logits.device != s.device:
             raise ValueError(f"teacher_logits shard {tuple(teacher_logits.shape)} on "
                              f"{teacher_logits.device} does not match student_logits shard "
@@ -104,7 +116,7 @@ def vocab_parallel_fused_linear_distillation_loss(
         kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None, correction=None, smooth_eps=0.1,
         virtual_teacher=None, t2_scale=True, divergence="kl", jsd_beta=0.5, skew_alpha=0.1,
         ignore_index=-100, reduction="mean", return_stats=False, chunk_size=None,
-        memory_budget=None):
+        memory_budget=None, padded_teacher=False):
     r""":func:`vocab_parallel_distillation_loss` from hidden states and this rank's shard of
     the lm_head (``student_weight`` [V_local, H], the rows ``[vocab_start, vocab_start +
     V_local)`` of the full weight), the logits computed a chunk of rows at a time as in
@@ -115,25 +127,35 @@ def vocab_parallel_fused_linear_distillation_loss(
     The gradient of ``student_hidden`` is this rank's part: the sum over the ranks is the
     whole (tensor-parallel frameworks all-reduce it where the hidden states enter the
     vocab-parallel lm_head, e.g. Megatron's copy to the tensor-parallel region).
+
+    ``padded_teacher=True``: as for :func:`vocab_parallel_distillation_loss`, the last rank's
+    teacher weight shard (or logits shard) may have the padding rows (columns) at its end.
     """
     from ._fused_linear import _check_linear, check_chunking, chunk_rows, teacher_stand_in
     hyper = dict(kd_weight=kd_weight, ce_weight=ce_weight, wrong_kd_weight=wrong_kd_weight,
                  correction=correction, smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                  t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
                  skew_alpha=skew_alpha, ignore_index=ignore_index)
-    check_options(temperature=temperature, reduction=reduction, **hyper)
+    check_options(temperature=temperature, reduction=reduction, padded_teacher=padded_teacher,
+                  **hyper)
     check_chunking(chunk_size, memory_budget)
     h, W = student_hidden, student_weight
     _check_linear("student", h, W, student_bias)
     lead, width = h.shape[:-1], W.shape[0]
     _check_shard(vocab_start, vocab_size, width)
-    teacher_like = teacher_stand_in(teacher, teacher_weight, teacher_bias, h, lead, width,
-                                    vocab_size)
+
+    def fit_rows(name, rows):
+        _check_padded_shard(name, rows, width, vocab_start, vocab_size, padded_teacher)
+    teacher_like, teacher_weight, teacher_bias = teacher_stand_in(
+        teacher, teacher_weight, teacher_bias, h, lead, width, vocab_size, fit_rows)
     if teacher_like is None and isinstance(teacher, SparseTeacher):
         raise ValueError("a SparseTeacher is not offered in the vocab-parallel form (its k "
                          "classes would need routing to the ranks that hold them)")
     if teacher_like is None and teacher is not None:  # this rank's shard of its logits
         check_floating("teacher", teacher)
+        if teacher.dim() == h.dim() and teacher.shape[-1] != width:
+            fit_rows("teacher", teacher.shape[-1])
+            teacher = teacher[..., :width]
         if teacher.shape != lead + (width,) or teacher.device != h.device:
             raise ValueError(f"teacher logits shard {tuple(teacher.shape)} on {teacher.device} "
                              f"does not match {tuple(lead) + (width,)} on {h.device}")
@@ -163,6 +185,24 @@ def vocab_parallel_fused_linear_distillation_loss(
     else:
         loss, temps, flags = job.prepare()[:3]
     return finish(loss, temps, flags, lead, reduction, return_stats, target is not None)
+
+
+def _check_padded_shard(name, teacher_width, width, vocab_start, vocab_size, padded_teacher):
+    """A teacher shard of `teacher_width` columns against this rank's student shard of `width`:
+    wider only on the last shard, by padding (docs/METHODS.md, "Mismatched vocabularies")."""
+    if teacher_width < width or vocab_start + width != vocab_size:
+        if teacher_width > width and padded_teacher:
+            raise ValueError(f"{name} shard has {teacher_width} classes, this rank's student "
+                             f"shard {width} ([{vocab_start}, {vocab_start + width}) of "
+                             f"{vocab_size}): the teacher's padding may lie only at the end of "
+                             "the last shard; every other teacher shard covers the student "
+                             "shard's classes")
+        check_padded_width(f"{name} shard", teacher_width, width, padded_teacher,
+                           "this rank's student shard")
+        return
+    check_padded_width(f"{name} (padded on the last shard to [{vocab_start}, "
+                       f"{vocab_start + teacher_width}))", vocab_start + teacher_width,
+                       vocab_size, padded_teacher, "the student (vocab_size)")
 
 
 def _check_shard(vocab_start, vocab_size, width):
@@ -239,15 +279,13 @@ class _LinearRows(_Rows):
 
     def student_rows(self, i, j):
         with torch.no_grad():
-            logits = self.h[i:j] @ self.W.t()
-            return logits + self.b if self.b is not None else logits
+            return linear(self.h[i:j], self.W, self.b)
 
     def teacher_rows(self, i, j):
         if self.t_weight is None:
             return self.teacher[i:j]
         with torch.no_grad():
-            logits = self.teacher[i:j] @ self.t_weight.t()
-            return logits + self.t_bias if self.t_bias is not None else logits
+            return linear(self.teacher[i:j], self.t_weight, self.t_bias)
 
 
 class _Job:

@@ -8,7 +8,14 @@ docs/METHODS.md.
 """
 import torch
 
-from ._core import DistillStats, check_reduction, distillation_loss, reduce_rows
+from ._core import (
+    DistillStats,
+    check_options,
+    check_reduction,
+    distillation_loss,
+    fit_teacher,
+    reduce_rows,
+)
 from ._dtd import dtd_weights, temperature_from_weights
 from ._fused_linear import fused_linear_distillation_loss
 from ._options import DynamicTemperature, SparseTeacher
@@ -26,17 +33,18 @@ __all__ = ["distillation_loss", "fused_linear_distillation_loss",
 
 def kd_loss(student_logits, teacher_logits, target=None, *, temperature=4.0, kd_weight=0.9,
             ce_weight=0.1, t2_scale=True, ignore_index=-100, reduction="mean",
-            return_stats=False, backend="auto"):
+            return_stats=False, backend="auto", padded_teacher=False):
     """Hinton et al.'s knowledge distillation::
 
         l_i = kd_weight * T^2 * KL(softmax(t_i / T) || softmax(s_i / T)) + ce_weight * CE(s_i, y_i)
 
     ``temperature`` is a float or a per-row tensor. Without ``target``, pass ``ce_weight=0``.
-    See :func:`distillation_loss` for the shared arguments."""
+    See :func:`distillation_loss` for the shared arguments (``padded_teacher`` among them)."""
     return distillation_loss(student_logits, teacher_logits, target,
                              **kd_options(temperature, kd_weight, ce_weight, t2_scale),
                              ignore_index=ignore_index, reduction=reduction,
-                             return_stats=return_stats, backend=backend)
+                             return_stats=return_stats, backend=backend,
+                             padded_teacher=padded_teacher)
 
 
 # Each method is a mapping of its hyper-parameters onto the primitive's options: one function
@@ -85,15 +93,19 @@ def tfkd_reg_loss(student_logits, target, *, a=0.99, temperature=20.0, kd_weight
 
 
 def dtd_temperature(student_logits, teacher_logits, *, tau0=4.0, beta=1.0, weighting="cosine",
-                    center=False, tau_min=1.0, target=None, ignore_index=-100):
+                    center=False, tau_min=1.0, target=None, ignore_index=-100,
+                    padded_teacher=False):
     """The Dynamic Temperature Distillation temperature of each row ([...] from [..., C] logits).
 
     ``tau_i = tau0 - beta * w_i`` (``center=True``: ``tau0 + beta * (mean(w) - w_i)``, the mean
     over rows whose ``target`` is not ``ignore_index``), clamped at ``tau_min``; ``w`` as in
     :class:`DynamicTemperature`. Detached: no gradient flows through it. The fused losses compute
-    the same temperatures in their kernels when given ``temperature=DynamicTemperature(...)``."""
+    the same temperatures in their kernels when given ``temperature=DynamicTemperature(...)``.
+    ``padded_teacher`` as for :func:`distillation_loss`."""
     spec = DynamicTemperature(tau0=tau0, beta=beta, weighting=weighting, center=center,
                               tau_min=tau_min)
+    check_options(padded_teacher=padded_teacher)
+    teacher_logits = fit_teacher(teacher_logits, student_logits.shape[-1], padded_teacher)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} does not match "
                          f"student_logits shape {tuple(student_logits.shape)}")
@@ -108,7 +120,7 @@ def dtd_temperature(student_logits, teacher_logits, *, tau0=4.0, beta=1.0, weigh
 def preparing_lessons_loss(student_logits, teacher_logits, target, *, correction="swap",
                            temperature=4.0, smooth_eps=0.1, kd_weight=0.9, ce_weight=0.1,
                            ignore_index=-100, reduction="mean", return_stats=False,
-                           backend="auto"):
+                           backend="auto", padded_teacher=False):
     """Preparing Lessons (Wen, Lai, Qian, 2021)::
 
         l_i = kd_weight * tau_i^2 * KL(A(q_tau_i) || p_tau_i) + ce_weight * CE(s_i, y_i)
@@ -121,7 +133,8 @@ def preparing_lessons_loss(student_logits, teacher_logits, target, *, correction
                              **preparing_lessons_options(correction, temperature, smooth_eps,
                                                          kd_weight, ce_weight),
                              ignore_index=ignore_index, reduction=reduction,
-                             return_stats=return_stats, backend=backend)
+                             return_stats=return_stats, backend=backend,
+                             padded_teacher=padded_teacher)
 
 
 def teacher_bias_gamma(epoch, total_epochs):
@@ -135,7 +148,8 @@ def teacher_bias_gamma(epoch, total_epochs):
 
 def teacher_bias_loss(student_logits, teacher_logits, target, *, gamma=None, epoch=None,
                       total_epochs=None, temperature=4.0, rectify=True, ignore_index=-100,
-                      reduction="mean", return_stats=False, backend="auto"):
+                      reduction="mean", return_stats=False, backend="auto",
+                      padded_teacher=False):
     """Distilling from the teacher's bias ("Can students beyond the teacher?", 2024)::
 
         l_i = (1 - gamma) * CE(s_i, y_i) + w_i * T^2 * KL(q'_T || p_T)
@@ -153,7 +167,8 @@ def teacher_bias_loss(student_logits, teacher_logits, target, *, gamma=None, epo
     return distillation_loss(student_logits, teacher_logits, target,
                              **teacher_bias_options(gamma, temperature, rectify),
                              ignore_index=ignore_index, reduction=reduction,
-                             return_stats=return_stats, backend=backend)
+                             return_stats=return_stats, backend=backend,
+                             padded_teacher=padded_teacher)
 
 
 def top_score_difference_loss(logits, target, *, eta=0.6, k=5, ignore_index=-100,

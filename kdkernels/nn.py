@@ -15,12 +15,15 @@ __all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "KDLoss", "TfKDReg
 class _Loss(torch.nn.Module):
     """Holds the primitive's options (``self.options``, checked here) and the shared keywords."""
 
-    def __init__(self, options, ignore_index=-100, reduction="mean", backend="auto"):
+    def __init__(self, options, ignore_index=-100, reduction="mean", backend="auto",
+                 padded_teacher=False):
         super().__init__()
+        self.padded_teacher = padded_teacher
         self._set_options(options, ignore_index, reduction, backend)
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def _set_options(self, options, ignore_index, reduction, backend):
+        options = dict(options, padded_teacher=self.padded_teacher)
         check_options(**options, ignore_index=ignore_index, reduction=reduction, backend=backend)
         self._options = options
 
@@ -46,17 +49,19 @@ class DistillationLoss(_Loss):
     :func:`kdkernels.functional.distillation_loss` except the tensors. ``forward(student_logits,
     teacher_logits=None, target=None, temperature=None)``; ``teacher_logits`` may be a
     :class:`kdkernels.SparseTeacher`; a ``temperature`` given to forward (e.g. a per-row tensor)
-    overrides the module's."""
+    overrides the module's. ``padded_teacher=True``: a teacher wider than the student by
+    vocabulary padding (docs/METHODS.md, "Mismatched vocabularies")."""
 
     def __init__(self, temperature=4.0, kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=None,
                  correction=None, smooth_eps=0.1, virtual_teacher=None, t2_scale=True,
                  divergence="kl", jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100,
-                 reduction="mean", backend="auto"):
+                 reduction="mean", backend="auto", padded_teacher=False):
         super().__init__(dict(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
                               wrong_kd_weight=wrong_kd_weight, correction=correction,
                               smooth_eps=smooth_eps, virtual_teacher=virtual_teacher,
                               t2_scale=t2_scale, divergence=divergence, jsd_beta=jsd_beta,
-                              skew_alpha=skew_alpha), ignore_index, reduction, backend)
+                              skew_alpha=skew_alpha), ignore_index, reduction, backend,
+                         padded_teacher)
         self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
         self.wrong_kd_weight, self.correction = wrong_kd_weight, correction
         self.smooth_eps = smooth_eps
@@ -101,9 +106,9 @@ class KDLoss(_Loss):
     ``forward(student_logits, teacher_logits, target=None)``."""
 
     def __init__(self, temperature=4.0, kd_weight=0.9, ce_weight=0.1, t2_scale=True,
-                 ignore_index=-100, reduction="mean", backend="auto"):
+                 ignore_index=-100, reduction="mean", backend="auto", padded_teacher=False):
         super().__init__(F.kd_options(temperature, kd_weight, ce_weight, t2_scale),
-                         ignore_index, reduction, backend)
+                         ignore_index, reduction, backend, padded_teacher)
         self.temperature, self.kd_weight, self.ce_weight, self.t2_scale = (
             temperature, kd_weight, ce_weight, t2_scale)
 
@@ -133,12 +138,13 @@ class PreparingLessonsLoss(_Loss):
     :func:`kdkernels.functional.preparing_lessons_loss`."""
 
     def __init__(self, correction="swap", temperature=4.0, smooth_eps=0.1, kd_weight=0.9,
-                 ce_weight=0.1, ignore_index=-100, reduction="mean", backend="auto"):
+                 ce_weight=0.1, ignore_index=-100, reduction="mean", backend="auto",
+                 padded_teacher=False):
         if isinstance(temperature, str) and temperature in ("cosine", "max_prob"):
             temperature = DynamicTemperature(weighting=temperature)
         super().__init__(F.preparing_lessons_options(correction, temperature, smooth_eps,
                                                      kd_weight, ce_weight),
-                         ignore_index, reduction, backend)
+                         ignore_index, reduction, backend, padded_teacher)
         self.correction, self.temperature, self.smooth_eps = correction, temperature, smooth_eps
         self.kd_weight, self.ce_weight = kd_weight, ce_weight
 
@@ -152,13 +158,13 @@ class TeacherBiasLoss(_Loss):
     total_epochs, starting at 0). See :func:`kdkernels.functional.teacher_bias_loss`."""
 
     def __init__(self, gamma=None, total_epochs=None, temperature=4.0, rectify=True,
-                 ignore_index=-100, reduction="mean", backend="auto"):
+                 ignore_index=-100, reduction="mean", backend="auto", padded_teacher=False):
         if (gamma is None) == (total_epochs is None):
             raise ValueError("give exactly one of gamma and total_epochs")
         if gamma is None:
             gamma = F.teacher_bias_gamma(0, total_epochs)
         super().__init__(F.teacher_bias_options(gamma, temperature, rectify),
-                         ignore_index, reduction, backend)
+                         ignore_index, reduction, backend, padded_teacher)
         self.total_epochs, self.temperature, self.rectify = total_epochs, temperature, rectify
         self.epoch, self.gamma = 0, gamma
 

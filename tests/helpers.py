@@ -64,15 +64,20 @@ def run(backend, s, t, y, reduction="none", **kw):
 
 
 def oracle(s, t, y, upstream, reduction="none", temperature=4.0, **kw):
-    """The reference in float64 on the same (already rounded) inputs."""
+    """The reference in float64 on the same (already rounded) inputs; t may be a
+    SparseTeacher."""
     s64 = s.detach().double().cpu().requires_grad_()
-    t64 = None if t is None else t.detach().double().cpu()
+    if isinstance(t, kdkernels.SparseTeacher):
+        t64 = kdkernels.SparseTeacher(t.indices.cpu(), t.values.detach().double().cpu(), t.tail)
+        dense = reference.densify(t64.indices, t64.values, s.shape[-1])  # for DTD's weights
+    else:
+        t64 = dense = None if t is None else t.detach().double().cpu()
     y64 = None if y is None else y.cpu()
     if isinstance(temperature, kdkernels.DynamicTemperature):
         d = temperature
         valid = None if y64 is None else y64 != kw.get("ignore_index", -100)
-        temperature = reference.dtd_temperature(s64, t64, d.tau0, d.beta, d.weighting, d.center,
-                                                d.tau_min, valid=valid)
+        temperature = reference.dtd_temperature(s64, dense, d.tau0, d.beta, d.weighting,
+                                                d.center, d.tau_min, valid=valid)
     elif isinstance(temperature, torch.Tensor):
         temperature = temperature.double().cpu()
     loss, stats = reference.distillation_loss(s64, t64, y64, temperature, reduction=reduction, **kw)

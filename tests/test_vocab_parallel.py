@@ -233,7 +233,8 @@ def test_bad_input_is_refused_before_any_collective():
     cases = [
         (dict(vocab_start=8, vocab_size=10), "shard \\[8, 13\\) is not inside"),
         (dict(vocab_start=0.5, vocab_size=10), "vocab_start must be an int"),
-        (dict(vocab_start=0, vocab_size=10, teacher=torch.zeros(3, 4)), "does not match"),
+        (dict(vocab_start=0, vocab_size=10, teacher=torch.zeros(3, 4)), "fewer than the 5"),
+        (dict(vocab_start=0, vocab_size=10, teacher=torch.zeros(2, 5)), "does not match"),
         (dict(vocab_start=0, vocab_size=10,
               teacher=kdkernels.SparseTeacher(torch.zeros(3, 2, dtype=torch.long),
                                               torch.zeros(3, 2))), "SparseTeacher is not"),
