@@ -183,6 +183,51 @@ def test_lm_run_end_to_end_and_resume(tmp_path, cache_dir, capsys):
         assert (x["method"], x["val_loss"]) == (y["method"], y["val_loss"])
 
 
+@pytest.mark.slow
+def test_padded_teacher_vocabulary(tmp_path, cache_dir, capsys):
+    """--pad-teacher-vocab 64: a teacher of 320 rows for the 300 tokens; every teacher form
+    distils with padded_teacher=True (dense logits, cached top-k, fused lm_head)."""
+    out = str(tmp_path / "pad")
+    assert cli.main(TINY + ["--methods", "kl,top64_tail,top8,fused_kl", "--pad-teacher-vocab",
+                            "64", "--out", out, "--cache-dir", cache_dir]) == 0
+    assert "padded to 320 for the teacher" in capsys.readouterr().out
+    teacher = torch.load(os.path.join(out, "checkpoints", "teacher.pt"), weights_only=False)
+    assert teacher["model"]["lm_head.weight"].shape == (320, 64)
+    assert teacher["model"]["embed.weight"].shape == (320, 64)
+    results = _results(out)
+    assert results["run"]["teacher_vocab"] == 320 and results["run"]["vocab_size"] == 300
+    table = {e["method"]: e for e in results["summary"]}
+    assert all(0 < e["val_loss"] < 10 for e in table.values())
+    assert table["fused_kl"]["val_loss"] == pytest.approx(table["kl"]["val_loss"], abs=1e-4)
+    student = torch.load(os.path.join(out, "checkpoints", "kl-seed0.pt"), weights_only=False)
+    assert student["model"]["lm_head.weight"].shape == (300, 32)
+
+
+def test_padded_teacher_loss_drops_the_padding():
+    """The loss of a padded teacher is the loss of its first V columns, in every form."""
+    import argparse
+    cfg = argparse.Namespace(temperature=1.0, kd_weight=0.9, ce_weight=0.1, pad_teacher_vocab=8)
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(6, 16, generator=g), torch.randn(300, 16, generator=g)
+    ht, Wt = torch.randn(6, 24, generator=g), torch.randn(304, 24, generator=g)
+    Wt[300:] += 5  # padding rows that would dominate were they read
+    y = torch.randint(0, 300, (6,), generator=g)
+    unpadded = argparse.Namespace(**dict(vars(cfg), pad_teacher_vocab=0))
+    for name in ("kl", "fused_kl", "jsd"):
+        method = lm.METHODS[name]
+        torch.testing.assert_close(lm.loss_of(method, cfg, h, W, (ht, Wt), y),
+                                   lm.loss_of(method, unpadded, h, W, (ht, Wt[:300]), y))
+    with pytest.raises(ValueError, match="padded_teacher"):
+        lm.loss_of(lm.METHODS["kl"], unpadded, h, W, (ht, Wt), y)
+    # cached top-k with padding tokens among them: those slots are dropped into the tail
+    indices = torch.tensor([[301, 5, 7]] * 6)
+    values = torch.log(torch.tensor([[0.5, 0.3, 0.1]] * 6))
+    method = lm.METHODS["top8_tail"]
+    padded_loss = lm.loss_of(method, cfg, h, W, lm.sparse_teacher(method, indices, values), y)
+    dropped = lm.sparse_teacher(method, indices.masked_fill(indices >= 300, -1), values)
+    torch.testing.assert_close(padded_loss, lm.loss_of(method, unpadded, h, W, dropped, y))
+
+
 @pytest.mark.parametrize("args,message", [
     (["--vocab-size", "100"], "--vocab-size must be >= 257"),
     (["--student-arch", "2y128"], "--student-arch"),
@@ -191,6 +236,7 @@ def test_lm_run_end_to_end_and_resume(tmp_path, cache_dir, capsys):
     (["--train-tokens", "10"], "--train-tokens"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--pad-teacher-vocab", "-1"], "--pad-teacher-vocab must be >= 0"),
+    (["--pad-teacher-vocab", "100"], "--pad-teacher-vocab must be a multiple of 8"),
 ])
 def test_bad_lm_configuration(args, message, tmp_path, capsys):
     assert cli.main(["--task", "lm"] + args + ["--out", str(tmp_path / "never")]) == 2

@@ -236,6 +236,10 @@ def check_lm(cfg):
     if cfg.train_tokens and cfg.train_tokens < cfg.context + 1:
         raise ConfigError(f"--train-tokens must be 0 (all) or > --context, got "
                           f"{cfg.train_tokens}")
+    if cfg.pad_teacher_vocab % 8:
+        raise ConfigError(f"--pad-teacher-vocab must be a multiple of 8 (padded vocabularies "
+                          f"are, and kdkernels' padded_teacher expects it), got "
+                          f"{cfg.pad_teacher_vocab}")
     if cfg.val_tokens < cfg.context:
         raise ConfigError(f"--val-tokens must be >= --context, got {cfg.val_tokens}")
     for key in ["teacher_arch", "student_arch"]:

@@ -71,8 +71,8 @@ def loss_of(method, cfg, h, W, teacher, y):
         return F.cross_entropy(F.linear(h, W), y)
     options = dict(temperature=cfg.temperature, kd_weight=cfg.kd_weight,
                    ce_weight=cfg.ce_weight, divergence=method.divergence)
-    if cfg.pad_teacher_vocab and method.teacher != "cache":
-        options["padded_teacher"] = True  # the teacher's rows past V are padding
+    if cfg.pad_teacher_vocab:
+        options["padded_teacher"] = True  # the teacher's tokens from V on are padding: dropped
     if method.teacher == "hidden":
         ht, Wt = teacher
         return kdkernels.fused_linear_distillation_loss(h, W, ht, y, teacher_weight=Wt,
@@ -87,7 +87,7 @@ def loss_of(method, cfg, h, W, teacher, y):
 def sparse_teacher(method, indices, values):
     """The cached top-k as the library's SparseTeacher: log-probabilities, the tail implied (with
     the tail) or renormalised over the k tokens (without). A padded teacher's tokens past the
-    student's vocabulary are marked unused (-1): the tail holds their mass."""
+    student's vocabulary are the library's to drop (padded_teacher=True: unused slots)."""
     return kdkernels.SparseTeacher(indices[..., :method.k], values[..., :method.k],
                                    tail=method.tail)
 
@@ -108,9 +108,9 @@ def lr_factor(step, steps):
 
 
 @torch.no_grad()
-def validation_loss(model, windows, batch_size, device, autocast, vocab_size):
-    """Mean cross-entropy (nats per token) of `model` on the validation windows, over the
-    tokenizer's vocabulary (a padded teacher's extra rows take part in its softmax)."""
+def validation_loss(model, windows, batch_size, device, autocast):
+    """Mean cross-entropy (nats per token) of `model` on the validation windows (over all its
+    rows: a padded teacher's padding takes part in its softmax, as in its training)."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
@@ -206,8 +206,6 @@ class LMRunner:
             return ht.float().reshape(-1, ht.shape[-1]), net.lm_head.weight
         if method.teacher == "cache":
             indices, values, _ = self.cache().rows(positions.numpy(), method.k)
-            if self.cfg.pad_teacher_vocab:  # a padding token is no token of the student's
-                indices = torch.where(indices < self.data.vocab_size, indices, -1)
             return sparse_teacher(method, indices.reshape(-1, method.k).to(self.device),
                                   values.reshape(-1, method.k).to(self.device))
         return None
@@ -250,7 +248,7 @@ class LMRunner:
             state["seconds"] += time.perf_counter() - started
             state["tokens"] += (stop - state["step"]) * cfg.batch_size * cfg.context
             val = validation_loss(model, self.val_windows, 4 * cfg.batch_size, device,
-                                  self.autocast, self.data.vocab_size)
+                                  self.autocast)
             state["history"].append((stop, val))
             progress.epoch(stop, val, advanced=stop - state["step"])
             state["step"] = stop
@@ -324,8 +322,7 @@ def loss_step_inputs(spec, method):
     if method.teacher in ("dense", "hidden"):
         teacher = (ht, Wt)
     elif method.teacher == "cache":
-        indices, values, _ = teacher_cache.top_k(F.linear(ht, Wt), CACHE_K)
-        indices = torch.where(indices < V, indices, -1)
+        indices, values, _ = teacher_cache.top_k(F.linear(ht, Wt), min(CACHE_K, Vt))
         teacher = sparse_teacher(method, indices, values)
     return h, W, teacher, y
 

@@ -315,8 +315,11 @@ def markdown_lm(table, summary):
 
 def plot_lm(rows, summary, path, title):
     """Validation loss against steps: one line per method (the mean over seeds, each seed
-    faint), the teacher's final loss as a reference line."""
+    faint; dashed: from the offline cache, dash-dotted: fused lm_head, which computes what kl
+    does and so lies on it), the teacher's final loss as a reference line."""
     import matplotlib
+
+    from .lm import METHODS as LM_METHODS
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -329,8 +332,9 @@ def plot_lm(rows, summary, path, title):
         for history in runs:
             ax.plot(steps, [v for _, v in history], color=colors(i % 10), lw=0.6, alpha=0.35)
         mean = [statistics.mean(h[j][1] for h in runs) for j in range(len(steps))]
-        ax.plot(steps, mean, color=colors(i % 10), lw=1.6, marker="o", ms=3,
-                ls="--" if i >= 10 else "-", label=name)
+        style = {"cache": "--", "hidden": "-."}.get(LM_METHODS[name].teacher, "-")
+        ax.plot(steps, mean, color=colors(i % 10), lw=1.6, marker="o", ms=3, ls=style,
+                label=name)
     if "teacher_val_loss" in summary:
         ax.axhline(summary["teacher_val_loss"], color="0.3", ls=":", lw=1.2,
                    label="teacher (final)")
