@@ -266,3 +266,22 @@ def test_lm_report_pairs_against_ce_and_kl(tmp_path):
     assert "-0.117 ± 0.076 (3/0)" in text  # kl vs ce: lower on all three seeds
     assert written[-1] == "val_loss.png" and (tmp_path / "val_loss.png").stat().st_size > 1000
     assert "Time per phase: data 1 s." in text
+
+
+@pytest.mark.slow
+def test_two_process_lm_run(tmp_path, cache_dir):
+    """torchrun, 2 gloo processes: the teacher, its cache (written by rank 0) and the students
+    train data-parallel and the table is printed once."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29523", "-m", "kdkernels.train", "--methods", "ce,top8_tail,kl",
+           "--out", str(tmp_path / "ddp"), "--cache-dir", cache_dir] + TINY
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 processes" in done.stdout and done.stdout.count("| method | val CE |") == 1
+    table = _results(str(tmp_path / "ddp"))["summary"]
+    assert [e["method"] for e in table] == ["ce", "top8_tail", "kl"]
+    assert all(0 < e["val_loss"] < 10 for e in table)

@@ -38,8 +38,8 @@ DEFAULT_SWAP_FRACTION = 0.6
 # --task lm (kdkernels.train.lm), per --preset. cpu: sized to finish within 10 minutes on 2 CPU
 # cores (README, "Distilling a language model"); gpu: a larger run for one GPU.
 LM_PRESETS = {
-    "cpu": dict(vocab_size=8192, context=128, batch_size=8, steps=120, teacher_steps=300,
-                train_tokens=262144, val_tokens=16384, eval_every=30, lr=2e-3,
+    "cpu": dict(vocab_size=8192, context=128, batch_size=8, steps=100, teacher_steps=250,
+                train_tokens=262144, val_tokens=16384, eval_every=25, lr=2e-3,
                 teacher_arch="4x256", student_arch="2x128", seeds=2),
     "gpu": dict(vocab_size=32768, context=256, batch_size=64, steps=2000, teacher_steps=6000,
                 train_tokens=0, val_tokens=262144, eval_every=200, lr=1e-3,
