@@ -11,6 +11,7 @@ import torch
 
 from . import data as datasets
 from . import models
+from .lm import METHODS as LM_METHODS
 from .methods import METHODS
 
 DEFAULTS = {  # per data set: the small ones run in minutes on 2 CPU cores
@@ -63,7 +64,8 @@ def parser(description=None):
     p.add_argument("--data-dir", help="folder with the CIFAR python-pickle files")
     p.add_argument("--download", action="store_true", help="fetch CIFAR with torchvision")
     p.add_argument("--methods", default="all",
-                   help=f"comma-separated, or 'all': {', '.join(METHODS)}")
+                   help=f"comma-separated, or 'all': {', '.join(METHODS)}; --task lm: "
+                        f"{', '.join(LM_METHODS)}")
     p.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...; default 3, lm 2)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--teacher-epochs", type=int,
@@ -218,7 +220,6 @@ def check_common(cfg, methods):
 
 def check_lm(cfg):
     """--task lm: the preset's defaults, then the checks."""
-    from .lm import METHODS as LM_METHODS
     for key, value in dict(LM_PRESETS[cfg.preset], temperature=1.0).items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
