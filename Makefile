@@ -1,6 +1,6 @@
-# One command each: `make test` runs the tests, `make train` the training driver. Both create the
-# virtual environment and install everything first (torch pinned: override TORCH_SPEC, e.g. with a
-# CUDA build, and TORCH_INDEX for its index).
+# One command each: `make test` runs the tests, `make train` the training driver (`make train-lm`
+# its language-model task). They create the virtual environment and install everything first
+# (torch pinned: override TORCH_SPEC, e.g. with a CUDA build, and TORCH_INDEX for its index).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -12,7 +12,7 @@ INTEGRATIONS ?= transformers trl accelerate datasets "torchtune==0.6.1" "torchao
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkernels-installed
 
-.PHONY: install test lint train bench gpu-check clean
+.PHONY: install test lint train train-lm bench gpu-check clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): setup.py pyproject.toml csrc/distill.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q numpy triton tqdm pytest hypothesis mpmath scikit-learn matplotlib setuptools wheel ninja ruff
+	$(PY) -m pip install -q numpy triton tqdm pytest hypothesis mpmath scikit-learn matplotlib tokenizers setuptools wheel ninja ruff
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(INTEGRATIONS) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) -c "import kdkernels; print(kdkernels.backends())"
@@ -34,6 +34,9 @@ lint: install
 
 train: install
 	$(VENV)/bin/kdkernels-train $(ARGS)
+
+train-lm: install
+	$(VENV)/bin/kdkernels-train --task lm $(ARGS)
 
 bench: install
 	$(PY) -m benchmarks.run --quick $(ARGS)

@@ -28,6 +28,7 @@ import time
 import torch
 
 from benchmarks import measure, report
+from kdkernels.train.memory import MEASURING_ENV, peak_above_inputs_mib
 
 OUT = os.path.join(measure.ROOT, "benchmarks", "out")
 T = 4.0
@@ -158,19 +159,13 @@ def memory_child(spec):
     """In a child: the resident high-water mark above the inputs during one fwd+bwd."""
     torch.manual_seed(0)
     fn, args, leaves = _case(spec)
-    _step(fn, args, leaves)  # warm-up (compilation, caches), then from the current resident set
-    for x in leaves:
-        x.grad = None
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    base = measure._rss_kib()
-    _step(fn, args, leaves)
-    print(json.dumps((measure._hwm_kib() - base) / 1024))
+    print(json.dumps(peak_above_inputs_mib(lambda: _step(fn, args, leaves),
+                                           reset=lambda: [setattr(x, "grad", None)
+                                                          for x in leaves])))
 
 
 def _peak_cpu(spec):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+    env = dict(os.environ, **MEASURING_ENV,
                PYTHONPATH=measure.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-m", "benchmarks.lm", "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, cwd=measure.ROOT)

@@ -8,13 +8,14 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from kdkernels.train.memory import MEASURING_ENV, peak_above_inputs_mib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,14 +114,6 @@ def bytes_moved(N, C, dtype, method, backward):
 
 # ---- peak memory on the CPU, in a child process ---------------------------------------------
 
-def _hwm_kib():
-    return int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
-def _rss_kib():
-    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1))
-
-
 def memory_child(spec):
     """Runs in a child: peak resident memory above the inputs, per contender, fwd+bwd."""
     from benchmarks.contenders import contenders
@@ -129,16 +122,8 @@ def memory_child(spec):
     s.requires_grad_()
     result = {}
     for name, fn in contenders(method, "cpu", compiled=spec["compiled"]).items():
-        step(fn, s, t, y, True)  # warm-up, then measure from the current resident set
-        s.grad = None
-        import gc
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets the high-water mark to the current resident set
-        base = _rss_kib()
-        step(fn, s, t, y, True)
-        result[name] = (_hwm_kib() - base) / 1024
-        s.grad = None
+        result[name] = peak_above_inputs_mib(lambda fn=fn: step(fn, s, t, y, True),
+                                             reset=lambda: setattr(s, "grad", None))
     print(json.dumps(result))
 
 
@@ -146,7 +131,7 @@ def memory_cpu(N, C, dtype_name, method, compiled):
     spec = json.dumps(dict(N=N, C=C, dtype=dtype_name, method=method, compiled=compiled))
     # a fixed, small mmap threshold: every large block is mapped on allocation and returned on
     # free, so the resident high-water mark sees each contender's own temporaries
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    env = dict(os.environ, **MEASURING_ENV)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run([sys.executable, "-m", "benchmarks.measure", spec],
                           capture_output=True, text=True, env=env, cwd=ROOT)

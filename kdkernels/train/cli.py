@@ -7,6 +7,8 @@
     kdkernels-train --dataset cifar100 --data-dir ~/data --teacher-arch resnet32x4 \\
                     --student-arch resnet8x4 --epochs 240
     kdkernels-train --resume runs/digits-20261122-063000   # continue an interrupted run
+    kdkernels-train --task lm               # distil a language model (Python's stdlib sources)
+    kdkernels-train --task lm --preset gpu  # larger, for a GPU
     torchrun --nproc_per_node 2 -m kdkernels.train ...      # DistributedDataParallel
 
 Exit status: 0 done, 2 bad configuration or data, 3 stopped by --interrupt-after (resumable).
@@ -19,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import config, report, runner
+from . import config, lm, lm_data, report, runner
 from . import data as datasets
 from .loop import Interrupted, rank_and_world
 from .report import plural
@@ -43,22 +45,30 @@ def main(argv=None):
 
 
 def drive(argv):
+    started = time.perf_counter()
     try:
         cfg = config.configure(argv, __doc__)
         device = runner.choose_device(cfg)
-        data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download)
+        if cfg.task == "lm":
+            data = lm_data.load(cfg.vocab_size, cfg.cache_dir)
+        else:
+            data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download)
     except (ValueError, RuntimeError, OSError) as problem:  # ConfigError is a ValueError
         return error(problem)
+    data_seconds = time.perf_counter() - started
     rank, world = rank_and_world()
     if rank == 0:
         os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as handle:
             json.dump(config.saved(cfg), handle, indent=1)
-        print(headline(cfg, data, world, device), flush=True)
+        print((lm_headline if cfg.task == "lm" else headline)(cfg, data, world, device),
+              flush=True)
     if world > 1:
         dist.barrier()
     started = time.time()
     try:
+        if cfg.task == "lm":
+            return drive_lm(cfg, data, device, rank, data_seconds)
         rows = runner.run(cfg, data, device)
     except Interrupted as stop:
         if rank == 0:
@@ -71,6 +81,45 @@ def drive(argv):
         print(f"kdkernels-train: {time.time() - started:.0f} s of training; wrote "
               f"{', '.join(written)} in {cfg.out}")
     return 0
+
+
+def drive_lm(cfg, data, device, rank, data_seconds):
+    """--task lm after the data: train, measure the loss steps, report (rank 0)."""
+    rows, summary = lm.run(cfg, data, device)
+    if rank != 0:
+        return 0
+    summary["phases"] = {"data": data_seconds, **summary["phases"]}
+    started = time.perf_counter()
+    peaks = lm.loss_step_peaks(cfg, data.vocab_size, summary["teacher_vocab"], device)
+    summary["phases"]["loss-step memory"] = time.perf_counter() - started
+    table = report.summarise_lm(rows, cfg.method_list, peaks)
+    text, written = report.write_lm(cfg.out, config.saved(cfg), table, rows, summary,
+                                    lm_title(cfg, data))
+    print(text)
+    print(f"kdkernels-train: {sum(summary['phases'].values()):.0f} s in all; wrote "
+          f"{', '.join(written)} in {cfg.out}")
+    return 0
+
+
+def lm_headline(cfg, data, world, device):
+    from kdkernels.ops import resolve
+    pad = f", padded to {lm.padded(data.vocab_size, cfg.pad_teacher_vocab)} for the teacher" \
+        if cfg.pad_teacher_vocab else ""
+    return (f"kdkernels-train: language model on the Python {data.python} standard library "
+            f"({data.files['train']} train / {data.files['val']} validation files, "
+            f"{len(data.train)} / {len(data.val)} tokens, training on "
+            f"{cfg.train_tokens or 'all'} of them, byte-level BPE of "
+            f"{data.vocab_size} tokens{pad}), teacher {cfg.teacher_arch} ({cfg.teacher_steps} "
+            f"steps), students {cfg.student_arch} ({cfg.steps} steps of {cfg.batch_size} x "
+            f"{cfg.context} tokens), {plural(cfg.seeds, 'seed')}, "
+            f"{plural(len(cfg.method_list), 'method')}, {plural(world, 'process', 'processes')} "
+            f"on {device} ({plural(torch.get_num_threads(), 'thread')} each); backend "
+            f"{resolve('auto', device).NAME}; run folder {cfg.out}")
+
+
+def lm_title(cfg, data):
+    return (f"Python {data.python} stdlib, BPE {data.vocab_size}: {cfg.student_arch} students, "
+            f"{cfg.teacher_arch} teacher, {plural(cfg.seeds, 'seed')}")
 
 
 def headline(cfg, data, world, device):

@@ -11,6 +11,7 @@ import torch
 
 from . import data as datasets
 from . import models
+from .lm import METHODS as LM_METHODS
 from .methods import METHODS
 
 DEFAULTS = {  # per data set: the small ones run in minutes on 2 CPU cores
@@ -35,6 +36,19 @@ SAVED_KEYS = ["dataset", "data_dir", "methods", "seeds", "epochs", "teacher_epoc
 
 DEFAULT_SWAP_FRACTION = 0.6
 
+# --task lm (kdkernels.train.lm), per --preset. cpu: sized to finish within 10 minutes on 2 CPU
+# cores (README, "Distilling a language model"); gpu: a larger run for one GPU.
+LM_PRESETS = {
+    "cpu": dict(vocab_size=8192, context=128, batch_size=8, steps=100, teacher_steps=250,
+                train_tokens=262144, val_tokens=16384, eval_every=25, lr=2e-3,
+                teacher_arch="4x256", student_arch="2x128", seeds=2),
+    "gpu": dict(vocab_size=32768, context=256, batch_size=64, steps=2000, teacher_steps=6000,
+                train_tokens=0, val_tokens=262144, eval_every=200, lr=1e-3,
+                teacher_arch="8x512", student_arch="4x256", seeds=3),
+}
+LM_SAVED_KEYS = ["task", "preset", "methods", "seeds", "temperature", "kd_weight", "ce_weight",
+                 "weight_decay", "pad_teacher_vocab", "cache_dir"] + sorted(LM_PRESETS["cpu"])
+
 
 class ConfigError(ValueError):
     """A bad option; the message names it."""
@@ -43,12 +57,16 @@ class ConfigError(ValueError):
 def parser(description=None):
     p = argparse.ArgumentParser(prog="kdkernels-train", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="vision", choices=["vision", "lm"],
+                   help="vision: the classification data sets (default); lm: distil a language "
+                        "model on the Python standard library's sources")
     p.add_argument("--dataset", default="digits", choices=sorted(DEFAULTS))
     p.add_argument("--data-dir", help="folder with the CIFAR python-pickle files")
     p.add_argument("--download", action="store_true", help="fetch CIFAR with torchvision")
     p.add_argument("--methods", default="all",
-                   help=f"comma-separated, or 'all': {', '.join(METHODS)}")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
+                   help=f"comma-separated, or 'all': {', '.join(METHODS)}; --task lm: "
+                        f"{', '.join(LM_METHODS)}")
+    p.add_argument("--seeds", type=int, help="number of seeds (0, 1, ...; default 3, lm 2)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--teacher-epochs", type=int,
                    help="epochs of the teachers (default per data set)")
@@ -57,7 +75,7 @@ def parser(description=None):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--teacher-arch")
     p.add_argument("--student-arch")
-    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--temperature", type=float, help="default 4, lm 1")
     p.add_argument("--kd-weight", type=float, default=0.9)
     p.add_argument("--ce-weight", type=float, default=0.1)
     p.add_argument("--tau0", type=float, default=4.0, help="DTD base temperature")
@@ -82,7 +100,22 @@ def parser(description=None):
                    help="under torchrun: split each distilled student's classifier by its output "
                         "classes across the processes, with the loss in its vocab-parallel form "
                         "(one collective per step); the other models train data-parallel")
-    p.add_argument("--out", help="run folder (default runs/<dataset>-<time>)")
+    lm = p.add_argument_group("--task lm (defaults from --preset)")
+    lm.add_argument("--preset", default="cpu", choices=sorted(LM_PRESETS),
+                    help="cpu: within 10 minutes on 2 cores; gpu: larger, for one GPU")
+    lm.add_argument("--vocab-size", type=int, help="BPE vocabulary of the tokenizer")
+    lm.add_argument("--context", type=int, help="tokens per training window")
+    lm.add_argument("--steps", type=int, help="optimizer steps of each student")
+    lm.add_argument("--teacher-steps", type=int)
+    lm.add_argument("--train-tokens", type=int,
+                    help="train on the first N tokens of the train split (0: all of it)")
+    lm.add_argument("--val-tokens", type=int, help="validation tokens of each evaluation")
+    lm.add_argument("--eval-every", type=int, help="steps between evaluations (checkpoints)")
+    lm.add_argument("--pad-teacher-vocab", type=int, default=0, metavar="M",
+                    help="pad the teacher's embedding and lm_head to a multiple of M rows (e.g. "
+                         "128, as real models are); the students distil with padded_teacher")
+    lm.add_argument("--cache-dir", help="tokenizer and token ids (default ~/.cache/kdkernels/lm)")
+    p.add_argument("--out", help="run folder (default runs/<dataset or lm>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--threads", type=int,
@@ -121,27 +154,21 @@ def parse_pairs(text, num_classes):
 
 def check(cfg):
     """Fills the per-data-set defaults and checks every option, before any training."""
-    for key, value in DEFAULTS[cfg.dataset].items():
+    if cfg.task == "lm":
+        return check_lm(cfg)
+    for key, value in dict(DEFAULTS[cfg.dataset], seeds=3, temperature=4.0).items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
-    names = list(METHODS) if cfg.methods == "all" else [m.strip() for m in cfg.methods.split(",")
-                                                         if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise ConfigError(f"--methods: unknown method(s) {unknown or cfg.methods!r}; choose "
-                          f"from {', '.join(METHODS)}")
-    cfg.method_list = names
-    for key in ["seeds", "epochs", "teacher_epochs", "batch_size", "generations", "tsd_k"]:
+    check_common(cfg, METHODS)
+    for key in ["epochs", "teacher_epochs", "batch_size", "generations", "tsd_k"]:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{option(key)} must be >= 1, got {getattr(cfg, key)}")
-    for key in ["lr", "temperature", "tau0", "tfkd_temperature"]:
+    for key in ["tau0", "tfkd_temperature"]:
         value = getattr(cfg, key)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{option(key)} must be > 0, got {value}")
-    for key in ["kd_weight", "ce_weight", "beta", "weight_decay"]:
-        value = getattr(cfg, key)
-        if not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{option(key)} must be >= 0, got {value}")
+    if not (math.isfinite(cfg.beta) and cfg.beta >= 0):
+        raise ConfigError(f"--beta must be >= 0, got {cfg.beta}")
     for key in ["smooth_eps", "ls_eps", "tsd_eta"]:
         if not 0 <= getattr(cfg, key) <= 1:
             raise ConfigError(f"{option(key)} must be in [0, 1], got {getattr(cfg, key)}")
@@ -161,12 +188,68 @@ def check(cfg):
         if not cfg.download and datasets.find_cifar_dir(cfg.dataset, cfg.data_dir) is None:
             raise ConfigError(f"--data-dir {cfg.data_dir!r} holds no {cfg.dataset} python-pickle "
                               f"files (pass --download to fetch them with torchvision)")
+    return cfg
+
+
+def check_common(cfg, methods):
+    """The checks both tasks share: methods, seeds, weights, temperature, device, threads."""
+    names = list(methods) if cfg.methods == "all" else [m.strip() for m in cfg.methods.split(",")
+                                                        if m.strip()]
+    unknown = [m for m in names if m not in methods]
+    if unknown or not names:
+        raise ConfigError(f"--methods: unknown method(s) {unknown or cfg.methods!r}; choose "
+                          f"from {', '.join(methods)}")
+    cfg.method_list = names
+    if cfg.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {cfg.seeds}")
+    for key in ["lr", "temperature"]:
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{option(key)} must be > 0, got {value}")
+    for key in ["kd_weight", "ce_weight", "weight_decay"]:
+        value = getattr(cfg, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{option(key)} must be >= 0, got {value}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {cfg.threads}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is available")
+
+
+def check_lm(cfg):
+    """--task lm: the preset's defaults, then the checks."""
+    for key, value in dict(LM_PRESETS[cfg.preset], temperature=1.0).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    check_common(cfg, LM_METHODS)
+    for key in ["vocab_size", "context", "batch_size", "steps", "teacher_steps", "val_tokens",
+                "eval_every"]:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{option(key)} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.vocab_size < 257:
+        raise ConfigError(f"--vocab-size must be >= 257 (the 256 bytes and the end-of-file "
+                          f"token), got {cfg.vocab_size}")
+    for key in ["train_tokens", "pad_teacher_vocab"]:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{option(key)} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.train_tokens and cfg.train_tokens < cfg.context + 1:
+        raise ConfigError(f"--train-tokens must be 0 (all) or > --context, got "
+                          f"{cfg.train_tokens}")
+    if cfg.pad_teacher_vocab % 8:
+        raise ConfigError(f"--pad-teacher-vocab must be a multiple of 8 (padded vocabularies "
+                          f"are, and kdkernels' padded_teacher expects it), got "
+                          f"{cfg.pad_teacher_vocab}")
+    if cfg.val_tokens < cfg.context:
+        raise ConfigError(f"--val-tokens must be >= --context, got {cfg.val_tokens}")
+    for key in ["teacher_arch", "student_arch"]:
+        try:
+            models.parse_gpt(getattr(cfg, key))
+        except ValueError as error:
+            raise ConfigError(f"{option(key)}: {error}") from None
+    cfg.swap_pairs, cfg.vocab_parallel = [], False
+    cfg.dataset = "stdlib"
     return cfg
 
 
@@ -193,11 +276,13 @@ def configure(argv, description=None):
             raise ConfigError(f"--resume {cfg.resume!r}: no config.json there")
         with open(path) as handle:
             saved = json.load(handle)
-        for key in SAVED_KEYS:
+        cfg.task = saved.get("task") or "vision"  # runs saved before --task were vision runs
+        for key in LM_SAVED_KEYS if cfg.task == "lm" else SAVED_KEYS:
             setattr(cfg, key, saved.get(key))
         cfg.out = cfg.resume
     else:
-        cfg.out = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        name = "lm" if cfg.task == "lm" else cfg.dataset
+        cfg.out = cfg.out or os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if os.path.exists(os.path.join(cfg.out, "config.json")):
             raise ConfigError(f"--out {cfg.out} already holds a run: --resume {cfg.out} "
                               f"continues it")
@@ -205,4 +290,6 @@ def configure(argv, description=None):
 
 
 def saved(cfg):
-    return {key: getattr(cfg, key) for key in SAVED_KEYS}
+    if cfg.task == "lm":
+        return {key: getattr(cfg, key) for key in LM_SAVED_KEYS}
+    return {key: getattr(cfg, key) for key in SAVED_KEYS + ["task"]}

@@ -92,6 +92,27 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore(checkpoint, model, optimizer, scheduler, state):
+    """Loads `checkpoint` into the model, optimizer, scheduler and random generators when it
+    exists and returns its training state; else returns `state` (a fresh start)."""
+    if not os.path.exists(checkpoint):
+        return state
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    _set_rng_state(saved["rng"])
+    return saved["state"]
+
+
+def save_checkpoint(checkpoint, model, optimizer, scheduler, state):
+    """What `restore` reads back (written by rank 0 only): a resumed run continues exactly."""
+    if rank_and_world()[0] == 0:
+        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                         "state": state}, checkpoint)
+
+
 @torch.no_grad()
 def logits_of(model, x, batch_size, device, autocast):
     model.eval()
@@ -108,14 +129,15 @@ def accuracy(model, x, y, cfg, device, autocast):
 
 
 class Budget:
-    """Counts epochs trained in this process, for --interrupt-after."""
-    def __init__(self, limit):
-        self.limit, self.used = limit, 0
+    """Counts checkpoints written in this process (one per epoch, or per evaluation of a language
+    model), for --interrupt-after."""
+    def __init__(self, limit, unit="epochs"):
+        self.limit, self.used, self.unit = limit, 0, unit
 
     def spend(self):
         self.used += 1
         if self.limit and self.used >= self.limit:
-            raise Interrupted(f"stopped after {self.used} epochs (--interrupt-after)")
+            raise Interrupted(f"stopped after {self.used} {self.unit} (--interrupt-after)")
 
 
 def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, budget=None,
@@ -135,14 +157,8 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
                                 weight_decay=cfg.weight_decay, nesterov=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     autocast = autocast_for(device)
-    state = {"epoch": 0, "history": [], "stats": None}
-    if os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
-        state = saved["state"]
+    state = restore(checkpoint, model, optimizer, scheduler,
+                    {"epoch": 0, "history": [], "stats": None})
     if teacher is not None:
         teacher.to(device).eval()
 
@@ -192,10 +208,7 @@ def train(model, loss_fn, data, cfg, seed, device, checkpoint, teacher=None, bud
             state["stats"] = {"wrong": totals["wrong"] / totals["rows"],
                               "fixed": totals["fixed"] / max(totals["wrong"], 1),
                               "temperature": totals["temperature"] / totals["rows"]}
-        if rank == 0:
-            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                             "state": state}, checkpoint)
+        save_checkpoint(checkpoint, model, optimizer, scheduler, state)
         progress.epoch(epoch + 1, acc)
         if budget is not None:
             budget.spend()

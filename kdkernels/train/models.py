@@ -84,3 +84,61 @@ def features_and_head(model):
     if isinstance(model, nn.Sequential) and isinstance(model[-1], nn.Linear):
         return model[:-1], model[-1]
     raise ValueError(f"no final linear classifier found in {type(model).__name__}")
+
+
+# --task lm: a decoder-only transformer from torch's own modules; architectures are
+# "<layers>x<width>", e.g. "4x256" (heads of 64 dimensions)
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal self-attention (F.scaled_dot_product_attention), MLP."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.heads = max(1, width // 64)
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, D // self.heads).permute(
+            2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, L, D))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """forward(ids [B, L]) -> the last hidden states [B, L, width]; the lm_head is applied by the
+    loss (full logits, or fused with it). `vocab_size` rows of embedding and lm_head: a padded
+    teacher has more than the tokenizer's vocabulary."""
+
+    def __init__(self, layers, width, vocab_size, context):
+        super().__init__()
+        self.embed, self.position = nn.Embedding(vocab_size, width), nn.Embedding(context, width)
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(layers)])
+        self.ln = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab_size, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device))
+        return self.ln(self.blocks(x))
+
+    def logits(self, ids):
+        return self.lm_head(self(ids))
+
+
+def parse_gpt(arch):
+    """'4x256' -> (4, 256), or ValueError."""
+    parts = arch.split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts) \
+            or int(parts[1]) % 64 and int(parts[1]) > 64:
+        raise ValueError(f"a language-model architecture is <layers>x<width>, the width a "
+                         f"multiple of 64 or at most 64, e.g. 4x256; got {arch!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def build_gpt(arch, vocab_size, context):
+    layers, width = parse_gpt(arch)
+    return GPT(layers, width, vocab_size, context)

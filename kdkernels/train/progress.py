@@ -16,25 +16,28 @@ def mode(enabled, rank=0, stream=None):
 
 
 class Progress:
-    def __init__(self, desc, total, done=0, how="lines", interval=5.0, stream=None):
+    def __init__(self, desc, total, done=0, how="lines", interval=5.0, stream=None,
+                 unit="epoch", metric=("test top-1", lambda v: f"{100 * v:.2f}%")):
         self.desc, self.total, self.how, self.interval = desc, total, how, interval
+        self.unit, self.metric = unit, metric  # metric: (name, format of its value)
         self.stream = sys.stdout if stream is None else stream
         self.started = self.last_line = time.monotonic()
         self.bar = None
         if how == "bar":  # disable=None: tqdm turns itself off where stderr is not a terminal
             self.bar = tqdm(total=total, initial=done, desc=desc, leave=False, disable=None)
 
-    def epoch(self, done, test_acc):
-        """Epoch `done` (1-based) finished with test accuracy `test_acc` (a fraction)."""
+    def epoch(self, done, value, advanced=1):
+        """Epoch (or step) `done` (1-based, `advanced` since the last call) finished with the
+        metric at `value` (default: test accuracy, a fraction)."""
+        name, fmt = self.metric
         if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(test_acc=f"{test_acc:.4f}")
+            self.bar.update(advanced)
+            self.bar.set_postfix({name.replace(" ", "_"): fmt(value)})
         now = time.monotonic()
         if self.how == "lines" and (done == self.total or now - self.last_line >= self.interval):
             self.last_line = now
-            print(f"kdkernels-train: {self.desc}: epoch {done}/{self.total}, test top-1 "
-                  f"{100 * test_acc:.2f}%, {now - self.started:.1f} s", file=self.stream,
-                  flush=True)
+            print(f"kdkernels-train: {self.desc}: {self.unit} {done}/{self.total}, {name} "
+                  f"{fmt(value)}, {now - self.started:.1f} s", file=self.stream, flush=True)
 
     def close(self):
         if self.bar is not None:

@@ -3,6 +3,7 @@ table, results.md, results.json, results.csv and accuracy.png are all drawn from
 a '-' in the table is a null in the JSON (an empty CSV cell) and a number is the same number."""
 import csv
 import json
+import math
 import os
 import statistics
 
@@ -200,8 +201,15 @@ def write(out, config, table, rows, title):
     """results.json, results.csv, results.md and accuracy.png (when matplotlib is installed)
     under `out`; returns the table's text and the files written."""
     text = markdown(table)
+    return text, write_files(out, {"config": config, "summary": table, "runs": rows}, text,
+                             table, "accuracy.png", lambda path: plot(table, rows, path, title))
+
+
+def write_files(out, results, text, table, plot_name, draw):
+    """results.json (`results`), results.md (`text`), results.csv (`table`) and the plot
+    (`draw(path)`, skipped without matplotlib); returns the names written."""
     with open(os.path.join(out, "results.json"), "w") as handle:
-        json.dump({"config": config, "summary": table, "runs": rows}, handle, indent=1)
+        json.dump(results, handle, indent=1)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(text + "\n")
     with open(os.path.join(out, "results.csv"), "w", newline="") as handle:
@@ -210,9 +218,140 @@ def write(out, config, table, rows, title):
         writer.writerows(table)
     written = ["results.json", "results.csv", "results.md"]
     try:
-        plot(table, rows, os.path.join(out, "accuracy.png"), title)
-        written.append("accuracy.png")
+        draw(os.path.join(out, plot_name))
+        written.append(plot_name)
     except ModuleNotFoundError as error:
         if error.name != "matplotlib":
             raise
-    return text, written
+    return written
+
+
+# --task lm: validation cross-entropy per method, paired against ce and kl; the loss curves
+
+LM_KEYS = ["val_loss", "ppl", "tokens_per_s", "train_seconds"]
+LM_BASELINES = ["ce", "kl"]  # each method is compared seed by seed with these
+
+
+def summarise_lm(rows, methods, peaks):
+    """One flat dict per method: '<key>' and '<key>_std' for LM_KEYS, 'peak_mib' (the loss
+    step's, None when not measured) and 'vs_<baseline>_val_loss...' (paired differences)."""
+    table = []
+    for name in methods:
+        mine = [r for r in rows if r["method"] == name]
+        entry = {"method": name, "seeds": len(mine)}
+        for key in LM_KEYS:
+            entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in mine])
+        entry["peak_mib"] = peaks.get(name)
+        for base in LM_BASELINES:
+            base_rows = [r for r in rows if r["method"] == base]
+            comparison = paired(mine, base_rows, "val_loss") if name != base and base_rows else {}
+            for suffix in ["", "_std", "_higher", "_lower", "_p", "_pairs"]:
+                entry[f"vs_{base}_val_loss{suffix}"] = comparison.get(suffix)
+        table.append(entry)
+    return table
+
+
+def _number(mean, std=None, digits=3):
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
+
+
+def _lm_delta(entry, base):
+    mean = entry[f"vs_{base}_val_loss"]
+    if mean is None:
+        return "-", "-"
+    std = entry[f"vs_{base}_val_loss_std"]
+    text = f"{mean:+.3f}" + ("" if std is None else f" ± {std:.3f}")
+    return (f"{text} ({entry[f'vs_{base}_val_loss_lower']}/{entry[f'vs_{base}_val_loss_higher']})",
+            p_value(entry[f"vs_{base}_val_loss_p"]))
+
+
+def markdown_lm(table, summary):
+    seeds = max(e["seeds"] for e in table)
+    spread = f"mean ± std over {plural(seeds, 'seed')}" if seeds > 1 else "1 seed"
+    lines = [f"Validation cross-entropy (nats per token) and perplexity of the students, {spread}; "
+             "Δ: paired against ce and against kl, seed by seed (negative: lower loss; in "
+             "brackets the seeds lower / higher; p: two-sided paired t-test).",
+             "",
+             "| method | val CE | perplexity | Δ CE vs ce | p | Δ CE vs kl | p | tokens/s "
+             "| loss-step peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in table:
+        vs_ce, p_ce = _lm_delta(e, "ce")
+        vs_kl, p_kl = _lm_delta(e, "kl")
+        peak = "-" if e["peak_mib"] is None else f"{e['peak_mib']:.1f}"
+        lines.append(f"| {e['method']} | {_number(e['val_loss'], e['val_loss_std'])} "
+                     f"| {_number(e['ppl'], e['ppl_std'], 1)} | {vs_ce} | {p_ce} | {vs_kl} "
+                     f"| {p_kl} | {_number(e['tokens_per_s'], digits=0)} | {peak} |")
+    lines += ["", "tokens/s: training tokens per second of the student (mean over seeds; the "
+              "teacher's forward and the cache reads included). Loss-step peak: memory above "
+              "the inputs during the loss's forward and backward, from the student's last "
+              "hidden states to the gradients of them and of the lm_head, at the run's batch."]
+    if "teacher_val_loss" in summary:
+        lines += ["", f"Teacher: validation CE {summary['teacher_val_loss']:.3f} (perplexity "
+                  f"{math.exp(summary['teacher_val_loss']):.1f})."]
+    cache = summary.get("cache")
+    if cache:
+        per_token = cache["bytes_per_token"]
+        lines += ["", f"Offline teacher cache: top-{cache['k']} log-probabilities and the tail "
+                  f"mass for {cache['tokens']} training tokens, {per_token} bytes per token "
+                  f"({per_token * cache['tokens'] / 2 ** 20:.1f} MiB) against "
+                  f"{cache['dense_fp32_bytes_per_token']} for dense fp32 logits "
+                  f"({cache['dense_fp32_bytes_per_token'] / per_token:.0f}x) and "
+                  f"{cache['dense_bf16_bytes_per_token']} for bf16 "
+                  f"({cache['dense_bf16_bytes_per_token'] / per_token:.0f}x); written in "
+                  f"{cache['write_seconds']:.1f} s (teacher forward included), read in "
+                  f"{cache['read_seconds']:.2f} s in all ({cache['rows_read']} rows, "
+                  f"{1e6 * cache['read_seconds'] / max(cache['rows_read'], 1):.2f} µs per "
+                  f"token). Mean tail mass: {cache['mean_tail_top8']:.3f} beyond the top 8, "
+                  f"{cache['mean_tail_top64']:.3f} beyond the top 64."]
+    phases = summary.get("phases")
+    if phases:
+        lines += ["", "Time per phase: " + ", ".join(f"{name} {seconds:.0f} s"
+                                                    for name, seconds in phases.items()) + "."]
+    return "\n".join(lines)
+
+
+def plot_lm(rows, summary, path, title):
+    """Validation loss against steps: one line per method (the mean over seeds, each seed
+    faint; dashed: from the offline cache, dash-dotted: fused lm_head, which computes what kl
+    does and so lies on it), the teacher's final loss as a reference line."""
+    import matplotlib
+
+    from .lm import METHODS as LM_METHODS
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = plt.get_cmap("tab10")
+    for i, name in enumerate(methods):
+        runs = [r["history"] for r in rows if r["method"] == name]
+        steps = [s for s, _ in runs[0]]
+        for history in runs:
+            ax.plot(steps, [v for _, v in history], color=colors(i % 10), lw=0.6, alpha=0.35)
+        mean = [statistics.mean(h[j][1] for h in runs) for j in range(len(steps))]
+        style = {"cache": "--", "hidden": "-."}.get(LM_METHODS[name].teacher, "-")
+        ax.plot(steps, mean, color=colors(i % 10), lw=1.6, marker="o", ms=3, ls=style,
+                label=name)
+    if "teacher_val_loss" in summary:
+        ax.axhline(summary["teacher_val_loss"], color="0.3", ls=":", lw=1.2,
+                   label="teacher (final)")
+    ax.set_xlabel("student optimizer step")
+    ax.set_ylabel("validation cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_lm(out, config, table, rows, summary, title):
+    """results.json, results.csv, results.md and val_loss.png under `out`; returns the table's
+    text and the files written."""
+    text = markdown_lm(table, summary)
+    results = {"config": config, "summary": table, "runs": rows, "run": summary}
+    return text, write_files(out, results, text, table, "val_loss.png",
+                             lambda path: plot_lm(rows, summary, path, title))
