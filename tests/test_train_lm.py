@@ -151,6 +151,7 @@ def test_lm_run_end_to_end_and_resume(tmp_path, cache_dir, capsys):
     assert table["kl"]["vs_ce_val_loss_pairs"] == 1 and table["ce"]["vs_ce_val_loss"] is None
     assert (tmp_path / "whole" / "val_loss.png").stat().st_size > 1000
     assert "Offline teacher cache: top-64" in printed
+    assert "Data: the Python 3." in printed and "2016 training tokens" in printed
     run = results["run"]
     assert run["cache"]["bytes_per_token"] == 64 * 6 + 4 and run["cache"]["tokens"] == 2016
 
