@@ -76,7 +76,7 @@ def test_tokenizer_and_ids_are_cached_not_retrained(tmp_path, monkeypatch):
         lm_data.load(320, cache, root)
 
 
-def test_teacher_cache_round_trip(tmp_path):
+def test_teacher_cache_round_trip(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     V, k, tokens = 500, 64, 300
     logits = torch.randn(tokens, V, generator=g) * 3
@@ -84,6 +84,7 @@ def test_teacher_cache_round_trip(tmp_path):
     logits[7, 10:] = -float("inf")  # 10 possible tokens only: the rest has no mass
     batches = [logits[:128], logits[128:256], logits[256:]]
     folder = str(tmp_path / "cache")
+    monkeypatch.setattr(teacher_cache, "ROWS_AT_ONCE", 50)  # batches cut into parts too
     meta = teacher_cache.write(folder, iter(batches), tokens, k, V, "abc")
     assert (meta["k"], meta["vocab_size"], meta["tokens"], meta["teacher"]) == (k, V, tokens,
                                                                                 "abc")
@@ -151,6 +152,7 @@ def test_lm_run_end_to_end_and_resume(tmp_path, cache_dir, capsys):
     assert table["kl"]["vs_ce_val_loss_pairs"] == 1 and table["ce"]["vs_ce_val_loss"] is None
     assert (tmp_path / "whole" / "val_loss.png").stat().st_size > 1000
     assert "Offline teacher cache: top-64" in printed
+    assert "Data: the Python 3." in printed and "2016 training tokens" in printed
     run = results["run"]
     assert run["cache"]["bytes_per_token"] == 64 * 6 + 4 and run["cache"]["tokens"] == 2016
 

@@ -288,6 +288,14 @@ def markdown_lm(table, summary):
               "teacher's forward and the cache reads included). Loss-step peak: memory above "
               "the inputs during the loss's forward and backward, from the student's last "
               "hidden states to the gradients of them and of the lm_head, at the run's batch."]
+    if "python" in summary:
+        lines += ["", f"Data: the Python {summary['python']} standard library's sources "
+                  f"({summary['files']['train']} train / {summary['files']['val']} validation "
+                  f"files), BPE vocabulary {summary['vocab_size']}"
+                  + (f" (teacher padded to {summary['teacher_vocab']})"
+                     if summary["teacher_vocab"] != summary["vocab_size"] else "")
+                  + f"; {summary['train_tokens']} training tokens, {summary['val_tokens']} "
+                  f"validation tokens per evaluation."]
     if "teacher_val_loss" in summary:
         lines += ["", f"Teacher: validation CE {summary['teacher_val_loss']:.3f} (perplexity "
                   f"{math.exp(summary['teacher_val_loss']):.1f})."]

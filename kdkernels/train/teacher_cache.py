@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 FORMAT = 1
+ROWS_AT_ONCE = 4096  # rows of float64 probabilities at a time: 1 GiB at a 32768 vocabulary
 
 
 def file_hash(path):
@@ -58,12 +59,13 @@ def write(folder, logit_batches, tokens, k, vocab_size, teacher_hash):
         if logits.shape[-1] != vocab_size:
             raise ValueError(f"teacher logits have {logits.shape[-1]} columns, the cache "
                              f"{vocab_size}")
-        indices, values, tail = top_k(logits.reshape(-1, vocab_size), k)
-        rows = slice(done, done + len(tail))
-        arrays["indices"][rows] = indices.cpu().numpy().astype(index_dtype)
-        arrays["values"][rows] = values.cpu().numpy()
-        arrays["tail"][rows] = tail.cpu().numpy()
-        done += len(tail)
+        for part in logits.reshape(-1, vocab_size).split(ROWS_AT_ONCE):
+            indices, values, tail = top_k(part, k)
+            rows = slice(done, done + len(tail))
+            arrays["indices"][rows] = indices.cpu().numpy().astype(index_dtype)
+            arrays["values"][rows] = values.cpu().numpy()
+            arrays["tail"][rows] = tail.cpu().numpy()
+            done += len(tail)
     if done != tokens:
         raise ValueError(f"the teacher gave {done} rows, the cache expects {tokens}")
     for array in arrays.values():
