@@ -188,6 +188,7 @@ def run(args):
     except ImportError:
         pass
     meta = dict(date=stamp, machine=platform.node(), device=device_name(device), versions=versions)
+    load_before = os.getloadavg()[0]  # other processes: a spread can miss them (time slices)
     print(f"# {meta['device']} | {versions} | {stamp}", flush=True)
     copy_gbps = None
     rows, skipped = [], {}
@@ -236,6 +237,8 @@ def run(args):
                          + (" BUSY" if spread > BUSY_SPREAD else "")
                          for n, (ms, _, spread) in timings.items())
         print(f"{method} {N}x{C} {dtype_name} {mode}: {line}", flush=True)
+    meta["load"] = round(max(load_before, os.getloadavg()[0]), 1)
+    meta["cores"] = os.cpu_count()
     return meta, rows, skipped
 
 

@@ -243,6 +243,7 @@ def main(argv=None):
     print(f"# torch {torch.__version__}, {args.threads} threads, {args.reps} repetitions of "
           f"~{args.budget / args.reps * 1e3:.0f} ms per figure", flush=True)
     runs = []
+    load_before = os.getloadavg()[0]
     if args.compare_ref:
         old = old_tree(args.compare_ref, here)
         try:
@@ -261,6 +262,10 @@ def main(argv=None):
     if busy:
         print(f"\nWARNING: the machine was busy (spread > {BUSY_SPREAD:.0%}) for: "
               + "; ".join(busy))
+    load = max(load_before, os.getloadavg()[0])
+    if load > os.cpu_count():
+        print(f"\nWARNING: load average {load:.1f} on {os.cpu_count()} cores: other processes "
+              "shared the machine; rerun on a quiet one")
     return 0
 
 

@@ -29,14 +29,20 @@ def is_busy(row):
     return str(row.get("busy")) == "True"
 
 
-def busy_warning(rows):
-    """A warning line naming the figures whose repetitions spread too far, or None."""
+def busy_warning(rows, meta=None):
+    """Warning lines: the figures whose repetitions spread too far, and a load average above the
+    cores (other processes took turns with this one: every figure may be inflated, even where
+    its repetitions agree, e.g. all stretched to the scheduler's time slice); or None."""
+    lines = []
     busy = [f"{r['method']} {r['shape']} {r['dtype']} {r['mode']} {r['contender']}"
             for r in rows if is_busy(r)]
-    if not busy:
-        return None
-    return (f"WARNING: the machine was busy: {len(busy)} of {len(rows)} figures spread by more "
-            f"than 25% over their repetitions (marked *): {'; '.join(busy)}")
+    if busy:
+        lines.append(f"WARNING: the machine was busy: {len(busy)} of {len(rows)} figures spread "
+                     f"by more than 25% over their repetitions (marked *): {'; '.join(busy)}")
+    if meta and meta.get("load") and meta.get("cores") and meta["load"] > meta["cores"]:
+        lines.append(f"WARNING: load average {meta['load']} on {meta['cores']} cores during the "
+                     "run: other processes shared the machine; rerun on a quiet one")
+    return "\n".join(lines) or None
 
 
 def markdown(meta, rows, skipped=None):
@@ -56,7 +62,7 @@ def markdown(meta, rows, skipped=None):
         lines.append(f"| {r['method']} | {r['shape']} | {r['dtype']} | {r['mode']} | "
                      f"{r['contender']} | {r['median_ms']:.3f}{mark} | {spread} | {ratio} | "
                      f"{peak} |{extra}")
-    warning = busy_warning(rows)
+    warning = busy_warning(rows, meta)
     if warning:
         lines += ["", warning]
     if skipped:

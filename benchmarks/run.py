@@ -75,7 +75,7 @@ def main(argv=None):
     print(f"\nwrote {csv_path}, {args.out}/latest.md, {args.out}/speedup.png")
     if skipped:
         print(f"not run: {report.skipped_note(skipped)}")
-    warning = report.busy_warning(rows)
+    warning = report.busy_warning(rows, meta)
     if warning:
         print(warning)
     return 0

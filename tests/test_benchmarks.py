@@ -126,6 +126,9 @@ def test_busy_figures_are_marked_in_the_table_and_plot(tmp_path, monkeypatch):
     assert "| eager-reference | 2.000 | 5% | 1.00x |" in table
     assert "WARNING: the machine was busy: 1 of 2 figures" in table
     assert report.busy_warning(rows[1:]) is None
+    assert report.busy_warning(rows[1:], dict(meta, load=2.0, cores=2)) is None
+    assert "load average 6.5 on 2 cores" in report.busy_warning(rows[1:],
+                                                               dict(meta, load=6.5, cores=2))
     recorded, ylabels = [], []
     original_label = matplotlib.axes.Axes.bar_label
     original_ylabel = matplotlib.axes.Axes.set_ylabel

@@ -1,7 +1,8 @@
 """Backends of the fused primitive. Each module exposes NAME, ``availability(device)`` -> (ok, why)
-and ``forward(student, teacher, target, temp_rows, options)`` -> (loss_rows, grad, temperature,
-flags), with one contract: ``grad`` is d loss_rows[i] / d student[i] (rows independent), in the
-student's dtype; ignored rows have loss 0 and gradient 0."""
+and ``forward(student, teacher, target, temp_rows, options)`` -> (loss, grad, temperature,
+flags), with one contract: ``loss`` is the rows' losses ([N], ``options.reduction`` NONE) or their
+sum or mean over the rows that count (one value, SUM / MEAN), and ``grad`` is d loss / d student
+(rows independent), in the student's dtype; ignored rows have loss 0 and gradient 0."""
 from collections import namedtuple
 
 from . import cpp_distill, torch_distill, triton_distill
