@@ -13,6 +13,11 @@ REFERENCE = "eager-reference"
 
 
 def append_csv(rows, path):
+    if os.path.exists(path):  # a file with other columns (an older harness) is kept aside
+        with open(path, newline="") as handle:
+            header = next(csv.reader(handle), None)
+        if header != list(rows[0]):
+            os.replace(path, path[:-len(".csv")] + "-old-columns.csv")
     new = not os.path.exists(path)
     with open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
