@@ -12,6 +12,7 @@ more small collective each (the temperature must be known before the tempered su
 divergences need the normalised distributions before their per-class terms).
 """
 import math
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -38,8 +39,18 @@ from .ops.torch_distill import divergence_terms
 
 _INF = math.inf
 # the per-row statistics of one shard, in the packed tensor's columns
-(_MS, _ZS, _MT, _ZT, _CROSS, _Z1, _SY, _TY, _OWNS, _B, _SB, _TX1, _IDX1, _TX2, _SSUM, _WIDTH,
- _START) = range(17)
+(_MS, _ZS, _MT, _ZT, _CROSS, _Z1, _SY, _TY, _OWNS, _B, _SB, _TX1, _IDX1, _TX2,
+ _SSUM) = range(15)
+_FIELDS = 15
+# The header each rank sends in the forward's first collective (docs/METHODS.md, "Ranks
+# checked"): what must agree across the group, then this rank's shard.
+_HEADER = ("row count", "options", "temperature", "temperature checksum", "labels",
+           "labels checksum", "vocab_start", "shard width")
+_AGREE = 6  # the first _AGREE header fields must be equal on every rank
+# Rows that ride in the first collective with the header: its size does not depend on the row
+# count, so ranks with different row counts exchange equal sizes and all raise (no abort, no
+# hang); rows beyond these go in a second all-gather, once the counts are known to agree.
+_FIRST_ROWS = 256
 
 
 def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target=None, *,
@@ -56,8 +67,10 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
     ``vocab_size`` (the shards of the group must tile ``[0, vocab_size)``; sizes may differ),
     and the same ``target`` (global class ids) and per-row ``temperature`` on every rank. Every
     rank gets the same loss; the gradient reaches each rank's own shard of the student. One
-    collective per forward (all-gather of 17 numbers per row and rank), none in the backward; a
-    DTD temperature and the divergences other than ``"kl"`` add one small all-reduce each.
+    collective per forward (all-gather of 15 numbers per row and rank, a second above 256
+    rows), none in the backward; a DTD temperature and the divergences other than ``"kl"`` add
+    one small collective each. Ranks that disagree on the rows, labels, temperature or options
+    all raise the same ``ValueError`` (docs/METHODS.md, "Ranks checked").
 
     A :class:`SparseTeacher` is not offered here (its classes would need routing to their
     shards); a virtual teacher is (each rank builds its columns).
@@ -101,7 +114,8 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
     rows = _Rows.from_logits(s, teacher_logits, target, temperature, vocab_start, vocab_size,
                              hyper)
     job = _Job(rows, hyper, temperature, vocab_size, group, reduction)
-    if rows.N == 0:  # every rank has the same rows: no rank calls a collective
+    if rows.N == 0:  # the header only: a rank with rows would wait for this one
+        job.check()
         loss, temps, flags = empty_result([s], reduction, rows.acc, s.device)
     elif torch.is_grad_enabled() and s.requires_grad:
         loss, temps, flags = _VocabParallel.apply(s, job)
@@ -179,6 +193,7 @@ def vocab_parallel_fused_linear_distillation_loss(
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h, W, student_bias))
     if N == 0:
+        job.check()
         loss, temps, flags = empty_result([h2, W, student_bias], reduction, rows.acc, h.device)
     elif wants_grad:
         loss, temps, flags = _VocabParallelLinear.apply(h2, W, student_bias, job)
@@ -304,6 +319,7 @@ class _Job:
         if self.divergence == "jsd" and h["jsd_beta"] in (0, 1):
             self.divergence = "kl" if h["jsd_beta"] == 0 else "reverse_kl"
         self.param = float(h["jsd_beta"] if h["divergence"] == "jsd" else h["skew_alpha"])
+        self.checked, self.agree = False, None
 
     # ---- collectives ----------------------------------------------------------------------
 
@@ -317,6 +333,69 @@ class _Job:
         dist.all_reduce(local, group=self.group)
         return local
 
+    def check(self):
+        """The header alone (a call without rows)."""
+        self._gather_rows(torch.zeros(0, 1, dtype=torch.float64, device=self.rows.device))
+
+    def _gather_rows(self, local):
+        """[world, N, f] from every rank's [N, f] float64 rows. The forward's first call also
+        exchanges and checks the header (no extra collective below _FIRST_ROWS rows)."""
+        if self.checked:
+            return self._all_gather(local.contiguous())
+        N, f = local.shape
+        head = min(N, _FIRST_ROWS)
+        packed = local.new_zeros(1 + _FIRST_ROWS, max(_FIELDS, len(_HEADER)))
+        packed[0, :len(_HEADER)] = self._header(local.device)
+        packed[1:1 + head, :f] = local[:head]
+        g = self._all_gather(packed)
+        self._check_header(g[:, 0, :len(_HEADER)])
+        self.checked = True
+        rows = g[:, 1:1 + head, :f]
+        if N > _FIRST_ROWS:
+            rows = torch.cat([rows, self._all_gather(local[_FIRST_ROWS:].contiguous())], 1)
+        return rows
+
+    def _header(self, device):
+        rows = self.rows
+        index = torch.arange(1, rows.N + 1, device=device, dtype=torch.float64)
+        temp_sum = temp_check = 0.0
+        if rows.temp_rows is not None:  # a checksum of the given per-row temperatures
+            temp_sum = rows.temp_rows.double().sum()
+            temp_check = (rows.temp_rows.double() * index).sum()
+        labels = labels_check = torch.tensor(-1.0, dtype=torch.float64, device=device)
+        if rows.target is not None:  # int64 sums: exact, or wrapped alike on every rank
+            y = rows.target
+            labels = y.sum().double()
+            labels_check = (y * torch.arange(1, rows.N + 1, device=device)).sum().double()
+        temp = self.temperature
+        options = repr((sorted(self.hyper.items()), self.reduction, self.C, str(rows.dtype),
+                        rows.teacher is None, type(rows).__name__,
+                        "rows" if isinstance(temp, torch.Tensor) else temp))
+        values = [rows.N, zlib.crc32(options.encode()), temp_sum, temp_check, labels,
+                  labels_check, rows.vocab_start, rows.width]
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                            for v in values])
+
+    def _check_header(self, heads):
+        """[world, len(_HEADER)]: the same error on every rank where the ranks disagree on
+        what must agree, or their shards do not tile the vocabulary. Read on the host where
+        that costs no sync (CPU); elsewhere a disagreement makes every row's loss NaN."""
+        agree = (heads[:, :_AGREE] == heads[:1, :_AGREE]).all()
+        if not _host_scalars(heads):
+            self.agree = agree
+            return
+        if not bool(agree):
+            table = heads.tolist()
+            names = [name for k, name in enumerate(_HEADER[:_AGREE])
+                     if len({row[k] for row in table}) > 1]
+            raise ValueError(
+                "the ranks of the vocab-parallel group disagree on " + ", ".join(names)
+                + " (every rank must pass the same rows, labels, temperature and options): "
+                + "; ".join(f"rank {r}: " + ", ".join(
+                    f"{name} {row[_HEADER.index(name)]:.17g}" for name in names)
+                    for r, row in enumerate(table)))
+        self._check_tiling(heads)
+
     # ---- the forward -----------------------------------------------------------------------
 
     def prepare(self):
@@ -329,9 +408,7 @@ class _Job:
                  else y != self.hyper["ignore_index"])
         T = self._temperatures(valid)
         parts = [self._shard_stats(*rows.logits(i, j), T[i:j]) for i, j in rows.chunks()]
-        gathered = self._all_gather(torch.cat(parts))  # [world, N, fields], float64
-        if _host_scalars(gathered):
-            self._check_tiling(gathered)
+        gathered = self._gather_rows(torch.cat(parts))  # [world, N, fields], float64
         c = self._combine(gathered, T, valid)
         if self.divergence != "kl":  # D and sum_j p_j G_j need the normalised distributions
             sums = torch.cat([self._divergence_sums(*rows.logits(i, j), c, i, j)
@@ -363,10 +440,10 @@ class _Job:
             local = torch.cat([_dtd_sums(*rows.logits(i, j)[:2], temp.weighting)
                                for i, j in rows.chunks()])
             if temp.weighting == "cosine":
-                ss, tt, st = self._all_reduce(local).unbind(1)
+                ss, tt, st = self._gather_rows(local).sum(0).unbind(1)
                 w = (1 - st / (ss.sqrt().clamp(min=1e-12) * tt.sqrt().clamp(min=1e-12))) ** 2
             else:  # max_prob: sum_j exp(s_j - max s), merged over the shards
-                g = self._all_gather(local)
+                g = self._gather_rows(local)
                 m = g[..., 0].max(0).values
                 w = (g[..., 1] * torch.exp(g[..., 0] - m)).sum(0)
             w = w.to(acc)
@@ -418,15 +495,11 @@ class _Job:
         s_sum = (s.sum(-1) if self.hyper["correction"] == "smooth"
                  else torch.zeros_like(ms))
         cols = [ms, es.sum(-1), mt, et.sum(-1), cross, z1, s_y, t_y, owns.to(s.dtype),
-                (b + start).to(s.dtype), s_b, tx1, (idx1 + start).to(s.dtype), tx2, s_sum,
-                torch.full_like(ms, width), torch.full_like(ms, start)]
+                (b + start).to(s.dtype), s_b, tx1, (idx1 + start).to(s.dtype), tx2, s_sum]
         return torch.stack([x.double() for x in cols], -1)
 
-    def _check_tiling(self, gathered):
-        widths = gathered[:, 0, _WIDTH] if gathered.shape[1] else None
-        if widths is None:
-            return
-        starts = gathered[:, 0, _START]
+    def _check_tiling(self, heads):
+        starts, widths = heads[:, _HEADER.index("vocab_start")], heads[:, -1]
         order = starts.argsort()
         ends = (starts + widths)[order]
         if starts[order][0] != 0 or bool((starts[order][1:] != ends[:-1]).any()) \
@@ -541,6 +614,8 @@ class _Job:
         if self.ce_w != 0:
             loss = loss + self.ce_w * (torch.log(c["Z1"]) + c["Ms"] - c["s_y"])
         bad = ~(T > 0)
+        if self.agree is not None:  # ranks that disagree, unread on the host: NaN everywhere
+            bad = bad | ~self.agree
         loss = torch.where(bad, torch.nan, torch.where(valid, loss, 0.0))
         c["kd_grad"] = w * (T if self.hyper["t2_scale"] else 1 / T)
         c["valid"], c["bad"] = valid, bad
