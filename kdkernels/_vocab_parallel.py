@@ -26,6 +26,7 @@ from ._core import (
     empty_result,
     finish,
     reduce_rows,
+    scale_saved,
 )
 from ._fused_linear import linear
 from ._options import (
@@ -679,7 +680,7 @@ class _VocabParallelLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _t, _f):
-        from ._fused_linear import GradientSink, scale_saved
+        from ._fused_linear import GradientSink
         job = ctx.job
         if job.reduction == "none":
             h, W, b = ctx.saved_tensors
@@ -687,7 +688,7 @@ class _VocabParallelLinear(torch.autograd.Function):
             job.gradient_pass(ctx.c, sink, upstream=grad_loss.reshape(-1))
             return (*sink.results(), None)
         gh, gw, gb, count = ctx.saved_tensors
-        return (*scale_saved((gh, gw, gb), grad_loss, job.reduction, count), None)
+        return (*scale_saved((gh, gw, gb), grad_loss, count=count), None)
 
 
 class _VocabParallel(torch.autograd.Function):
@@ -711,10 +712,6 @@ class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _t, _f):
         grad, count = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_loss.reshape(-1, 1)
-        elif ctx.reduction == "sum":
-            scale = grad_loss
-        else:
-            scale = grad_loss / count
-        return (grad * scale.to(grad.dtype)).reshape(ctx.shape), None
+        per_row = ctx.reduction == "none"
+        (grad,) = scale_saved((grad,), grad_loss, per_row, count)
+        return grad.reshape(ctx.shape), None
