@@ -25,18 +25,21 @@ from ._core import (
     check_tensors,
     empty_result,
     finish,
+    fused_options,
     reduce_rows,
     scale_saved,
 )
 from ._fused_linear import linear
 from ._options import (
-    DIVERGENCES,
     FLAG_STILL_WRONG,
     FLAG_TEACHER_CORRECT,
+    SHARD_ROWS,
+    TEMP_ROWS,
     DynamicTemperature,
     SparseTeacher,
 )
-from .ops.torch_distill import divergence_terms
+from .ops import torch_distill
+from .ops.torch_distill import shard_dtd_sums
 
 _INF = math.inf
 # the per-row statistics of one shard, in the packed tensor's columns
@@ -257,21 +260,11 @@ class _Rows:
     def chunks(self):
         return [(i, min(i + self.chunk, self.N)) for i in range(0, self.N, self.chunk)]
 
-    def logits(self, i, j):
-        """(student rows, teacher rows) in the accumulation dtype, and the rows' local labels."""
-        s = self.student_rows(i, j).to(self.acc)
+    def shard(self, i, j):
+        """(student rows, teacher rows or None for a virtual teacher, labels) of rows [i, j)."""
+        teacher = None if self.virtual is not None else self.teacher_rows(i, j)
         y = None if self.target is None else self.target[i:j]
-        if self.virtual is not None:  # Tf-KD reg's teacher, this rank's columns of it
-            a, C = self.virtual, self.vocab_size
-            rest = math.log((1 - a) / max(C - 1, 1)) if a < 1 else -_INF
-            t = torch.full_like(s, rest)
-            local = y - self.vocab_start
-            owns = (local >= 0) & (local < self.width)
-            t.scatter_(1, torch.where(owns, local, 0)[:, None],
-                       torch.where(owns, s.new_tensor(math.log(a)), s.new_tensor(rest))[:, None])
-        else:
-            t = self.teacher_rows(i, j).to(self.acc)
-        return s, t, y
+        return self.student_rows(i, j), teacher, y
 
     def student_rows(self, i, j):
         return self.student[i:j].detach()
@@ -321,6 +314,8 @@ class _Job:
             self.divergence = "kl" if h["jsd_beta"] == 0 else "reverse_kl"
         self.param = float(h["jsd_beta"] if h["divergence"] == "jsd" else h["skew_alpha"])
         self.checked, self.agree = False, None
+        self.o = fused_options(hyper, (TEMP_ROWS, 0.0, None, None), True, 1.0, False)
+        self.backend = torch_distill
 
     # ---- collectives ----------------------------------------------------------------------
 
@@ -408,11 +403,14 @@ class _Job:
         valid = (torch.ones(N, dtype=torch.bool, device=dev) if y is None
                  else y != self.hyper["ignore_index"])
         T = self._temperatures(valid)
-        parts = [self._shard_stats(*rows.logits(i, j), T[i:j]) for i, j in rows.chunks()]
+        parts = [self.backend.shard_statistics(*rows.shard(i, j), T[i:j], rows.vocab_start,
+                                               self.C, self.o) for i, j in rows.chunks()]
         gathered = self._gather_rows(torch.cat(parts))  # [world, N, fields], float64
         c = self._combine(gathered, T, valid)
         if self.divergence != "kl":  # D and sum_j p_j G_j need the normalised distributions
-            sums = torch.cat([self._divergence_sums(*rows.logits(i, j), c, i, j)
+            merged = self._merged(c)
+            sums = torch.cat([self.backend.shard_pass(*rows.shard(i, j), merged[i:j],
+                                                      rows.vocab_start, self.C, self.o, False)
                               for i, j in rows.chunks()])
             sums = self._all_reduce(sums)
             c["D"], c["g_mean"] = sums[:, 0], sums[:, 1]
@@ -427,18 +425,27 @@ class _Job:
         """sink(i, j, d loss_rows / d logits of rows [i, j), times `upstream` per row if
         given) for every chunk: no collective."""
         rows = self.rows
+        merged = self._merged(c, upstream)
         for i, j in rows.chunks():
-            g = self._shard_grad(*rows.logits(i, j), c, i, j)
-            if upstream is not None:
-                g = g * upstream[i:j, None].to(g.dtype)
-            sink(i, j, g.to(rows.dtype))
+            sink(i, j, self.backend.shard_pass(*rows.shard(i, j), merged[i:j], rows.vocab_start,
+                                               self.C, self.o))
+
+    def _merged(self, c, upstream=None):
+        """[N, len(SHARD_ROWS)] float64: the merged values the backend's shard_pass reads."""
+        zero = torch.zeros_like(c["T"])
+        if "valid" not in c:  # the divergences' sums, before the loss: scale unread
+            return torch.stack([c.get(name, zero).double() for name in SHARD_ROWS], -1)
+        scale = c["valid"].double() if upstream is None else torch.where(
+            c["valid"], upstream.double(), 0.0)
+        values = dict(c, scale=torch.where(c["bad"], torch.nan, scale))
+        return torch.stack([values[name].double() for name in SHARD_ROWS], -1)
 
     def _temperatures(self, valid):
         rows, acc = self.rows, self.rows.acc
         N, dev = rows.N, rows.device
         temp = self.temperature
         if isinstance(temp, DynamicTemperature):  # its weights first: one small collective
-            local = torch.cat([_dtd_sums(*rows.logits(i, j)[:2], temp.weighting)
+            local = torch.cat([shard_dtd_sums(*rows.shard(i, j)[:2], temp.weighting)
                                for i, j in rows.chunks()])
             if temp.weighting == "cosine":
                 ss, tt, st = self._gather_rows(local).sum(0).unbind(1)
@@ -457,47 +464,6 @@ class _Job:
         if rows.temp_rows is not None:
             return rows.temp_rows
         return torch.full((N,), float(temp), dtype=acc, device=dev)
-
-    def _shard_stats(self, s, t, y, T):
-        """[n, fields] float64: this shard's part of every per-row statistic."""
-        n, width = s.shape
-        start = self.rows.vocab_start
-        Tc = T[:, None]
-        ms = s.max(-1).values
-        ms_safe = torch.where(ms == -_INF, 0.0, ms)
-        mt = t.max(-1).values
-        mt_safe = torch.where(mt == -_INF, 0.0, mt)
-        es = torch.exp((s - ms_safe[:, None]) / Tc)
-        et = torch.exp((t - mt_safe[:, None]) / Tc)
-        cross = torch.where(et > 0, et * (t - s), 0.0).sum(-1)
-        z1 = torch.exp(s - ms_safe[:, None]).sum(-1) if self.ce_w != 0 else torch.zeros_like(ms)
-        correction = self.hyper["correction"]
-        owns = torch.zeros(n, dtype=torch.bool, device=s.device)
-        s_y = t_y = torch.zeros_like(ms)
-        ly = torch.zeros(n, 1, dtype=torch.long, device=s.device)
-        if y is not None:
-            local = y - start
-            owns = (local >= 0) & (local < width)
-            ly = torch.where(owns, local, 0)[:, None]
-            s_y = torch.where(owns, s.gather(1, ly)[:, 0], 0.0)
-            t_y = torch.where(owns, t.gather(1, ly)[:, 0], 0.0)
-        b = torch.zeros(n, dtype=torch.long, device=s.device)
-        s_b = torch.zeros_like(ms)
-        if correction in ("swap", "rectify"):  # the argmax's values: only a correction needs them
-            b = t.argmax(-1)
-            s_b = s.gather(1, b[:, None])[:, 0]
-        tx1 = tx2 = torch.full_like(ms, -_INF)
-        idx1 = torch.zeros(n, dtype=torch.long, device=s.device)
-        if correction == "rectify":  # the two largest teacher logits away from the label
-            tx = t.scatter(1, ly, torch.where(owns[:, None], -_INF, t.gather(1, ly)))
-            top = tx.topk(min(2, width), -1)
-            tx1, idx1 = top.values[:, 0], top.indices[:, 0]
-            tx2 = top.values[:, 1] if width > 1 else tx2
-        s_sum = (s.sum(-1) if self.hyper["correction"] == "smooth"
-                 else torch.zeros_like(ms))
-        cols = [ms, es.sum(-1), mt, et.sum(-1), cross, z1, s_y, t_y, owns.to(s.dtype),
-                (b + start).to(s.dtype), s_b, tx1, (idx1 + start).to(s.dtype), tx2, s_sum]
-        return torch.stack([x.double() for x in cols], -1)
 
     def _check_tiling(self, heads):
         starts, widths = heads[:, _HEADER.index("vocab_start")], heads[:, -1]
@@ -540,7 +506,7 @@ class _Job:
         labelled = self.rows.target is not None
         wrong = valid & (t_y < Mt) if labelled else torch.zeros_like(valid)
         kl = cross / T + (Ms - Mt_safe) / T + log_zs - log_zt
-        c = dict(T=T, Ms=Ms, log_zs=log_zs, Mt=Mt_safe, log_zt=log_zt, Z1=Z1, s_y=s_y, b=b,
+        c = dict(T=T, ms=Ms, log_zs=log_zs, mt=Mt_safe, log_zt=log_zt, z1=Z1, s_y=s_y, b=b,
                  has_teacher=has_teacher, wrong=wrong, lp_y=lp_y, lp_b=lp_b, lq_y=lq_y,
                  lq_b=lq_b, fix_y=torch.zeros_like(wrong), fix_b=torch.zeros_like(wrong),
                  lr_y=lq_y, lr_b=lq_b, smoothed=torch.zeros_like(wrong),
@@ -579,33 +545,6 @@ class _Job:
         c["g_mean"] = torch.zeros_like(kl)
         return c
 
-    def _target(self, s, t, y, c, i, j):
-        """log p and log r on this shard's columns, the correction applied at y and b."""
-        start, width = self.rows.vocab_start, self.rows.width
-        r = {k: v[i:j, None].to(s.dtype) for k, v in c.items() if torch.is_tensor(v)
-             and v.dim() == 1}
-        lp = (s - r["Ms"]) / r["T"] - r["log_zs"]
-        lq = (t - r["Mt"]) / r["T"] - r["log_zt"]
-        if self.eps > 0:
-            log_ec = math.log(self.eps / self.C)
-        else:
-            log_ec = -_INF
-        lr = torch.where(c["smoothed"][i:j, None], log_ec, lq)
-        cols = torch.arange(start, start + width, device=s.device)[None, :]
-        if y is not None:
-            lr = torch.where(c["fix_y"][i:j, None] & (cols == y[:, None]), r["lr_y"], lr)
-        lr = torch.where(c["fix_b"][i:j, None] & (cols == c["b"][i:j, None].long()), r["lr_b"],
-                         lr)
-        return lp, lr, r, cols
-
-    def _divergence_sums(self, s, t, y, c, i, j):
-        """This shard's part of D and of sum_j p_j G_j (divergences other than the KL)."""
-        lp, lr, _, _ = self._target(s, t, y, c, i, j)
-        p = lp.exp()
-        d, G = divergence_terms(p, lr.exp(), DIVERGENCES[self.divergence], self.param)
-        d = torch.where(c["has_teacher"][i:j, None], d, 0.0)
-        return torch.stack([d.sum(-1), (p * G).sum(-1)], -1).double()
-
     def _loss_rows(self, c, valid):
         T = c["T"]
         w = torch.where(c["wrong"], T.new_tensor(self.wrong_w), T.new_tensor(self.kd_w))
@@ -613,7 +552,7 @@ class _Job:
         loss = w * (T * T if self.hyper["t2_scale"] else 1.0) * torch.where(
             c["has_teacher"], c["D"], 0.0)
         if self.ce_w != 0:
-            loss = loss + self.ce_w * (torch.log(c["Z1"]) + c["Ms"] - c["s_y"])
+            loss = loss + self.ce_w * (torch.log(c["z1"]) + c["ms"] - c["s_y"])
         bad = ~(T > 0)
         if self.agree is not None:  # ranks that disagree, unread on the host: NaN everywhere
             bad = bad | ~self.agree
@@ -626,36 +565,9 @@ class _Job:
                      + torch.where(c["still_wrong"], FLAG_STILL_WRONG, 0)).to(torch.int8)
         return loss.to(self.rows.acc), flags
 
-    def _shard_grad(self, s, t, y, c, i, j):
-        """d loss_rows / d (this shard's student logits), rows [i, j)."""
-        lp, lr, r, cols = self._target(s, t, y, c, i, j)
-        p = lp.exp()
-        if self.divergence == "kl":
-            direction = p - lr.exp()
-        else:
-            _, G = divergence_terms(p, lr.exp(), DIVERGENCES[self.divergence], self.param)
-            direction = torch.where(p > 0, p * (G - r["g_mean"]), 0.0)
-        g = torch.where(r["kd_grad"] != 0, r["kd_grad"] * direction, 0.0)
-        if self.ce_w != 0:
-            g = g + self.ce_w * torch.exp(s - r["Ms"]) / r["Z1"]
-            if y is not None:
-                g = g - self.ce_w * (cols == y[:, None]).to(g.dtype)
-        g = torch.where(c["valid"][i:j, None], g, 0.0)
-        return torch.where(c["bad"][i:j, None], torch.nan, g)
-
-
 def _kl_term(log_x, log_p):
     x = log_x.exp()
     return torch.where(x > 0, x * (log_x - log_p), 0.0)
-
-
-def _dtd_sums(s, t, weighting):
-    if weighting == "cosine":  # over the finite pairs
-        finite = torch.isfinite(s) & torch.isfinite(t)
-        s, t = torch.where(finite, s, 0.0), torch.where(finite, t, 0.0)
-        return torch.stack([(s * s).sum(-1), (t * t).sum(-1), (s * t).sum(-1)], -1).double()
-    m = s.max(-1).values
-    return torch.stack([m, torch.exp(s - m[:, None]).sum(-1)], -1).double()
 
 
 class _VocabParallelLinear(torch.autograd.Function):
