@@ -14,6 +14,7 @@
 #include "kdk_contract.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -950,14 +951,262 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
   return {loss, grad, temps_out, flags};
 }
 
+// ---- the shard entry points (kdkernels/_options.py, SHARD_STATS / SHARD_ROWS) --------------
+// A range of a row's columns [start, start + W) of a vocabulary of V classes, in float64 (the
+// merge across ranges subtracts log-sums: float64 keeps the KL's digits up to high T).
+
+// The range's teacher row: read, or the virtual teacher's columns built from the label.
+inline const double* shard_teacher(const c10::optional<at::Tensor>& teacher, int64_t i,
+                                   int64_t W, int64_t ly, int64_t V, const Options& o,
+                                   double* buf) {
+  if (teacher.has_value()) return load_row<double>(*teacher, i, W, buf);
+  const double a = o.virtual_teacher;
+  const double rest = a < 1 ? std::log((1 - a) / double(std::max<int64_t>(V - 1, 1)))
+                            : -std::numeric_limits<double>::infinity();
+  std::fill(buf, buf + W, rest);
+  if (ly >= 0) buf[ly] = std::log(a);
+  return buf;
+}
+
+void shard_stats_row(const double* s, const double* t, int64_t W, int64_t ly, double T,
+                     int64_t start, const Options& o, double* out) {
+  using Vec = Vectorized<double>;
+  const double inf = std::numeric_limits<double>::infinity();
+  Vec vms(-inf), vmt(-inf);
+  for_vectors<double>(W, [&](int64_t j, int64_t n) {
+    vms = at::vec::maximum(vms, keep(load(s + j, n), n, -inf));
+    vmt = at::vec::maximum(vmt, keep(load(t + j, n), n, -inf));
+  });
+  const double ms = hmax(vms), mt = hmax(vmt);
+  const double ms0 = ms == -inf ? 0.0 : ms, mt0 = mt == -inf ? 0.0 : mt, inv_t = 1 / T;
+  const bool ce = o.ce_weight != 0, smooth = o.correction == kCorrectionSmooth;
+  Vec vzs(0), vzt(0), vcross(0), vz1(0), vsum(0);
+  for_vectors<double>(W, [&](int64_t j, int64_t n) {
+    Vec vs = load(s + j, n), vt = load(t + j, n);
+    Vec es = ((vs - Vec(ms0)) * Vec(inv_t)).exp(), et = ((vt - Vec(mt0)) * Vec(inv_t)).exp();
+    vzs = vzs + keep(es, n, 0.0);
+    vzt = vzt + keep(et, n, 0.0);
+    vcross = vcross + keep(Vec::blendv(Vec(0), et * (vt - vs), et > Vec(0)), n, 0.0);
+    if (ce) vz1 = vz1 + keep((vs - Vec(ms0)).exp(), n, 0.0);
+    if (smooth) vsum = vsum + keep(vs, n, 0.0);
+  });
+  const bool owns = ly >= 0;
+  int64_t b = 0, idx1 = 0;
+  double s_b = 0, tx1 = -inf, tx2 = -inf;
+  if (o.correction == kCorrectionSwap || o.correction == kCorrectionRectify) {
+    b = find_first(t, W, mt);  // the first maximum
+    if (b == W) b = 0;
+    s_b = s[b];
+  }
+  if (o.correction == kCorrectionRectify) {  // the two largest teacher logits away from the label
+    idx1 = -1;
+    for (int64_t j = 0; j < W; ++j) {
+      if (j == ly) continue;
+      if (idx1 < 0 || t[j] > tx1) {
+        tx2 = tx1;
+        tx1 = t[j];
+        idx1 = j;
+      } else if (t[j] > tx2) {
+        tx2 = t[j];
+      }
+    }
+    if (idx1 < 0) idx1 = 0;  // a range of one column, the label's
+  }
+  out[kdk::kStat_ms] = ms;
+  out[kdk::kStat_zs] = hsum(vzs);
+  out[kdk::kStat_mt] = mt;
+  out[kdk::kStat_zt] = hsum(vzt);
+  out[kdk::kStat_cross] = hsum(vcross);
+  out[kdk::kStat_z1] = ce ? hsum(vz1) : 0.0;
+  out[kdk::kStat_s_y] = owns ? s[ly] : 0.0;
+  out[kdk::kStat_t_y] = owns ? t[ly] : 0.0;
+  out[kdk::kStat_owns] = owns ? 1.0 : 0.0;
+  out[kdk::kStat_b] = double(b + start);
+  out[kdk::kStat_s_b] = s_b;
+  out[kdk::kStat_tx1] = tx1;
+  out[kdk::kStat_idx1] = double(idx1 + start);
+  out[kdk::kStat_tx2] = tx2;
+  out[kdk::kStat_s_sum] = smooth ? hsum(vsum) : 0.0;
+}
+
+// From the row's merged values r: the range's gradient into g (grad), or its part of D and of
+// sum_j p_j G_j into sums (the divergences other than the forward KL).
+void shard_pass_row(const double* s, const double* t, int64_t W, int64_t ly, int64_t start,
+                    int64_t V, const double* r, const Options& o, bool grad, double* g,
+                    double* sums) {
+  using Vec = Vectorized<double>;
+  const double inf = std::numeric_limits<double>::infinity();
+  const double inv_t = 1 / r[kdk::kRow_T], ms = r[kdk::kRow_ms], mt = r[kdk::kRow_mt];
+  const double log_zs = r[kdk::kRow_log_zs], log_zt = r[kdk::kRow_log_zt];
+  const double kd_grad = r[kdk::kRow_kd_grad], g_mean = r[kdk::kRow_g_mean];
+  const double scale = r[kdk::kRow_scale], param = o.divergence_param;
+  const double ce_w = o.ce_weight, c1 = ce_w != 0 ? ce_w / r[kdk::kRow_z1] : 0.0;
+  const bool smoothed = r[kdk::kRow_smoothed] > 0, kl = o.divergence == kDivergenceKl;
+  const double log_ec = o.smooth_eps > 0 ? std::log(o.smooth_eps / double(V)) : -inf;
+  if (grad && scale == 0) {
+    std::fill(g, g + W, 0.0);
+    return;
+  }
+  // (gradient, d, p G) of one column against the target log_r
+  auto column = [&](int64_t j, double lr) {
+    const double lp = (s[j] - ms) * inv_t - log_zs, p = std::exp(lp), q = std::exp(lr);
+    double dir = p - q, d = 0, pG = 0;
+    if (!kl) {
+      auto [dj, Gj] = div_term<double>(o.divergence, param, p, lp, q, lr);
+      d = dj;
+      pG = p * Gj;
+      dir = p > 0 ? p * (Gj - g_mean) : 0.0;
+    }
+    double gj = kd_grad != 0 ? kd_grad * dir : 0.0;
+    if (ce_w != 0) gj += c1 * std::exp(s[j] - ms) - (j == ly ? ce_w : 0.0);
+    return std::array<double, 3>{gj * scale, d, pG};
+  };
+  // the correction's targets at the label and the argmax, where this range holds them
+  const int64_t lb = static_cast<int64_t>(r[kdk::kRow_b]) - start;
+  std::array<std::pair<int64_t, double>, 2> fixes = {{
+      {r[kdk::kRow_fix_y] > 0 ? ly : -1, r[kdk::kRow_lr_y]},
+      {r[kdk::kRow_fix_b] > 0 && lb >= 0 && lb < W ? lb : -1, r[kdk::kRow_lr_b]}}};
+  if (fixes[0].first > fixes[1].first) std::swap(fixes[0], fixes[1]);
+  Vec vD(0), vpG(0);
+  auto block = [&](int64_t j, int64_t n) {
+    Vec vs = load(s + j, n);
+    Vec lP = (vs - Vec(ms)) * Vec(inv_t) - Vec(log_zs), P = lP.exp();
+    Vec lR = smoothed ? Vec(log_ec) : (load(t + j, n) - Vec(mt)) * Vec(inv_t) - Vec(log_zt);
+    Vec R = lR.exp(), dir = P - R;
+    if (!kl) {
+      auto terms = div_terms<double>(o.divergence, param, P, lP, R, lR);
+      if (!grad) {
+        vD = vD + keep(terms.d, n, 0.0);
+        vpG = vpG + keep(P * terms.G, n, 0.0);
+        return;
+      }
+      dir = Vec::blendv(Vec(0), P * (terms.G - Vec(g_mean)), P > Vec(0));
+    }
+    if (!grad) return;
+    Vec gv = kd_grad != 0 ? Vec(kd_grad) * dir : Vec(0);
+    if (ce_w != 0) gv = gv + Vec(c1) * (vs - Vec(ms)).exp();
+    (gv * Vec(scale)).store(g + j, n);
+  };
+  // the sums skip the fixed columns (their base term may be infinite); the gradient's are
+  // written over below
+  int64_t from = 0;
+  for (const auto& fix : fixes) {
+    if (grad || fix.first < 0) continue;
+    for_vectors<double>(fix.first - from, [&](int64_t j, int64_t n) { block(from + j, n); });
+    from = fix.first + 1;
+  }
+  for_vectors<double>(W - from, [&](int64_t j, int64_t n) { block(from + j, n); });
+  double D = hsum(vD), pG = hsum(vpG);
+  if (grad && ly >= 0 && ce_w != 0) g[ly] -= ce_w * scale;
+  for (const auto& [j, lr] : fixes) {
+    if (j < 0) continue;
+    const auto fixed = column(j, lr);
+    if (grad) {
+      g[j] = fixed[0];
+    } else {
+      D += fixed[1];
+      pG += fixed[2];
+    }
+  }
+  if (!grad) {
+    sums[0] = r[kdk::kRow_has_teacher] > 0 ? D : 0.0;
+    sums[1] = pG;
+  }
+}
+
+// Rows in parallel: each row's range loaded as float64, its label made local to the range.
+template <typename Body>
+void shard_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                const c10::optional<at::Tensor>& target, int64_t start, int64_t V,
+                const Options& o, Body body) {
+  const int64_t N = student.size(0), W = student.size(1);
+  const int64_t* y = target.has_value() ? target->const_data_ptr<int64_t>() : nullptr;
+  const int64_t y_stride = target.has_value() ? target->stride(0) : 0;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(W, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    FlushDenormals ftz;
+    std::vector<double> scratch(3 * W);
+    double *sbuf = scratch.data(), *tbuf = sbuf + W, *gbuf = tbuf + W;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t local = y ? y[i * y_stride] - start : -1;
+      const int64_t ly = local >= 0 && local < W ? local : -1;
+      const double* s = load_row<double>(student, i, W, sbuf);
+      const double* t = shard_teacher(teacher, i, W, ly, V, o, tbuf);
+      body(i, s, t, ly, gbuf);
+    }
+  });
+}
+
+void check_shard(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                 const c10::optional<at::Tensor>& target, const at::Tensor& per_row,
+                 int64_t width) {
+  TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1,
+              "kdkernels: student shard must be [N, W] with unit class stride");
+  TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() &&
+              teacher->stride(1) == 1), "kdkernels: teacher shard must match the student's");
+  TORCH_CHECK(!target.has_value() || (target->scalar_type() == at::kLong &&
+              target->dim() == 1 && target->size(0) == student.size(0)),
+              "kdkernels: target must be int64 of shape [N]");
+  TORCH_CHECK(per_row.scalar_type() == at::kDouble && per_row.is_contiguous() &&
+              per_row.size(0) == student.size(0) && (width < 0 || per_row.size(1) == width),
+              "kdkernels: per-row values must be contiguous float64 [N, ", width, "]");
+}
+
+at::Tensor shard_stats_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                           const c10::optional<at::Tensor>& target, const at::Tensor& temps,
+                           int64_t vocab_start, int64_t vocab_size,
+                           c10::ArrayRef<double> options) {
+  const Options o = kdk::unpack_options(options);
+  check_shard(student, teacher, target, temps.unsqueeze(1), -1);
+  const int64_t N = student.size(0), W = student.size(1);
+  auto out = at::empty({N, kdk::kNumStats}, student.options().dtype(at::kDouble));
+  const double* T = temps.const_data_ptr<double>();
+  double* o_ptr = out.data_ptr<double>();
+  shard_rows(student, teacher, target, vocab_start, vocab_size, o,
+             [&](int64_t i, const double* s, const double* t, int64_t ly, double*) {
+               shard_stats_row(s, t, W, ly, T[i], vocab_start, o, o_ptr + i * kdk::kNumStats);
+             });
+  return out;
+}
+
+at::Tensor shard_pass_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                          const c10::optional<at::Tensor>& target, const at::Tensor& rows,
+                          int64_t vocab_start, int64_t vocab_size,
+                          c10::ArrayRef<double> options, bool grad) {
+  const Options o = kdk::unpack_options(options);
+  check_shard(student, teacher, target, rows, kdk::kNumRows);
+  const int64_t N = student.size(0), W = student.size(1);
+  auto out = grad ? at::empty({N, W}, student.options())
+                  : at::empty({N, 2}, student.options().dtype(at::kDouble));
+  const double* r = rows.const_data_ptr<double>();
+  const bool direct = grad && out.scalar_type() == at::kDouble;
+  shard_rows(student, teacher, target, vocab_start, vocab_size, o,
+             [&](int64_t i, const double* s, const double* t, int64_t ly, double* gbuf) {
+               double* g = direct ? out.data_ptr<double>() + i * W : gbuf;
+               double* sums = grad ? nullptr : out.data_ptr<double>() + 2 * i;
+               shard_pass_row(s, t, W, ly, vocab_start, vocab_size, r + i * kdk::kNumRows, o,
+                              grad, g, sums);
+               if (grad && !direct) store_row<double>(gbuf, out, i, W);
+             });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kdkernels, m) {
   m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? teacher_indices, Tensor? target, "
         "Tensor? temp_rows, float[] options) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("shard_stats_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor temps, "
+        "int vocab_start, int vocab_size, float[] options) -> Tensor");
+  m.def("shard_pass_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor rows, "
+        "int vocab_start, int vocab_size, float[] options, bool grad) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("distill_cpu", &distill_cpu); }
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("distill_cpu", &distill_cpu);
+  m.impl("shard_stats_cpu", &shard_stats_cpu);
+  m.impl("shard_pass_cpu", &shard_pass_cpu);
+}
 
 // A plain Python module per CPU variant (kdkernels._C_default, _C_avx2, _C_avx512: setup.py
 // sets TORCH_EXTENSION_NAME), so that importing one loads the library and registers the op.

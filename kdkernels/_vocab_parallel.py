@@ -17,6 +17,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from . import ops
 from ._core import (
     _host_scalars,
     check_floating,
@@ -315,7 +316,9 @@ class _Job:
         self.param = float(h["jsd_beta"] if h["divergence"] == "jsd" else h["skew_alpha"])
         self.checked, self.agree = False, None
         self.o = fused_options(hyper, (TEMP_ROWS, 0.0, None, None), True, 1.0, False)
-        self.backend = torch_distill
+        # the shard entry points of the backend that runs here (Triton has none yet: torch's)
+        runner = ops.resolve("auto", rows.device)
+        self.backend = runner if hasattr(runner, "shard_pass") else torch_distill
 
     # ---- collectives ----------------------------------------------------------------------
 

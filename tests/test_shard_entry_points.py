@@ -1,0 +1,94 @@
+"""The backends' shard entry points (kdkernels/_options.py, SHARD_STATS / SHARD_ROWS): the C++
+kernel's shard_statistics and shard_pass against the torch backend's on random ranges of rows,
+every correction and divergence, CE on and off, a virtual teacher, -inf teacher logits, labels
+inside and outside the range, ignored and bad rows, float64 / float32 / bfloat16, strided rows.
+(The vocab-parallel tests check the composition against the float64 oracle.)"""
+import math
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels._core import fused_options
+from kdkernels._options import SHARD_ROWS, SHARD_STATS, TEMP_ROWS
+from kdkernels.ops import cpp_distill, torch_distill
+
+pytestmark = pytest.mark.skipif(not kdkernels.backends()["cpp"].available,
+                                reason="needs the C++ kernel")
+
+HYPER = dict(kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=0.3, correction=None, smooth_eps=0.1,
+             virtual_teacher=None, t2_scale=True, divergence="kl", jsd_beta=0.5, skew_alpha=0.2,
+             ignore_index=-100)
+CASES = [
+    dict(),
+    dict(correction="swap"),
+    dict(correction="rectify", ce_weight=0.0),
+    dict(correction="smooth"),
+    dict(divergence="jsd", correction="swap"),
+    dict(divergence="reverse_kl", correction="rectify"),
+    dict(divergence="tv", correction="smooth"),
+    dict(divergence="skew_reverse_kl"),
+    dict(divergence="skew_kl", virtual_teacher=0.9),
+]
+
+
+def _options(case):
+    return fused_options(dict(HYPER, **case), (TEMP_ROWS, 0.0, None, None), True, 1.0, False)
+
+
+def _shard(seed, dtype, n=11, V=40, start=13, width=17):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = (torch.randn(n, V, generator=g, dtype=torch.float64) * 3)
+    t = t.masked_fill(torch.rand(n, V, generator=g) < 0.2, -math.inf).to(dtype)
+    t[0] = -math.inf  # a row without a teacher in this range
+    y = torch.randint(0, V, (n,), generator=g)
+    y[1], y[2], y[3], y[4] = start, start + width - 1, -100, start - 1  # edges, ignored, outside
+    temps = torch.rand(n, generator=g, dtype=torch.float64) * 5 + 0.5
+    return s[:, start:start + width], t[:, start:start + width], y, temps, start, V
+
+
+def _rows(stats, temps, y, start, seed):
+    """Merged values of the shape shard_pass reads, from one range's statistics."""
+    g = torch.Generator().manual_seed(seed)
+    n = stats.shape[0]
+    col = dict(zip(SHARD_STATS, stats.unbind(1)))
+    has_teacher = col["mt"] > -math.inf
+    values = dict(
+        T=temps, ms=col["ms"], log_zs=torch.log(col["zs"]) + 0.3,
+        mt=torch.where(has_teacher, col["mt"], 0.0), log_zt=torch.log(col["zt"]) + 0.2,
+        z1=col["z1"] + 1.0, kd_grad=torch.where(has_teacher, 0.9 * temps, 0.0),
+        b=col["b"], lr_y=torch.full((n,), -1.5, dtype=torch.float64),
+        lr_b=torch.full((n,), -0.7, dtype=torch.float64),
+        g_mean=torch.rand(n, generator=g, dtype=torch.float64),
+        scale=torch.rand(n, generator=g, dtype=torch.float64) + 0.5,
+        fix_y=(torch.arange(n) % 2 == 0).double(), fix_b=(torch.arange(n) % 3 == 0).double(),
+        smoothed=(torch.arange(n) % 4 == 1).double(), has_teacher=has_teacher.double())
+    values["scale"][5] = 0.0  # a row that does not count
+    values["scale"][6] = math.nan  # a bad row
+    return torch.stack([values[name] for name in SHARD_ROWS], -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cpp_shard_entry_points_match_the_torch_backend(case, dtype):
+    o = _options(CASES[case])
+    s, t, y, temps, start, V = _shard(case, dtype)
+    teacher = None if CASES[case].get("virtual_teacher") else t
+    args = (s, teacher, y)
+    want = torch_distill.shard_statistics(*args, temps, start, V, o)
+    got = cpp_distill.shard_statistics(*args, temps, start, V, o)
+    assert got.dtype == torch.float64 and got.shape == (s.shape[0], len(SHARD_STATS))
+    idx1, tx1 = SHARD_STATS.index("idx1"), SHARD_STATS.index("tx1")
+    unset = want[:, tx1] == -math.inf  # no finite value: any column id serves
+    got[unset, idx1] = want[unset, idx1]
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13, equal_nan=True)
+    rows = _rows(want, temps, y, start, case)
+    for grad in (True, False) if o.divergence != 0 else (True,):  # sums: not for the KL
+        want = torch_distill.shard_pass(*args, rows, start, V, o, grad)
+        got = cpp_distill.shard_pass(*args, rows, start, V, o, grad)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        if grad:
+            assert got.dtype == dtype and torch.isnan(got[6]).all() and (got[5] == 0).all()
+        tol = dict(rtol=1e-12, atol=1e-12) if got.dtype == torch.float64 else {}
+        torch.testing.assert_close(got, want, **tol, equal_nan=True)
