@@ -980,6 +980,8 @@ void shard_stats_row(const double* s, const double* t, int64_t W, int64_t ly, do
   const double ms = hmax(vms), mt = hmax(vmt);
   const double ms0 = ms == -inf ? 0.0 : ms, mt0 = mt == -inf ? 0.0 : mt, inv_t = 1 / T;
   const bool ce = o.ce_weight != 0, smooth = o.correction == kCorrectionSmooth;
+  // CE's exp(s - ms) is exp((s - ms) / T)^k at an integer temperature k <= 8
+  const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
   Vec vzs(0), vzt(0), vcross(0), vz1(0), vsum(0);
   for_vectors<double>(W, [&](int64_t j, int64_t n) {
     Vec vs = load(s + j, n), vt = load(t + j, n);
@@ -987,7 +989,7 @@ void shard_stats_row(const double* s, const double* t, int64_t W, int64_t ly, do
     vzs = vzs + keep(es, n, 0.0);
     vzt = vzt + keep(et, n, 0.0);
     vcross = vcross + keep(Vec::blendv(Vec(0), et * (vt - vs), et > Vec(0)), n, 0.0);
-    if (ce) vz1 = vz1 + keep((vs - Vec(ms0)).exp(), n, 0.0);
+    if (ce) vz1 = vz1 + keep(int_t ? ipow(es, int_t) : (vs - Vec(ms0)).exp(), n, 0.0);
     if (smooth) vsum = vsum + keep(vs, n, 0.0);
   });
   const bool owns = ly >= 0;
@@ -1068,9 +1070,11 @@ void shard_pass_row(const double* s, const double* t, int64_t W, int64_t ly, int
       {r[kdk::kRow_fix_b] > 0 && lb >= 0 && lb < W ? lb : -1, r[kdk::kRow_lr_b]}}};
   if (fixes[0].first > fixes[1].first) std::swap(fixes[0], fixes[1]);
   Vec vD(0), vpG(0);
+  const double T = r[kdk::kRow_T], inv_zs = std::exp(-log_zs);
+  const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
   auto block = [&](int64_t j, int64_t n) {
-    Vec vs = load(s + j, n);
-    Vec lP = (vs - Vec(ms)) * Vec(inv_t) - Vec(log_zs), P = lP.exp();
+    Vec vs = load(s + j, n), ds = (vs - Vec(ms)) * Vec(inv_t), es = ds.exp();
+    Vec lP = ds - Vec(log_zs), P = es * Vec(inv_zs);
     Vec lR = smoothed ? Vec(log_ec) : (load(t + j, n) - Vec(mt)) * Vec(inv_t) - Vec(log_zt);
     Vec R = lR.exp(), dir = P - R;
     if (!kl) {
@@ -1084,7 +1088,7 @@ void shard_pass_row(const double* s, const double* t, int64_t W, int64_t ly, int
     }
     if (!grad) return;
     Vec gv = kd_grad != 0 ? Vec(kd_grad) * dir : Vec(0);
-    if (ce_w != 0) gv = gv + Vec(c1) * (vs - Vec(ms)).exp();
+    if (ce_w != 0) gv = gv + Vec(c1) * (int_t ? ipow(es, int_t) : (vs - Vec(ms)).exp());
     (gv * Vec(scale)).store(g + j, n);
   };
   // the sums skip the fixed columns (their base term may be infinite); the gradient's are

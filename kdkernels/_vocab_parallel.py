@@ -568,6 +568,12 @@ class _Job:
                      + torch.where(c["still_wrong"], FLAG_STILL_WRONG, 0)).to(torch.int8)
         return loss.to(self.rows.acc), flags
 
+def _mean_scale(count, N):
+    """The rows' upstream factor a "mean" folds into the forward's gradient (1 / count), so
+    that loss.backward() leaves it as written; None for "sum"."""
+    return None if count is None else (1 / count).expand(N)
+
+
 def _kl_term(log_x, log_p):
     x = log_x.exp()
     return torch.where(x > 0, x * (log_x - log_p), 0.0)
@@ -588,8 +594,8 @@ class _VocabParallelLinear(torch.autograd.Function):
             ctx.save_for_backward(h, W, b)
         else:
             sink = GradientSink(h, W, b, ctx.need)
-            job.gradient_pass(c, sink)
-            ctx.save_for_backward(*sink.results(), count)
+            job.gradient_pass(c, sink, _mean_scale(count, job.rows.N))
+            ctx.save_for_backward(*sink.results())
         ctx.mark_non_differentiable(temps, flags)
         return loss, temps, flags
 
@@ -602,8 +608,8 @@ class _VocabParallelLinear(torch.autograd.Function):
             sink = GradientSink(h, W, b, ctx.need)
             job.gradient_pass(ctx.c, sink, upstream=grad_loss.reshape(-1))
             return (*sink.results(), None)
-        gh, gw, gb, count = ctx.saved_tensors
-        return (*scale_saved((gh, gw, gb), grad_loss, count=count), None)
+        gh, gw, gb = ctx.saved_tensors
+        return (*scale_saved((gh, gw, gb), grad_loss), None)
 
 
 class _VocabParallel(torch.autograd.Function):
@@ -618,15 +624,14 @@ class _VocabParallel(torch.autograd.Function):
 
         def write(i, j, g):
             grad[i:j] = g
-        job.gradient_pass(c, write)
+        job.gradient_pass(c, write, _mean_scale(count, job.rows.N))
         ctx.reduction, ctx.shape = job.reduction, student.shape
-        ctx.save_for_backward(grad, count)
+        ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(temps, flags)
         return loss, temps, flags
 
     @staticmethod
     def backward(ctx, grad_loss, _t, _f):
-        grad, count = ctx.saved_tensors
-        per_row = ctx.reduction == "none"
-        (grad,) = scale_saved((grad,), grad_loss, per_row, count)
+        (grad,) = ctx.saved_tensors
+        (grad,) = scale_saved((grad,), grad_loss, ctx.reduction == "none")
         return grad.reshape(ctx.shape), None

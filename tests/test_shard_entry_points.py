@@ -45,6 +45,7 @@ def _shard(seed, dtype, n=11, V=40, start=13, width=17):
     y = torch.randint(0, V, (n,), generator=g)
     y[1], y[2], y[3], y[4] = start, start + width - 1, -100, start - 1  # edges, ignored, outside
     temps = torch.rand(n, generator=g, dtype=torch.float64) * 5 + 0.5
+    temps[7:10] = torch.tensor([1.0, 4.0, 8.0], dtype=torch.float64)  # CE from exp(./T)^T
     return s[:, start:start + width], t[:, start:start + width], y, temps, start, V
 
 
