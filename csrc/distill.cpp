@@ -952,46 +952,78 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
 }
 
 // ---- the shard entry points (kdkernels/_options.py, SHARD_STATS / SHARD_ROWS) --------------
-// A range of a row's columns [start, start + W) of a vocabulary of V classes, in float64 (the
-// merge across ranges subtracts log-sums: float64 keeps the KL's digits up to high T).
+// A range of a row's columns [start, start + W) of a vocabulary of V classes. The merge across
+// ranges subtracts log-sums, which float sums would leave a relative error of their rounding:
+// the results are float64, the per-class math float64 too (ct = double) unless the inputs are
+// 16/32-bit and every temperature is at most kFloatShardT (ct = float, where that error stays
+// under 1e-6 of the KL); sums are flushed from vector lanes into doubles every kFlush vectors.
+constexpr double kFloatShardT = 8.0;
+constexpr int kFlush = 16;
 
 // The range's teacher row: read, or the virtual teacher's columns built from the label.
-inline const double* shard_teacher(const c10::optional<at::Tensor>& teacher, int64_t i,
-                                   int64_t W, int64_t ly, int64_t V, const Options& o,
-                                   double* buf) {
-  if (teacher.has_value()) return load_row<double>(*teacher, i, W, buf);
+template <typename ct>
+const ct* shard_teacher(const c10::optional<at::Tensor>& teacher, int64_t i, int64_t W,
+                        int64_t ly, int64_t V, const Options& o, ct* buf) {
+  if (teacher.has_value()) return load_row<ct>(*teacher, i, W, buf);
   const double a = o.virtual_teacher;
   const double rest = a < 1 ? std::log((1 - a) / double(std::max<int64_t>(V - 1, 1)))
                             : -std::numeric_limits<double>::infinity();
-  std::fill(buf, buf + W, rest);
-  if (ly >= 0) buf[ly] = std::log(a);
+  std::fill(buf, buf + W, static_cast<ct>(rest));
+  if (ly >= 0) buf[ly] = static_cast<ct>(std::log(a));
   return buf;
 }
 
-void shard_stats_row(const double* s, const double* t, int64_t W, int64_t ly, double T,
-                     int64_t start, const Options& o, double* out) {
-  using Vec = Vectorized<double>;
-  const double inf = std::numeric_limits<double>::infinity();
+// Vector lanes summed in ct, flushed into a double every kFlush vectors.
+template <typename ct>
+struct LaneSum {
+  Vectorized<ct> lanes{ct(0)};
+  double total = 0;
+  void add(const Vectorized<ct>& v, int64_t n) { lanes = lanes + keep(v, n, ct(0)); }
+  void flush() {
+    total += static_cast<double>(hsum(lanes));
+    lanes = Vectorized<ct>(ct(0));
+  }
+  double sum() {
+    flush();
+    return total;
+  }
+};
+
+// for_vectors over [from, to), calling flush() every kFlush vectors.
+template <typename ct, typename Body, typename Flush>
+void for_vectors_flushed(int64_t from, int64_t to, Body body, Flush flush) {
+  int64_t count = 0;
+  for_vectors<ct>(to - from, [&](int64_t j, int64_t n) {
+    body(from + j, n);
+    if (++count % kFlush == 0) flush();
+  });
+}
+
+template <typename ct>
+void shard_stats_row(const ct* s, const ct* t, int64_t W, int64_t ly, double T, int64_t start,
+                     const Options& o, double* out) {
+  using Vec = Vectorized<ct>;
+  const ct inf = std::numeric_limits<ct>::infinity();
   Vec vms(-inf), vmt(-inf);
-  for_vectors<double>(W, [&](int64_t j, int64_t n) {
+  for_vectors<ct>(W, [&](int64_t j, int64_t n) {
     vms = at::vec::maximum(vms, keep(load(s + j, n), n, -inf));
     vmt = at::vec::maximum(vmt, keep(load(t + j, n), n, -inf));
   });
-  const double ms = hmax(vms), mt = hmax(vmt);
-  const double ms0 = ms == -inf ? 0.0 : ms, mt0 = mt == -inf ? 0.0 : mt, inv_t = 1 / T;
+  const ct ms = hmax(vms), mt = hmax(vmt);
+  const ct ms0 = ms == -inf ? ct(0) : ms, mt0 = mt == -inf ? ct(0) : mt, inv_t = ct(1 / T);
   const bool ce = o.ce_weight != 0, smooth = o.correction == kCorrectionSmooth;
   // CE's exp(s - ms) is exp((s - ms) / T)^k at an integer temperature k <= 8
   const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
-  Vec vzs(0), vzt(0), vcross(0), vz1(0), vsum(0);
-  for_vectors<double>(W, [&](int64_t j, int64_t n) {
+  LaneSum<ct> zs, zt, cross, z1, sum;
+  for_vectors_flushed<ct>(0, W, [&](int64_t j, int64_t n) {
     Vec vs = load(s + j, n), vt = load(t + j, n);
-    Vec es = ((vs - Vec(ms0)) * Vec(inv_t)).exp(), et = ((vt - Vec(mt0)) * Vec(inv_t)).exp();
-    vzs = vzs + keep(es, n, 0.0);
-    vzt = vzt + keep(et, n, 0.0);
-    vcross = vcross + keep(Vec::blendv(Vec(0), et * (vt - vs), et > Vec(0)), n, 0.0);
-    if (ce) vz1 = vz1 + keep(int_t ? ipow(es, int_t) : (vs - Vec(ms0)).exp(), n, 0.0);
-    if (smooth) vsum = vsum + keep(vs, n, 0.0);
-  });
+    Vec es = vexp<ct>((vs - Vec(ms0)) * Vec(inv_t)), et = vexp<ct>((vt - Vec(mt0)) * Vec(inv_t));
+    zs.add(es, n);
+    zt.add(et, n);
+    cross.add(Vec::blendv(Vec(0), et * (vt - vs), et > Vec(0)), n);
+    if (ce) z1.add(int_t ? ipow(es, int_t) : vexp<ct>(vs - Vec(ms0)), n);
+    if (smooth) sum.add(vs, n);
+  }, [&] { zs.flush(); zt.flush(); cross.flush(); z1.flush(); sum.flush(); });
   const bool owns = ly >= 0;
   int64_t b = 0, idx1 = 0;
   double s_b = 0, tx1 = -inf, tx2 = -inf;
@@ -1015,43 +1047,43 @@ void shard_stats_row(const double* s, const double* t, int64_t W, int64_t ly, do
     if (idx1 < 0) idx1 = 0;  // a range of one column, the label's
   }
   out[kdk::kStat_ms] = ms;
-  out[kdk::kStat_zs] = hsum(vzs);
+  out[kdk::kStat_zs] = zs.sum();
   out[kdk::kStat_mt] = mt;
-  out[kdk::kStat_zt] = hsum(vzt);
-  out[kdk::kStat_cross] = hsum(vcross);
-  out[kdk::kStat_z1] = ce ? hsum(vz1) : 0.0;
-  out[kdk::kStat_s_y] = owns ? s[ly] : 0.0;
-  out[kdk::kStat_t_y] = owns ? t[ly] : 0.0;
+  out[kdk::kStat_zt] = zt.sum();
+  out[kdk::kStat_cross] = cross.sum();
+  out[kdk::kStat_z1] = ce ? z1.sum() : 0.0;
+  out[kdk::kStat_s_y] = owns ? double(s[ly]) : 0.0;
+  out[kdk::kStat_t_y] = owns ? double(t[ly]) : 0.0;
   out[kdk::kStat_owns] = owns ? 1.0 : 0.0;
   out[kdk::kStat_b] = double(b + start);
   out[kdk::kStat_s_b] = s_b;
   out[kdk::kStat_tx1] = tx1;
   out[kdk::kStat_idx1] = double(idx1 + start);
   out[kdk::kStat_tx2] = tx2;
-  out[kdk::kStat_s_sum] = smooth ? hsum(vsum) : 0.0;
+  out[kdk::kStat_s_sum] = smooth ? sum.sum() : 0.0;
 }
 
 // From the row's merged values r: the range's gradient into g (grad), or its part of D and of
 // sum_j p_j G_j into sums (the divergences other than the forward KL).
-void shard_pass_row(const double* s, const double* t, int64_t W, int64_t ly, int64_t start,
-                    int64_t V, const double* r, const Options& o, bool grad, double* g,
-                    double* sums) {
-  using Vec = Vectorized<double>;
-  const double inf = std::numeric_limits<double>::infinity();
-  const double inv_t = 1 / r[kdk::kRow_T], ms = r[kdk::kRow_ms], mt = r[kdk::kRow_mt];
+template <typename ct>
+void shard_pass_row(const ct* s, const ct* t, int64_t W, int64_t ly, int64_t start, int64_t V,
+                    const double* r, const Options& o, bool grad, ct* g, double* sums) {
+  using Vec = Vectorized<ct>;
+  const double T = r[kdk::kRow_T], inv_t = 1 / T, ms = r[kdk::kRow_ms], mt = r[kdk::kRow_mt];
   const double log_zs = r[kdk::kRow_log_zs], log_zt = r[kdk::kRow_log_zt];
   const double kd_grad = r[kdk::kRow_kd_grad], g_mean = r[kdk::kRow_g_mean];
   const double scale = r[kdk::kRow_scale], param = o.divergence_param;
   const double ce_w = o.ce_weight, c1 = ce_w != 0 ? ce_w / r[kdk::kRow_z1] : 0.0;
   const bool smoothed = r[kdk::kRow_smoothed] > 0, kl = o.divergence == kDivergenceKl;
-  const double log_ec = o.smooth_eps > 0 ? std::log(o.smooth_eps / double(V)) : -inf;
+  const double log_ec = o.smooth_eps > 0 ? std::log(o.smooth_eps / double(V))
+                                         : -std::numeric_limits<double>::infinity();
   if (grad && scale == 0) {
-    std::fill(g, g + W, 0.0);
+    std::fill(g, g + W, ct(0));
     return;
   }
-  // (gradient, d, p G) of one column against the target log_r
+  // (gradient, d, p G) of one column against the target log_r, in double
   auto column = [&](int64_t j, double lr) {
-    const double lp = (s[j] - ms) * inv_t - log_zs, p = std::exp(lp), q = std::exp(lr);
+    const double lp = (double(s[j]) - ms) * inv_t - log_zs, p = std::exp(lp), q = std::exp(lr);
     double dir = p - q, d = 0, pG = 0;
     if (!kl) {
       auto [dj, Gj] = div_term<double>(o.divergence, param, p, lp, q, lr);
@@ -1060,7 +1092,7 @@ void shard_pass_row(const double* s, const double* t, int64_t W, int64_t ly, int
       dir = p > 0 ? p * (Gj - g_mean) : 0.0;
     }
     double gj = kd_grad != 0 ? kd_grad * dir : 0.0;
-    if (ce_w != 0) gj += c1 * std::exp(s[j] - ms) - (j == ly ? ce_w : 0.0);
+    if (ce_w != 0) gj += c1 * std::exp(double(s[j]) - ms) - (j == ly ? ce_w : 0.0);
     return std::array<double, 3>{gj * scale, d, pG};
   };
   // the correction's targets at the label and the argmax, where this range holds them
@@ -1069,57 +1101,62 @@ void shard_pass_row(const double* s, const double* t, int64_t W, int64_t ly, int
       {r[kdk::kRow_fix_y] > 0 ? ly : -1, r[kdk::kRow_lr_y]},
       {r[kdk::kRow_fix_b] > 0 && lb >= 0 && lb < W ? lb : -1, r[kdk::kRow_lr_b]}}};
   if (fixes[0].first > fixes[1].first) std::swap(fixes[0], fixes[1]);
-  Vec vD(0), vpG(0);
-  const double T = r[kdk::kRow_T], inv_zs = std::exp(-log_zs);
   const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
+  auto splat = [](double x) { return Vec(static_cast<ct>(x)); };
+  const Vec v_ms = splat(ms), v_inv_t = splat(inv_t), v_log_zs = splat(log_zs);
+  const Vec v_inv_zs = splat(std::exp(-log_zs)), v_mt = splat(mt), v_log_zt = splat(log_zt);
+  const Vec v_log_ec = splat(log_ec), v_kd = splat(kd_grad), v_c1 = splat(c1);
+  const Vec v_scale = splat(scale), v_g_mean = splat(g_mean);
+  LaneSum<ct> D, pG;
   auto block = [&](int64_t j, int64_t n) {
-    Vec vs = load(s + j, n), ds = (vs - Vec(ms)) * Vec(inv_t), es = ds.exp();
-    Vec lP = ds - Vec(log_zs), P = es * Vec(inv_zs);
-    Vec lR = smoothed ? Vec(log_ec) : (load(t + j, n) - Vec(mt)) * Vec(inv_t) - Vec(log_zt);
-    Vec R = lR.exp(), dir = P - R;
+    Vec vs = load(s + j, n), ds = (vs - v_ms) * v_inv_t, es = vexp<ct>(ds);
+    Vec lP = ds - v_log_zs, P = es * v_inv_zs;
+    Vec lR = smoothed ? v_log_ec : (load(t + j, n) - v_mt) * v_inv_t - v_log_zt;
+    Vec R = vexp<ct>(lR), dir = P - R;
     if (!kl) {
-      auto terms = div_terms<double>(o.divergence, param, P, lP, R, lR);
+      auto terms = div_terms<ct>(o.divergence, ct(param), P, lP, R, lR);
       if (!grad) {
-        vD = vD + keep(terms.d, n, 0.0);
-        vpG = vpG + keep(P * terms.G, n, 0.0);
+        D.add(terms.d, n);
+        pG.add(P * terms.G, n);
         return;
       }
-      dir = Vec::blendv(Vec(0), P * (terms.G - Vec(g_mean)), P > Vec(0));
+      dir = Vec::blendv(Vec(0), P * (terms.G - v_g_mean), P > Vec(0));
     }
     if (!grad) return;
-    Vec gv = kd_grad != 0 ? Vec(kd_grad) * dir : Vec(0);
-    if (ce_w != 0) gv = gv + Vec(c1) * (int_t ? ipow(es, int_t) : (vs - Vec(ms)).exp());
-    (gv * Vec(scale)).store(g + j, n);
+    Vec gv = kd_grad != 0 ? v_kd * dir : Vec(0);
+    if (ce_w != 0) gv = gv + v_c1 * (int_t ? ipow(es, int_t) : vexp<ct>(vs - v_ms));
+    (gv * v_scale).store(g + j, n);
   };
+  auto flush = [&] { D.flush(); pG.flush(); };
   // the sums skip the fixed columns (their base term may be infinite); the gradient's are
   // written over below
   int64_t from = 0;
   for (const auto& fix : fixes) {
     if (grad || fix.first < 0) continue;
-    for_vectors<double>(fix.first - from, [&](int64_t j, int64_t n) { block(from + j, n); });
+    for_vectors_flushed<ct>(from, fix.first, block, flush);
     from = fix.first + 1;
   }
-  for_vectors<double>(W - from, [&](int64_t j, int64_t n) { block(from + j, n); });
-  double D = hsum(vD), pG = hsum(vpG);
-  if (grad && ly >= 0 && ce_w != 0) g[ly] -= ce_w * scale;
+  for_vectors_flushed<ct>(from, W, block, flush);
+  double total_D = D.sum(), total_pG = pG.sum();
+  if (grad && ly >= 0 && ce_w != 0) g[ly] -= ct(ce_w * scale);
   for (const auto& [j, lr] : fixes) {
     if (j < 0) continue;
     const auto fixed = column(j, lr);
     if (grad) {
-      g[j] = fixed[0];
+      g[j] = ct(fixed[0]);
     } else {
-      D += fixed[1];
-      pG += fixed[2];
+      total_D += fixed[1];
+      total_pG += fixed[2];
     }
   }
   if (!grad) {
-    sums[0] = r[kdk::kRow_has_teacher] > 0 ? D : 0.0;
-    sums[1] = pG;
+    sums[0] = r[kdk::kRow_has_teacher] > 0 ? total_D : 0.0;
+    sums[1] = total_pG;
   }
 }
 
-// Rows in parallel: each row's range loaded as float64, its label made local to the range.
-template <typename Body>
+// Rows in parallel: each row's range loaded as ct, its label made local to the range.
+template <typename ct, typename Body>
 void shard_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
                 const c10::optional<at::Tensor>& target, int64_t start, int64_t V,
                 const Options& o, Body body) {
@@ -1129,13 +1166,13 @@ void shard_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teac
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(W, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
-    std::vector<double> scratch(3 * W);
-    double *sbuf = scratch.data(), *tbuf = sbuf + W, *gbuf = tbuf + W;
+    std::vector<ct> scratch(3 * W);
+    ct *sbuf = scratch.data(), *tbuf = sbuf + W, *gbuf = tbuf + W;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t local = y ? y[i * y_stride] - start : -1;
       const int64_t ly = local >= 0 && local < W ? local : -1;
-      const double* s = load_row<double>(student, i, W, sbuf);
-      const double* t = shard_teacher(teacher, i, W, ly, V, o, tbuf);
+      const ct* s = load_row<ct>(student, i, W, sbuf);
+      const ct* t = shard_teacher<ct>(teacher, i, W, ly, V, o, tbuf);
       body(i, s, t, ly, gbuf);
     }
   });
@@ -1156,21 +1193,59 @@ void check_shard(const at::Tensor& student, const c10::optional<at::Tensor>& tea
               "kdkernels: per-row values must be contiguous float64 [N, ", width, "]");
 }
 
+// float math where the inputs are not float64 and no temperature exceeds kFloatShardT
+bool float_shard(const at::Tensor& student, const double* T, int64_t N, int64_t stride) {
+  if (student.scalar_type() == at::kDouble) return false;
+  for (int64_t i = 0; i < N; ++i) {
+    if (!(T[i * stride] <= kFloatShardT)) return false;
+  }
+  return true;
+}
+
+template <typename ct>
+void shard_stats_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                      const c10::optional<at::Tensor>& target, const double* T, int64_t start,
+                      int64_t V, const Options& o, double* out) {
+  const int64_t W = student.size(1);
+  shard_rows<ct>(student, teacher, target, start, V, o,
+                 [&](int64_t i, const ct* s, const ct* t, int64_t ly, ct*) {
+                   shard_stats_row<ct>(s, t, W, ly, T[i], start, o, out + i * kdk::kNumStats);
+                 });
+}
+
 at::Tensor shard_stats_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
                            const c10::optional<at::Tensor>& target, const at::Tensor& temps,
                            int64_t vocab_start, int64_t vocab_size,
                            c10::ArrayRef<double> options) {
   const Options o = kdk::unpack_options(options);
   check_shard(student, teacher, target, temps.unsqueeze(1), -1);
-  const int64_t N = student.size(0), W = student.size(1);
+  const int64_t N = student.size(0);
   auto out = at::empty({N, kdk::kNumStats}, student.options().dtype(at::kDouble));
   const double* T = temps.const_data_ptr<double>();
-  double* o_ptr = out.data_ptr<double>();
-  shard_rows(student, teacher, target, vocab_start, vocab_size, o,
-             [&](int64_t i, const double* s, const double* t, int64_t ly, double*) {
-               shard_stats_row(s, t, W, ly, T[i], vocab_start, o, o_ptr + i * kdk::kNumStats);
-             });
+  if (float_shard(student, T, N, 1)) {
+    shard_stats_rows<float>(student, teacher, target, T, vocab_start, vocab_size, o,
+                            out.data_ptr<double>());
+  } else {
+    shard_stats_rows<double>(student, teacher, target, T, vocab_start, vocab_size, o,
+                             out.data_ptr<double>());
+  }
   return out;
+}
+
+template <typename ct>
+void shard_pass_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                     const c10::optional<at::Tensor>& target, const double* r, int64_t start,
+                     int64_t V, const Options& o, bool grad, at::Tensor& out) {
+  const int64_t W = student.size(1);
+  const bool direct = grad && out.scalar_type() == c10::CppTypeToScalarType<ct>::value;
+  shard_rows<ct>(student, teacher, target, start, V, o,
+                 [&](int64_t i, const ct* s, const ct* t, int64_t ly, ct* gbuf) {
+                   ct* g = direct ? out.data_ptr<ct>() + i * W : gbuf;
+                   double* sums = grad ? nullptr : out.data_ptr<double>() + 2 * i;
+                   shard_pass_row<ct>(s, t, W, ly, start, V, r + i * kdk::kNumRows, o, grad, g,
+                                      sums);
+                   if (grad && !direct) store_row<ct>(gbuf, out, i, W);
+                 });
 }
 
 at::Tensor shard_pass_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
@@ -1183,15 +1258,11 @@ at::Tensor shard_pass_cpu(const at::Tensor& student, const c10::optional<at::Ten
   auto out = grad ? at::empty({N, W}, student.options())
                   : at::empty({N, 2}, student.options().dtype(at::kDouble));
   const double* r = rows.const_data_ptr<double>();
-  const bool direct = grad && out.scalar_type() == at::kDouble;
-  shard_rows(student, teacher, target, vocab_start, vocab_size, o,
-             [&](int64_t i, const double* s, const double* t, int64_t ly, double* gbuf) {
-               double* g = direct ? out.data_ptr<double>() + i * W : gbuf;
-               double* sums = grad ? nullptr : out.data_ptr<double>() + 2 * i;
-               shard_pass_row(s, t, W, ly, vocab_start, vocab_size, r + i * kdk::kNumRows, o,
-                              grad, g, sums);
-               if (grad && !direct) store_row<double>(gbuf, out, i, W);
-             });
+  if (float_shard(student, r + kdk::kRow_T, N, kdk::kNumRows)) {
+    shard_pass_rows<float>(student, teacher, target, r, vocab_start, vocab_size, o, grad, out);
+  } else {
+    shard_pass_rows<double>(student, teacher, target, r, vocab_start, vocab_size, o, grad, out);
+  }
   return out;
 }
 

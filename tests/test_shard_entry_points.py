@@ -70,11 +70,18 @@ def _rows(stats, temps, y, start, seed):
     return torch.stack([values[name] for name in SHARD_ROWS], -1)
 
 
+@pytest.mark.parametrize("high_t", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_cpp_shard_entry_points_match_the_torch_backend(case, dtype):
+def test_cpp_shard_entry_points_match_the_torch_backend(case, dtype, high_t):
+    """float64 math (float64 inputs, or a temperature above 8) matches to 1e-12; float math
+    (16/32-bit inputs, every temperature <= 8) to float32 rounding."""
     o = _options(CASES[case])
     s, t, y, temps, start, V = _shard(case, dtype)
+    if high_t:
+        temps[10] = 50.0
+    exact = dtype == torch.float64 or high_t
+    tight = dict(rtol=1e-12, atol=1e-12) if exact else dict(rtol=2e-6, atol=2e-6)
     teacher = None if CASES[case].get("virtual_teacher") else t
     args = (s, teacher, y)
     want = torch_distill.shard_statistics(*args, temps, start, V, o)
@@ -83,7 +90,7 @@ def test_cpp_shard_entry_points_match_the_torch_backend(case, dtype):
     idx1, tx1 = SHARD_STATS.index("idx1"), SHARD_STATS.index("tx1")
     unset = want[:, tx1] == -math.inf  # no finite value: any column id serves
     got[unset, idx1] = want[unset, idx1]
-    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13, equal_nan=True)
+    torch.testing.assert_close(got, want, **tight, equal_nan=True)
     rows = _rows(want, temps, y, start, case)
     for grad in (True, False) if o.divergence != 0 else (True,):  # sums: not for the KL
         want = torch_distill.shard_pass(*args, rows, start, V, o, grad)
@@ -91,5 +98,8 @@ def test_cpp_shard_entry_points_match_the_torch_backend(case, dtype):
         assert got.dtype == want.dtype and got.shape == want.shape
         if grad:
             assert got.dtype == dtype and torch.isnan(got[6]).all() and (got[5] == 0).all()
-        tol = dict(rtol=1e-12, atol=1e-12) if got.dtype == torch.float64 else {}
+        if not grad:  # sum p G of a row without a teacher: unread (its KD weight is 0)
+            no_teacher = rows[:, SHARD_ROWS.index("has_teacher")] == 0
+            got[no_teacher, 1] = want[no_teacher, 1] = 0.0
+        tol = tight if got.dtype != torch.bfloat16 else {}
         torch.testing.assert_close(got, want, **tol, equal_nan=True)
