@@ -319,6 +319,8 @@ class _Job:
         # the shard entry points of the backend that runs here (Triton has none yet: torch's)
         runner = ops.resolve("auto", rows.device)
         self.backend = runner if hasattr(runner, "shard_pass") else torch_distill
+        if self.backend is not torch_distill and type(rows) is _Rows:
+            rows.chunk = max(rows.N, 1)  # a kernel keeps no N x V temporaries: one call
 
     # ---- collectives ----------------------------------------------------------------------
 
@@ -619,12 +621,9 @@ class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, job):
         loss, temps, flags, c, count = job.prepare()
-        grad = torch.empty(job.rows.N, job.rows.width, dtype=student.dtype,
-                           device=student.device)
-
-        def write(i, j, g):
-            grad[i:j] = g
-        job.gradient_pass(c, write, _mean_scale(count, job.rows.N))
+        parts = []  # the chunks' gradients, as the backend wrote them (one chunk: no copy)
+        job.gradient_pass(c, lambda i, j, g: parts.append(g), _mean_scale(count, job.rows.N))
+        grad = parts[0] if len(parts) == 1 else torch.cat(parts)
         ctx.reduction, ctx.shape = job.reduction, student.shape
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(temps, flags)
