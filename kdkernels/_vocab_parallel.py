@@ -3,10 +3,11 @@ distillation"): each rank holds the columns [vocab_start, vocab_start + V_local)
 and the teacher's logits, or its hidden states and its shard of each lm_head. The loss equals the
 unsharded primitive's.
 
-The forward computes per row and shard a fixed set of statistics (maxima, softmax sums, cross
-terms, the teacher's argmax with its value, the label's logits from the rank that owns it, ...),
-exchanges them in one all-gather of a packed [rows, k] tensor and combines them identically on
-every rank; each rank then writes the gradient of its own columns. The backward needs no
+Composition over the backends' shard entry points (kdkernels/_options.py, SHARD_STATS and
+SHARD_ROWS): each rank's kernel computes the statistics of its columns, one all-gather of the
+packed [rows, 15] float64 tensor (with a header that checks the ranks agree) brings every rank's,
+every rank merges them alike (below: the only math here, per row), and each rank's kernel then
+writes the gradient of its own columns from the merged values. The backward needs no
 collective. A dynamic (DTD) temperature and the divergences other than the forward KL need one
 more small collective each (the temperature must be known before the tempered sums; those
 divergences need the normalised distributions before their per-class terms).
