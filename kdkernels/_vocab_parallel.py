@@ -369,10 +369,12 @@ class _Job:
             y = rows.target
             labels = y.sum().double()
             labels_check = (y * torch.arange(1, rows.N + 1, device=device)).sum().double()
+        def number(v):  # 4 and 4.0 are the same option
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
         temp = self.temperature
-        options = repr((sorted(self.hyper.items()), self.reduction, self.C, str(rows.dtype),
-                        rows.teacher is None, type(rows).__name__,
-                        "rows" if isinstance(temp, torch.Tensor) else temp))
+        options = repr((sorted((k, number(v)) for k, v in self.hyper.items()), self.reduction,
+                        self.C, str(rows.dtype), rows.teacher is None, type(rows).__name__,
+                        "rows" if isinstance(temp, torch.Tensor) else number(temp)))
         values = [rows.N, zlib.crc32(options.encode()), temp_sum, temp_check, labels,
                   labels_check, rows.vocab_start, rows.width]
         return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
