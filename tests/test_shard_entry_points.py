@@ -103,3 +103,36 @@ def test_cpp_shard_entry_points_match_the_torch_backend(case, dtype, high_t):
             got[no_teacher, 1] = want[no_teacher, 1] = 0.0
         tol = tight if got.dtype != torch.bfloat16 else {}
         torch.testing.assert_close(got, want, **tol, equal_nan=True)
+
+
+def test_vocab_parallel_on_the_torch_backend_in_chunks_matches_the_oracle(monkeypatch):
+    """The composition as CUDA tensors run it (the torch backend's entry points), in chunks of
+    7 rows, on a one-rank group: loss and gradient against the float64 oracle."""
+    import socket
+
+    import torch.distributed as dist
+
+    import kdkernels.reference as R
+    from kdkernels import _vocab_parallel
+    monkeypatch.setattr(_vocab_parallel.ops, "resolve", lambda name, device: torch_distill)
+    monkeypatch.setattr(_vocab_parallel._Rows, "chunks",
+                        lambda self: [(i, min(i + 7, self.N)) for i in range(0, self.N, 7)])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        for options in (dict(correction="rectify"), dict(divergence="jsd", reduction="sum")):
+            g = torch.Generator().manual_seed(3)
+            s = torch.randn(20, 31, generator=g, dtype=torch.float64, requires_grad=True)
+            t = torch.randn(20, 31, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 31, (20,), generator=g)
+            y[4] = -100
+            loss = kdkernels.vocab_parallel_distillation_loss(s, t, y, vocab_start=0,
+                                                              vocab_size=31, **options)
+            ref = R.distillation_loss(s, t, y, 4.0, **options)[0]
+            torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+            for got, want in zip(torch.autograd.grad(loss, s), torch.autograd.grad(ref, s)):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
