@@ -104,7 +104,15 @@ def _gather_logits(s_shard, t_shard, y, start, vocab):
     return Columns.apply(s_shard, loss.detach())
 
 
-APPROACHES = {"kdkernels-vocab-parallel": _vocab_parallel, "all-gather-logits": _gather_logits}
+def _kernel_on_shard(s_shard, t_shard, y, start, vocab):
+    """Not a contender: the single-device kernel on this rank's shard alone (its own softmax,
+    the labels folded into the shard), the floor of the shard's compute time."""
+    import kdkernels
+    return kdkernels.distillation_loss(s_shard, t_shard, y % s_shard.shape[1])
+
+
+APPROACHES = {"kdkernels-vocab-parallel": _vocab_parallel, "all-gather-logits": _gather_logits,
+              "single-device-kernel-on-shard": _kernel_on_shard}
 
 
 def _worker(rank, world, port, spec, queue):
@@ -172,6 +180,10 @@ def markdown(meta, args, results):
         lines.append("")
         lines.append(f"{dtype}: {theirs['sent'] / ours['sent']:.0f}x fewer bytes sent, "
                      f"{theirs['ms'] / ours['ms']:.2f}x the speed of gathering the logits.")
+        floor = results[(dtype, "single-device-kernel-on-shard")]
+        lines.append(f"{dtype}: shard time {ours['ms']:.1f} ms against {floor['ms']:.1f} ms for "
+                     f"the single-device kernel on the same shard: {ours['ms'] / floor['ms']:.2f}x "
+                     "(goal: within 1.3x).")
     return "\n".join(lines)
 
 

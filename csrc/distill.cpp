@@ -14,6 +14,7 @@
 #include "kdk_contract.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -950,14 +951,337 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
   return {loss, grad, temps_out, flags};
 }
 
+// ---- the shard entry points (kdkernels/_options.py, SHARD_STATS / SHARD_ROWS) --------------
+// A range of a row's columns [start, start + W) of a vocabulary of V classes. The merge across
+// ranges subtracts log-sums, which float sums would leave a relative error of their rounding:
+// the results are float64, the per-class math float64 too (ct = double) unless the inputs are
+// 16/32-bit and every temperature is at most kFloatShardT (ct = float, where that error stays
+// under 1e-6 of the KL); sums are flushed from vector lanes into doubles every kFlush vectors.
+constexpr double kFloatShardT = 8.0;
+constexpr int kFlush = 16;
+
+// The range's teacher row: read, or the virtual teacher's columns built from the label.
+template <typename ct>
+const ct* shard_teacher(const c10::optional<at::Tensor>& teacher, int64_t i, int64_t W,
+                        int64_t ly, int64_t V, const Options& o, ct* buf) {
+  if (teacher.has_value()) return load_row<ct>(*teacher, i, W, buf);
+  const double a = o.virtual_teacher;
+  const double rest = a < 1 ? std::log((1 - a) / double(std::max<int64_t>(V - 1, 1)))
+                            : -std::numeric_limits<double>::infinity();
+  std::fill(buf, buf + W, static_cast<ct>(rest));
+  if (ly >= 0) buf[ly] = static_cast<ct>(std::log(a));
+  return buf;
+}
+
+// Vector lanes summed in ct, flushed into a double every kFlush vectors.
+template <typename ct>
+struct LaneSum {
+  Vectorized<ct> lanes{ct(0)};
+  double total = 0;
+  void add(const Vectorized<ct>& v, int64_t n) { lanes = lanes + keep(v, n, ct(0)); }
+  void flush() {
+    total += static_cast<double>(hsum(lanes));
+    lanes = Vectorized<ct>(ct(0));
+  }
+  double sum() {
+    flush();
+    return total;
+  }
+};
+
+// for_vectors over [from, to), calling flush() every kFlush vectors.
+template <typename ct, typename Body, typename Flush>
+void for_vectors_flushed(int64_t from, int64_t to, Body body, Flush flush) {
+  int64_t count = 0;
+  for_vectors<ct>(to - from, [&](int64_t j, int64_t n) {
+    body(from + j, n);
+    if (++count % kFlush == 0) flush();
+  });
+}
+
+template <typename ct>
+void shard_stats_row(const ct* s, const ct* t, int64_t W, int64_t ly, double T, int64_t start,
+                     const Options& o, double* out) {
+  using Vec = Vectorized<ct>;
+  const ct inf = std::numeric_limits<ct>::infinity();
+  Vec vms(-inf), vmt(-inf);
+  for_vectors<ct>(W, [&](int64_t j, int64_t n) {
+    vms = at::vec::maximum(vms, keep(load(s + j, n), n, -inf));
+    vmt = at::vec::maximum(vmt, keep(load(t + j, n), n, -inf));
+  });
+  const ct ms = hmax(vms), mt = hmax(vmt);
+  const ct ms0 = ms == -inf ? ct(0) : ms, mt0 = mt == -inf ? ct(0) : mt, inv_t = ct(1 / T);
+  const bool ce = o.ce_weight != 0, smooth = o.correction == kCorrectionSmooth;
+  // CE's exp(s - ms) is exp((s - ms) / T)^k at an integer temperature k <= 8
+  const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
+  LaneSum<ct> zs, zt, cross, z1, sum;
+  for_vectors_flushed<ct>(0, W, [&](int64_t j, int64_t n) {
+    Vec vs = load(s + j, n), vt = load(t + j, n);
+    Vec es = vexp<ct>((vs - Vec(ms0)) * Vec(inv_t)), et = vexp<ct>((vt - Vec(mt0)) * Vec(inv_t));
+    zs.add(es, n);
+    zt.add(et, n);
+    cross.add(Vec::blendv(Vec(0), et * (vt - vs), et > Vec(0)), n);
+    if (ce) z1.add(int_t ? ipow(es, int_t) : vexp<ct>(vs - Vec(ms0)), n);
+    if (smooth) sum.add(vs, n);
+  }, [&] { zs.flush(); zt.flush(); cross.flush(); z1.flush(); sum.flush(); });
+  const bool owns = ly >= 0;
+  int64_t b = 0, idx1 = 0;
+  double s_b = 0, tx1 = -inf, tx2 = -inf;
+  if (o.correction == kCorrectionSwap || o.correction == kCorrectionRectify) {
+    b = find_first(t, W, mt);  // the first maximum
+    if (b == W) b = 0;
+    s_b = s[b];
+  }
+  if (o.correction == kCorrectionRectify) {  // the two largest teacher logits away from the label
+    idx1 = -1;
+    for (int64_t j = 0; j < W; ++j) {
+      if (j == ly) continue;
+      if (idx1 < 0 || t[j] > tx1) {
+        tx2 = tx1;
+        tx1 = t[j];
+        idx1 = j;
+      } else if (t[j] > tx2) {
+        tx2 = t[j];
+      }
+    }
+    if (idx1 < 0) idx1 = 0;  // a range of one column, the label's
+  }
+  out[kdk::kStat_ms] = ms;
+  out[kdk::kStat_zs] = zs.sum();
+  out[kdk::kStat_mt] = mt;
+  out[kdk::kStat_zt] = zt.sum();
+  out[kdk::kStat_cross] = cross.sum();
+  out[kdk::kStat_z1] = ce ? z1.sum() : 0.0;
+  out[kdk::kStat_s_y] = owns ? double(s[ly]) : 0.0;
+  out[kdk::kStat_t_y] = owns ? double(t[ly]) : 0.0;
+  out[kdk::kStat_owns] = owns ? 1.0 : 0.0;
+  out[kdk::kStat_b] = double(b + start);
+  out[kdk::kStat_s_b] = s_b;
+  out[kdk::kStat_tx1] = tx1;
+  out[kdk::kStat_idx1] = double(idx1 + start);
+  out[kdk::kStat_tx2] = tx2;
+  out[kdk::kStat_s_sum] = smooth ? sum.sum() : 0.0;
+}
+
+// From the row's merged values r: the range's gradient into g (grad), or its part of D and of
+// sum_j p_j G_j into sums (the divergences other than the forward KL).
+template <typename ct>
+void shard_pass_row(const ct* s, const ct* t, int64_t W, int64_t ly, int64_t start, int64_t V,
+                    const double* r, const Options& o, bool grad, ct* g, double* sums) {
+  using Vec = Vectorized<ct>;
+  const double T = r[kdk::kRow_T], inv_t = 1 / T, ms = r[kdk::kRow_ms], mt = r[kdk::kRow_mt];
+  const double log_zs = r[kdk::kRow_log_zs], log_zt = r[kdk::kRow_log_zt];
+  const double kd_grad = r[kdk::kRow_kd_grad], g_mean = r[kdk::kRow_g_mean];
+  const double scale = r[kdk::kRow_scale], param = o.divergence_param;
+  const double ce_w = o.ce_weight, c1 = ce_w != 0 ? ce_w / r[kdk::kRow_z1] : 0.0;
+  const bool smoothed = r[kdk::kRow_smoothed] > 0, kl = o.divergence == kDivergenceKl;
+  const double log_ec = o.smooth_eps > 0 ? std::log(o.smooth_eps / double(V))
+                                         : -std::numeric_limits<double>::infinity();
+  if (grad && scale == 0) {
+    std::fill(g, g + W, ct(0));
+    return;
+  }
+  // (gradient, d, p G) of one column against the target log_r, in double
+  auto column = [&](int64_t j, double lr) {
+    const double lp = (double(s[j]) - ms) * inv_t - log_zs, p = std::exp(lp), q = std::exp(lr);
+    double dir = p - q, d = 0, pG = 0;
+    if (!kl) {
+      auto [dj, Gj] = div_term<double>(o.divergence, param, p, lp, q, lr);
+      d = dj;
+      pG = p * Gj;
+      dir = p > 0 ? p * (Gj - g_mean) : 0.0;
+    }
+    double gj = kd_grad != 0 ? kd_grad * dir : 0.0;
+    if (ce_w != 0) gj += c1 * std::exp(double(s[j]) - ms) - (j == ly ? ce_w : 0.0);
+    return std::array<double, 3>{gj * scale, d, pG};
+  };
+  // the correction's targets at the label and the argmax, where this range holds them
+  const int64_t lb = static_cast<int64_t>(r[kdk::kRow_b]) - start;
+  std::array<std::pair<int64_t, double>, 2> fixes = {{
+      {r[kdk::kRow_fix_y] > 0 ? ly : -1, r[kdk::kRow_lr_y]},
+      {r[kdk::kRow_fix_b] > 0 && lb >= 0 && lb < W ? lb : -1, r[kdk::kRow_lr_b]}}};
+  if (fixes[0].first > fixes[1].first) std::swap(fixes[0], fixes[1]);
+  const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
+  auto splat = [](double x) { return Vec(static_cast<ct>(x)); };
+  const Vec v_ms = splat(ms), v_inv_t = splat(inv_t), v_log_zs = splat(log_zs);
+  const Vec v_inv_zs = splat(std::exp(-log_zs)), v_mt = splat(mt), v_log_zt = splat(log_zt);
+  const Vec v_log_ec = splat(log_ec), v_kd = splat(kd_grad), v_c1 = splat(c1);
+  const Vec v_scale = splat(scale), v_g_mean = splat(g_mean);
+  LaneSum<ct> D, pG;
+  auto block = [&](int64_t j, int64_t n) {
+    Vec vs = load(s + j, n), ds = (vs - v_ms) * v_inv_t, es = vexp<ct>(ds);
+    Vec lP = ds - v_log_zs, P = es * v_inv_zs;
+    Vec lR = smoothed ? v_log_ec : (load(t + j, n) - v_mt) * v_inv_t - v_log_zt;
+    Vec R = vexp<ct>(lR), dir = P - R;
+    if (!kl) {
+      auto terms = div_terms<ct>(o.divergence, ct(param), P, lP, R, lR);
+      if (!grad) {
+        D.add(terms.d, n);
+        pG.add(P * terms.G, n);
+        return;
+      }
+      dir = Vec::blendv(Vec(0), P * (terms.G - v_g_mean), P > Vec(0));
+    }
+    if (!grad) return;
+    Vec gv = kd_grad != 0 ? v_kd * dir : Vec(0);
+    if (ce_w != 0) gv = gv + v_c1 * (int_t ? ipow(es, int_t) : vexp<ct>(vs - v_ms));
+    (gv * v_scale).store(g + j, n);
+  };
+  auto flush = [&] { D.flush(); pG.flush(); };
+  // the sums skip the fixed columns (their base term may be infinite); the gradient's are
+  // written over below
+  int64_t from = 0;
+  for (const auto& fix : fixes) {
+    if (grad || fix.first < 0) continue;
+    for_vectors_flushed<ct>(from, fix.first, block, flush);
+    from = fix.first + 1;
+  }
+  for_vectors_flushed<ct>(from, W, block, flush);
+  double total_D = D.sum(), total_pG = pG.sum();
+  if (grad && ly >= 0 && ce_w != 0) g[ly] -= ct(ce_w * scale);
+  for (const auto& [j, lr] : fixes) {
+    if (j < 0) continue;
+    const auto fixed = column(j, lr);
+    if (grad) {
+      g[j] = ct(fixed[0]);
+    } else {
+      total_D += fixed[1];
+      total_pG += fixed[2];
+    }
+  }
+  if (!grad) {
+    sums[0] = r[kdk::kRow_has_teacher] > 0 ? total_D : 0.0;
+    sums[1] = total_pG;
+  }
+}
+
+// Rows in parallel: each row's range loaded as ct, its label made local to the range.
+template <typename ct, typename Body>
+void shard_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                const c10::optional<at::Tensor>& target, int64_t start, int64_t V,
+                const Options& o, Body body) {
+  const int64_t N = student.size(0), W = student.size(1);
+  const int64_t* y = target.has_value() ? target->const_data_ptr<int64_t>() : nullptr;
+  const int64_t y_stride = target.has_value() ? target->stride(0) : 0;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(W, 1));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    FlushDenormals ftz;
+    std::vector<ct> scratch(3 * W);
+    ct *sbuf = scratch.data(), *tbuf = sbuf + W, *gbuf = tbuf + W;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t local = y ? y[i * y_stride] - start : -1;
+      const int64_t ly = local >= 0 && local < W ? local : -1;
+      const ct* s = load_row<ct>(student, i, W, sbuf);
+      const ct* t = shard_teacher<ct>(teacher, i, W, ly, V, o, tbuf);
+      body(i, s, t, ly, gbuf);
+    }
+  });
+}
+
+void check_shard(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                 const c10::optional<at::Tensor>& target, const at::Tensor& per_row,
+                 int64_t width) {
+  TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1,
+              "kdkernels: student shard must be [N, W] with unit class stride");
+  TORCH_CHECK(!teacher.has_value() || (teacher->sizes() == student.sizes() &&
+              teacher->stride(1) == 1), "kdkernels: teacher shard must match the student's");
+  TORCH_CHECK(!target.has_value() || (target->scalar_type() == at::kLong &&
+              target->dim() == 1 && target->size(0) == student.size(0)),
+              "kdkernels: target must be int64 of shape [N]");
+  TORCH_CHECK(per_row.scalar_type() == at::kDouble && per_row.is_contiguous() &&
+              per_row.size(0) == student.size(0) && (width < 0 || per_row.size(1) == width),
+              "kdkernels: per-row values must be contiguous float64 [N, ", width, "]");
+}
+
+// float math where the inputs are not float64 and no temperature exceeds kFloatShardT
+bool float_shard(const at::Tensor& student, const double* T, int64_t N, int64_t stride) {
+  if (student.scalar_type() == at::kDouble) return false;
+  for (int64_t i = 0; i < N; ++i) {
+    if (!(T[i * stride] <= kFloatShardT)) return false;
+  }
+  return true;
+}
+
+template <typename ct>
+void shard_stats_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                      const c10::optional<at::Tensor>& target, const double* T, int64_t start,
+                      int64_t V, const Options& o, double* out) {
+  const int64_t W = student.size(1);
+  shard_rows<ct>(student, teacher, target, start, V, o,
+                 [&](int64_t i, const ct* s, const ct* t, int64_t ly, ct*) {
+                   shard_stats_row<ct>(s, t, W, ly, T[i], start, o, out + i * kdk::kNumStats);
+                 });
+}
+
+at::Tensor shard_stats_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                           const c10::optional<at::Tensor>& target, const at::Tensor& temps,
+                           int64_t vocab_start, int64_t vocab_size,
+                           c10::ArrayRef<double> options) {
+  const Options o = kdk::unpack_options(options);
+  check_shard(student, teacher, target, temps.unsqueeze(1), -1);
+  const int64_t N = student.size(0);
+  auto out = at::empty({N, kdk::kNumStats}, student.options().dtype(at::kDouble));
+  const double* T = temps.const_data_ptr<double>();
+  if (float_shard(student, T, N, 1)) {
+    shard_stats_rows<float>(student, teacher, target, T, vocab_start, vocab_size, o,
+                            out.data_ptr<double>());
+  } else {
+    shard_stats_rows<double>(student, teacher, target, T, vocab_start, vocab_size, o,
+                             out.data_ptr<double>());
+  }
+  return out;
+}
+
+template <typename ct>
+void shard_pass_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                     const c10::optional<at::Tensor>& target, const double* r, int64_t start,
+                     int64_t V, const Options& o, bool grad, at::Tensor& out) {
+  const int64_t W = student.size(1);
+  const bool direct = grad && out.scalar_type() == c10::CppTypeToScalarType<ct>::value;
+  shard_rows<ct>(student, teacher, target, start, V, o,
+                 [&](int64_t i, const ct* s, const ct* t, int64_t ly, ct* gbuf) {
+                   ct* g = direct ? out.data_ptr<ct>() + i * W : gbuf;
+                   double* sums = grad ? nullptr : out.data_ptr<double>() + 2 * i;
+                   shard_pass_row<ct>(s, t, W, ly, start, V, r + i * kdk::kNumRows, o, grad, g,
+                                      sums);
+                   if (grad && !direct) store_row<ct>(gbuf, out, i, W);
+                 });
+}
+
+at::Tensor shard_pass_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                          const c10::optional<at::Tensor>& target, const at::Tensor& rows,
+                          int64_t vocab_start, int64_t vocab_size,
+                          c10::ArrayRef<double> options, bool grad) {
+  const Options o = kdk::unpack_options(options);
+  check_shard(student, teacher, target, rows, kdk::kNumRows);
+  const int64_t N = student.size(0), W = student.size(1);
+  auto out = grad ? at::empty({N, W}, student.options())
+                  : at::empty({N, 2}, student.options().dtype(at::kDouble));
+  const double* r = rows.const_data_ptr<double>();
+  if (float_shard(student, r + kdk::kRow_T, N, kdk::kNumRows)) {
+    shard_pass_rows<float>(student, teacher, target, r, vocab_start, vocab_size, o, grad, out);
+  } else {
+    shard_pass_rows<double>(student, teacher, target, r, vocab_start, vocab_size, o, grad, out);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kdkernels, m) {
   m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? teacher_indices, Tensor? target, "
         "Tensor? temp_rows, float[] options) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("shard_stats_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor temps, "
+        "int vocab_start, int vocab_size, float[] options) -> Tensor");
+  m.def("shard_pass_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor rows, "
+        "int vocab_start, int vocab_size, float[] options, bool grad) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kdkernels, CPU, m) { m.impl("distill_cpu", &distill_cpu); }
+TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
+  m.impl("distill_cpu", &distill_cpu);
+  m.impl("shard_stats_cpu", &shard_stats_cpu);
+  m.impl("shard_pass_cpu", &shard_pass_cpu);
+}
 
 // A plain Python module per CPU variant (kdkernels._C_default, _C_avx2, _C_avx512: setup.py
 // sets TORCH_EXTENSION_NAME), so that importing one loads the library and registers the op.

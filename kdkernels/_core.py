@@ -76,18 +76,26 @@ class _FusedDistill(torch.autograd.Function):
                                         teacher_indices)
             return grad, None, None, None, None, None, None
         (grad,) = ctx.saved_tensors
-        scale = grad_loss.unsqueeze(-1) if grad_loss.dim() == 1 else grad_loss  # "none": per row
-        # While the graph lives on (retain_graph, gradcheck) the saved gradient must stay as it
-        # is: return a new tensor, never the saved one (autograd may accumulate into it).
-        keep = (torch.compiler.is_compiling()
-                or torch._C._autograd._get_current_graph_task_keep_graph())
-        if scale.dim() == 0 and _host_scalars(scale) and scale.item() == 1.0:
-            grad = grad.clone() if keep else grad  # loss.backward(): as written
-        elif keep:
-            grad = grad * scale
-        else:
-            grad = grad.mul_(scale)  # last use of the saved gradient: no second N x C buffer
-        return grad, None, None, None, None, None, None
+        per_row = grad_loss.dim() == 1  # "none"
+        return (*scale_saved((grad,), grad_loss, per_row), None, None, None, None, None, None)
+
+
+def scale_saved(grads, grad_loss, per_row=False, count=None):
+    """The backward shared by every path whose forward wrote the gradients (the primitive, the
+    fused linear and vocab-parallel forms): each times the upstream gradient, per row
+    (``grad_loss`` [N] against [N, ...]) where ``per_row``, divided by ``count`` for a "mean"
+    the kernel did not take. In place on the saved tensor's last use (no second N x C buffer);
+    while the graph lives on (retain_graph, gradcheck, a compiled graph) a new tensor, since
+    autograd may accumulate into what is returned."""
+    scale = grad_loss.reshape(-1, 1) if per_row else grad_loss
+    if count is not None:
+        scale = scale / count
+    keep = (torch.compiler.is_compiling()
+            or torch._C._autograd._get_current_graph_task_keep_graph())
+    if scale.dim() == 0 and _host_scalars(scale) and scale.item() == 1.0:
+        return tuple(g.clone() if keep and g is not None else g for g in grads)
+    return tuple(None if g is None else (g * scale.to(g.dtype) if keep
+                                         else g.mul_(scale.to(g.dtype))) for g in grads)
 
 
 def check_reduction(reduction):

@@ -15,7 +15,6 @@ from dataclasses import replace
 import torch
 
 from ._core import (
-    _host_scalars,
     check_floating,
     check_options,
     check_padded_width,
@@ -27,6 +26,7 @@ from ._core import (
     fused_options,
     reduce_rows,
     resolve_backend,
+    scale_saved,
     temperature_plan,
 )
 from ._options import DynamicTemperature, SparseTeacher
@@ -315,18 +315,6 @@ def _backward_chunks(job, h, W, b, upstream, need):
     return (loss_rows, temps, flags) + sink.results()
 
 
-def scale_saved(grads, grad_loss, reduction, count):
-    """The backward of a loss whose gradients the forward computed for a sum over rows: each
-    times the upstream gradient (divided by the count for "mean"), in place on their last
-    use."""
-    scale = grad_loss if reduction == "sum" else grad_loss / count
-    keep = torch._C._autograd._get_current_graph_task_keep_graph()
-    if scale.dim() == 0 and _host_scalars(scale) and scale.item() == 1.0 and not keep:
-        return grads  # loss.backward() with "sum": as computed
-    return tuple(None if g is None else (g * scale.to(g.dtype) if keep
-                                         else g.mul_(scale.to(g.dtype))) for g in grads)
-
-
 class _FusedLinearDistill(torch.autograd.Function):
     """Autograd for the chunked path: "mean" / "sum" compute every gradient in the forward (the
     backward scales them); "none" recomputes the chunks in the backward with the upstream
@@ -354,4 +342,4 @@ class _FusedLinearDistill(torch.autograd.Function):
             grads = _backward_chunks(job, h, W, b, grad_loss.reshape(-1), ctx.need)[3:]
             return (*grads, None)
         gh, gw, gb, count = ctx.saved_tensors
-        return (*scale_saved((gh, gw, gb), grad_loss, job.reduction, count), None)
+        return (*scale_saved((gh, gw, gb), grad_loss, count=count), None)

@@ -3,19 +3,22 @@ distillation"): each rank holds the columns [vocab_start, vocab_start + V_local)
 and the teacher's logits, or its hidden states and its shard of each lm_head. The loss equals the
 unsharded primitive's.
 
-The forward computes per row and shard a fixed set of statistics (maxima, softmax sums, cross
-terms, the teacher's argmax with its value, the label's logits from the rank that owns it, ...),
-exchanges them in one all-gather of a packed [rows, k] tensor and combines them identically on
-every rank; each rank then writes the gradient of its own columns. The backward needs no
+Composition over the backends' shard entry points (kdkernels/_options.py, SHARD_STATS and
+SHARD_ROWS): each rank's kernel computes the statistics of its columns, one all-gather of the
+packed [rows, 15] float64 tensor (with a header that checks the ranks agree) brings every rank's,
+every rank merges them alike (below: the only math here, per row), and each rank's kernel then
+writes the gradient of its own columns from the merged values. The backward needs no
 collective. A dynamic (DTD) temperature and the divergences other than the forward KL need one
 more small collective each (the temperature must be known before the tempered sums; those
 divergences need the normalised distributions before their per-class terms).
 """
 import math
+import zlib
 
 import torch
 import torch.distributed as dist
 
+from . import ops
 from ._core import (
     _host_scalars,
     check_floating,
@@ -24,22 +27,36 @@ from ._core import (
     check_tensors,
     empty_result,
     finish,
+    fused_options,
     reduce_rows,
+    scale_saved,
 )
 from ._fused_linear import linear
 from ._options import (
-    DIVERGENCES,
     FLAG_STILL_WRONG,
     FLAG_TEACHER_CORRECT,
+    SHARD_ROWS,
+    TEMP_ROWS,
     DynamicTemperature,
     SparseTeacher,
 )
-from .ops.torch_distill import divergence_terms
+from .ops import torch_distill
+from .ops.torch_distill import shard_dtd_sums
 
 _INF = math.inf
 # the per-row statistics of one shard, in the packed tensor's columns
-(_MS, _ZS, _MT, _ZT, _CROSS, _Z1, _SY, _TY, _OWNS, _B, _SB, _TX1, _IDX1, _TX2, _SSUM, _WIDTH,
- _START) = range(17)
+(_MS, _ZS, _MT, _ZT, _CROSS, _Z1, _SY, _TY, _OWNS, _B, _SB, _TX1, _IDX1, _TX2,
+ _SSUM) = range(15)
+_FIELDS = 15
+# The header each rank sends in the forward's first collective (docs/METHODS.md, "Ranks
+# checked"): what must agree across the group, then this rank's shard.
+_HEADER = ("row count", "options", "temperature", "temperature checksum", "labels",
+           "labels checksum", "vocab_start", "shard width")
+_AGREE = 6  # the first _AGREE header fields must be equal on every rank
+# Rows that ride in the first collective with the header: its size does not depend on the row
+# count, so ranks with different row counts exchange equal sizes and all raise (no abort, no
+# hang); rows beyond these go in a second all-gather, once the counts are known to agree.
+_FIRST_ROWS = 256
 
 
 def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target=None, *,
@@ -56,8 +73,10 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
     ``vocab_size`` (the shards of the group must tile ``[0, vocab_size)``; sizes may differ),
     and the same ``target`` (global class ids) and per-row ``temperature`` on every rank. Every
     rank gets the same loss; the gradient reaches each rank's own shard of the student. One
-    collective per forward (all-gather of 17 numbers per row and rank), none in the backward; a
-    DTD temperature and the divergences other than ``"kl"`` add one small all-reduce each.
+    collective per forward (all-gather of 15 numbers per row and rank, a second above 256
+    rows), none in the backward; a DTD temperature and the divergences other than ``"kl"`` add
+    one small collective each. Ranks that disagree on the rows, labels, temperature or options
+    all raise the same ``ValueError`` (docs/METHODS.md, "Ranks checked").
 
     A :class:`SparseTeacher` is not offered here (its classes would need routing to their
     shards); a virtual teacher is (each rank builds its columns).
@@ -101,7 +120,8 @@ def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target
     rows = _Rows.from_logits(s, teacher_logits, target, temperature, vocab_start, vocab_size,
                              hyper)
     job = _Job(rows, hyper, temperature, vocab_size, group, reduction)
-    if rows.N == 0:  # every rank has the same rows: no rank calls a collective
+    if rows.N == 0:  # the header only: a rank with rows would wait for this one
+        job.check()
         loss, temps, flags = empty_result([s], reduction, rows.acc, s.device)
     elif torch.is_grad_enabled() and s.requires_grad:
         loss, temps, flags = _VocabParallel.apply(s, job)
@@ -179,6 +199,7 @@ def vocab_parallel_fused_linear_distillation_loss(
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h, W, student_bias))
     if N == 0:
+        job.check()
         loss, temps, flags = empty_result([h2, W, student_bias], reduction, rows.acc, h.device)
     elif wants_grad:
         loss, temps, flags = _VocabParallelLinear.apply(h2, W, student_bias, job)
@@ -241,21 +262,11 @@ class _Rows:
     def chunks(self):
         return [(i, min(i + self.chunk, self.N)) for i in range(0, self.N, self.chunk)]
 
-    def logits(self, i, j):
-        """(student rows, teacher rows) in the accumulation dtype, and the rows' local labels."""
-        s = self.student_rows(i, j).to(self.acc)
+    def shard(self, i, j):
+        """(student rows, teacher rows or None for a virtual teacher, labels) of rows [i, j)."""
+        teacher = None if self.virtual is not None else self.teacher_rows(i, j)
         y = None if self.target is None else self.target[i:j]
-        if self.virtual is not None:  # Tf-KD reg's teacher, this rank's columns of it
-            a, C = self.virtual, self.vocab_size
-            rest = math.log((1 - a) / max(C - 1, 1)) if a < 1 else -_INF
-            t = torch.full_like(s, rest)
-            local = y - self.vocab_start
-            owns = (local >= 0) & (local < self.width)
-            t.scatter_(1, torch.where(owns, local, 0)[:, None],
-                       torch.where(owns, s.new_tensor(math.log(a)), s.new_tensor(rest))[:, None])
-        else:
-            t = self.teacher_rows(i, j).to(self.acc)
-        return s, t, y
+        return self.student_rows(i, j), teacher, y
 
     def student_rows(self, i, j):
         return self.student[i:j].detach()
@@ -304,6 +315,13 @@ class _Job:
         if self.divergence == "jsd" and h["jsd_beta"] in (0, 1):
             self.divergence = "kl" if h["jsd_beta"] == 0 else "reverse_kl"
         self.param = float(h["jsd_beta"] if h["divergence"] == "jsd" else h["skew_alpha"])
+        self.checked, self.agree = False, None
+        self.o = fused_options(hyper, (TEMP_ROWS, 0.0, None, None), True, 1.0, False)
+        # the shard entry points of the backend that runs here (Triton has none yet: torch's)
+        runner = ops.resolve("auto", rows.device)
+        self.backend = runner if hasattr(runner, "shard_pass") else torch_distill
+        if self.backend is not torch_distill and type(rows) is _Rows:
+            rows.chunk = max(rows.N, 1)  # a kernel keeps no N x V temporaries: one call
 
     # ---- collectives ----------------------------------------------------------------------
 
@@ -317,6 +335,71 @@ class _Job:
         dist.all_reduce(local, group=self.group)
         return local
 
+    def check(self):
+        """The header alone (a call without rows)."""
+        self._gather_rows(torch.zeros(0, 1, dtype=torch.float64, device=self.rows.device))
+
+    def _gather_rows(self, local):
+        """[world, N, f] from every rank's [N, f] float64 rows. The forward's first call also
+        exchanges and checks the header (no extra collective below _FIRST_ROWS rows)."""
+        if self.checked:
+            return self._all_gather(local.contiguous())
+        N, f = local.shape
+        head = min(N, _FIRST_ROWS)
+        packed = local.new_zeros(1 + _FIRST_ROWS, max(_FIELDS, len(_HEADER)))
+        packed[0, :len(_HEADER)] = self._header(local.device)
+        packed[1:1 + head, :f] = local[:head]
+        g = self._all_gather(packed)
+        self._check_header(g[:, 0, :len(_HEADER)])
+        self.checked = True
+        rows = g[:, 1:1 + head, :f]
+        if N > _FIRST_ROWS:
+            rows = torch.cat([rows, self._all_gather(local[_FIRST_ROWS:].contiguous())], 1)
+        return rows
+
+    def _header(self, device):
+        rows = self.rows
+        index = torch.arange(1, rows.N + 1, device=device, dtype=torch.float64)
+        temp_sum = temp_check = 0.0
+        if rows.temp_rows is not None:  # a checksum of the given per-row temperatures
+            temp_sum = rows.temp_rows.double().sum()
+            temp_check = (rows.temp_rows.double() * index).sum()
+        labels = labels_check = torch.tensor(-1.0, dtype=torch.float64, device=device)
+        if rows.target is not None:  # int64 sums: exact, or wrapped alike on every rank
+            y = rows.target
+            labels = y.sum().double()
+            labels_check = (y * torch.arange(1, rows.N + 1, device=device)).sum().double()
+        def number(v):  # 4 and 4.0 are the same option
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        temp = self.temperature
+        options = repr((sorted((k, number(v)) for k, v in self.hyper.items()), self.reduction,
+                        self.C, str(rows.dtype), rows.teacher is None, type(rows).__name__,
+                        "rows" if isinstance(temp, torch.Tensor) else number(temp)))
+        values = [rows.N, zlib.crc32(options.encode()), temp_sum, temp_check, labels,
+                  labels_check, rows.vocab_start, rows.width]
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                            for v in values])
+
+    def _check_header(self, heads):
+        """[world, len(_HEADER)]: the same error on every rank where the ranks disagree on
+        what must agree, or their shards do not tile the vocabulary. Read on the host where
+        that costs no sync (CPU); elsewhere a disagreement makes every row's loss NaN."""
+        agree = (heads[:, :_AGREE] == heads[:1, :_AGREE]).all()
+        if not _host_scalars(heads):
+            self.agree = agree
+            return
+        if not bool(agree):
+            table = heads.tolist()
+            names = [name for k, name in enumerate(_HEADER[:_AGREE])
+                     if len({row[k] for row in table}) > 1]
+            raise ValueError(
+                "the ranks of the vocab-parallel group disagree on " + ", ".join(names)
+                + " (every rank must pass the same rows, labels, temperature and options): "
+                + "; ".join(f"rank {r}: " + ", ".join(
+                    f"{name} {row[_HEADER.index(name)]:.17g}" for name in names)
+                    for r, row in enumerate(table)))
+        self._check_tiling(heads)
+
     # ---- the forward -----------------------------------------------------------------------
 
     def prepare(self):
@@ -328,13 +411,14 @@ class _Job:
         valid = (torch.ones(N, dtype=torch.bool, device=dev) if y is None
                  else y != self.hyper["ignore_index"])
         T = self._temperatures(valid)
-        parts = [self._shard_stats(*rows.logits(i, j), T[i:j]) for i, j in rows.chunks()]
-        gathered = self._all_gather(torch.cat(parts))  # [world, N, fields], float64
-        if _host_scalars(gathered):
-            self._check_tiling(gathered)
+        parts = [self.backend.shard_statistics(*rows.shard(i, j), T[i:j], rows.vocab_start,
+                                               self.C, self.o) for i, j in rows.chunks()]
+        gathered = self._gather_rows(torch.cat(parts))  # [world, N, fields], float64
         c = self._combine(gathered, T, valid)
         if self.divergence != "kl":  # D and sum_j p_j G_j need the normalised distributions
-            sums = torch.cat([self._divergence_sums(*rows.logits(i, j), c, i, j)
+            merged = self._merged(c)
+            sums = torch.cat([self.backend.shard_pass(*rows.shard(i, j), merged[i:j],
+                                                      rows.vocab_start, self.C, self.o, False)
                               for i, j in rows.chunks()])
             sums = self._all_reduce(sums)
             c["D"], c["g_mean"] = sums[:, 0], sums[:, 1]
@@ -349,24 +433,33 @@ class _Job:
         """sink(i, j, d loss_rows / d logits of rows [i, j), times `upstream` per row if
         given) for every chunk: no collective."""
         rows = self.rows
+        merged = self._merged(c, upstream)
         for i, j in rows.chunks():
-            g = self._shard_grad(*rows.logits(i, j), c, i, j)
-            if upstream is not None:
-                g = g * upstream[i:j, None].to(g.dtype)
-            sink(i, j, g.to(rows.dtype))
+            sink(i, j, self.backend.shard_pass(*rows.shard(i, j), merged[i:j], rows.vocab_start,
+                                               self.C, self.o))
+
+    def _merged(self, c, upstream=None):
+        """[N, len(SHARD_ROWS)] float64: the merged values the backend's shard_pass reads."""
+        zero = torch.zeros_like(c["T"])
+        if "valid" not in c:  # the divergences' sums, before the loss: scale unread
+            return torch.stack([c.get(name, zero).double() for name in SHARD_ROWS], -1)
+        scale = c["valid"].double() if upstream is None else torch.where(
+            c["valid"], upstream.double(), 0.0)
+        values = dict(c, scale=torch.where(c["bad"], torch.nan, scale))
+        return torch.stack([values[name].double() for name in SHARD_ROWS], -1)
 
     def _temperatures(self, valid):
         rows, acc = self.rows, self.rows.acc
         N, dev = rows.N, rows.device
         temp = self.temperature
         if isinstance(temp, DynamicTemperature):  # its weights first: one small collective
-            local = torch.cat([_dtd_sums(*rows.logits(i, j)[:2], temp.weighting)
+            local = torch.cat([shard_dtd_sums(*rows.shard(i, j)[:2], temp.weighting)
                                for i, j in rows.chunks()])
             if temp.weighting == "cosine":
-                ss, tt, st = self._all_reduce(local).unbind(1)
+                ss, tt, st = self._gather_rows(local).sum(0).unbind(1)
                 w = (1 - st / (ss.sqrt().clamp(min=1e-12) * tt.sqrt().clamp(min=1e-12))) ** 2
             else:  # max_prob: sum_j exp(s_j - max s), merged over the shards
-                g = self._all_gather(local)
+                g = self._gather_rows(local)
                 m = g[..., 0].max(0).values
                 w = (g[..., 1] * torch.exp(g[..., 0] - m)).sum(0)
             w = w.to(acc)
@@ -380,53 +473,8 @@ class _Job:
             return rows.temp_rows
         return torch.full((N,), float(temp), dtype=acc, device=dev)
 
-    def _shard_stats(self, s, t, y, T):
-        """[n, fields] float64: this shard's part of every per-row statistic."""
-        n, width = s.shape
-        start = self.rows.vocab_start
-        Tc = T[:, None]
-        ms = s.max(-1).values
-        ms_safe = torch.where(ms == -_INF, 0.0, ms)
-        mt = t.max(-1).values
-        mt_safe = torch.where(mt == -_INF, 0.0, mt)
-        es = torch.exp((s - ms_safe[:, None]) / Tc)
-        et = torch.exp((t - mt_safe[:, None]) / Tc)
-        cross = torch.where(et > 0, et * (t - s), 0.0).sum(-1)
-        z1 = torch.exp(s - ms_safe[:, None]).sum(-1) if self.ce_w != 0 else torch.zeros_like(ms)
-        correction = self.hyper["correction"]
-        owns = torch.zeros(n, dtype=torch.bool, device=s.device)
-        s_y = t_y = torch.zeros_like(ms)
-        ly = torch.zeros(n, 1, dtype=torch.long, device=s.device)
-        if y is not None:
-            local = y - start
-            owns = (local >= 0) & (local < width)
-            ly = torch.where(owns, local, 0)[:, None]
-            s_y = torch.where(owns, s.gather(1, ly)[:, 0], 0.0)
-            t_y = torch.where(owns, t.gather(1, ly)[:, 0], 0.0)
-        b = torch.zeros(n, dtype=torch.long, device=s.device)
-        s_b = torch.zeros_like(ms)
-        if correction in ("swap", "rectify"):  # the argmax's values: only a correction needs them
-            b = t.argmax(-1)
-            s_b = s.gather(1, b[:, None])[:, 0]
-        tx1 = tx2 = torch.full_like(ms, -_INF)
-        idx1 = torch.zeros(n, dtype=torch.long, device=s.device)
-        if correction == "rectify":  # the two largest teacher logits away from the label
-            tx = t.scatter(1, ly, torch.where(owns[:, None], -_INF, t.gather(1, ly)))
-            top = tx.topk(min(2, width), -1)
-            tx1, idx1 = top.values[:, 0], top.indices[:, 0]
-            tx2 = top.values[:, 1] if width > 1 else tx2
-        s_sum = (s.sum(-1) if self.hyper["correction"] == "smooth"
-                 else torch.zeros_like(ms))
-        cols = [ms, es.sum(-1), mt, et.sum(-1), cross, z1, s_y, t_y, owns.to(s.dtype),
-                (b + start).to(s.dtype), s_b, tx1, (idx1 + start).to(s.dtype), tx2, s_sum,
-                torch.full_like(ms, width), torch.full_like(ms, start)]
-        return torch.stack([x.double() for x in cols], -1)
-
-    def _check_tiling(self, gathered):
-        widths = gathered[:, 0, _WIDTH] if gathered.shape[1] else None
-        if widths is None:
-            return
-        starts = gathered[:, 0, _START]
+    def _check_tiling(self, heads):
+        starts, widths = heads[:, _HEADER.index("vocab_start")], heads[:, -1]
         order = starts.argsort()
         ends = (starts + widths)[order]
         if starts[order][0] != 0 or bool((starts[order][1:] != ends[:-1]).any()) \
@@ -466,7 +514,7 @@ class _Job:
         labelled = self.rows.target is not None
         wrong = valid & (t_y < Mt) if labelled else torch.zeros_like(valid)
         kl = cross / T + (Ms - Mt_safe) / T + log_zs - log_zt
-        c = dict(T=T, Ms=Ms, log_zs=log_zs, Mt=Mt_safe, log_zt=log_zt, Z1=Z1, s_y=s_y, b=b,
+        c = dict(T=T, ms=Ms, log_zs=log_zs, mt=Mt_safe, log_zt=log_zt, z1=Z1, s_y=s_y, b=b,
                  has_teacher=has_teacher, wrong=wrong, lp_y=lp_y, lp_b=lp_b, lq_y=lq_y,
                  lq_b=lq_b, fix_y=torch.zeros_like(wrong), fix_b=torch.zeros_like(wrong),
                  lr_y=lq_y, lr_b=lq_b, smoothed=torch.zeros_like(wrong),
@@ -505,33 +553,6 @@ class _Job:
         c["g_mean"] = torch.zeros_like(kl)
         return c
 
-    def _target(self, s, t, y, c, i, j):
-        """log p and log r on this shard's columns, the correction applied at y and b."""
-        start, width = self.rows.vocab_start, self.rows.width
-        r = {k: v[i:j, None].to(s.dtype) for k, v in c.items() if torch.is_tensor(v)
-             and v.dim() == 1}
-        lp = (s - r["Ms"]) / r["T"] - r["log_zs"]
-        lq = (t - r["Mt"]) / r["T"] - r["log_zt"]
-        if self.eps > 0:
-            log_ec = math.log(self.eps / self.C)
-        else:
-            log_ec = -_INF
-        lr = torch.where(c["smoothed"][i:j, None], log_ec, lq)
-        cols = torch.arange(start, start + width, device=s.device)[None, :]
-        if y is not None:
-            lr = torch.where(c["fix_y"][i:j, None] & (cols == y[:, None]), r["lr_y"], lr)
-        lr = torch.where(c["fix_b"][i:j, None] & (cols == c["b"][i:j, None].long()), r["lr_b"],
-                         lr)
-        return lp, lr, r, cols
-
-    def _divergence_sums(self, s, t, y, c, i, j):
-        """This shard's part of D and of sum_j p_j G_j (divergences other than the KL)."""
-        lp, lr, _, _ = self._target(s, t, y, c, i, j)
-        p = lp.exp()
-        d, G = divergence_terms(p, lr.exp(), DIVERGENCES[self.divergence], self.param)
-        d = torch.where(c["has_teacher"][i:j, None], d, 0.0)
-        return torch.stack([d.sum(-1), (p * G).sum(-1)], -1).double()
-
     def _loss_rows(self, c, valid):
         T = c["T"]
         w = torch.where(c["wrong"], T.new_tensor(self.wrong_w), T.new_tensor(self.kd_w))
@@ -539,8 +560,10 @@ class _Job:
         loss = w * (T * T if self.hyper["t2_scale"] else 1.0) * torch.where(
             c["has_teacher"], c["D"], 0.0)
         if self.ce_w != 0:
-            loss = loss + self.ce_w * (torch.log(c["Z1"]) + c["Ms"] - c["s_y"])
+            loss = loss + self.ce_w * (torch.log(c["z1"]) + c["ms"] - c["s_y"])
         bad = ~(T > 0)
+        if self.agree is not None:  # ranks that disagree, unread on the host: NaN everywhere
+            bad = bad | ~self.agree
         loss = torch.where(bad, torch.nan, torch.where(valid, loss, 0.0))
         c["kd_grad"] = w * (T if self.hyper["t2_scale"] else 1 / T)
         c["valid"], c["bad"] = valid, bad
@@ -550,36 +573,15 @@ class _Job:
                      + torch.where(c["still_wrong"], FLAG_STILL_WRONG, 0)).to(torch.int8)
         return loss.to(self.rows.acc), flags
 
-    def _shard_grad(self, s, t, y, c, i, j):
-        """d loss_rows / d (this shard's student logits), rows [i, j)."""
-        lp, lr, r, cols = self._target(s, t, y, c, i, j)
-        p = lp.exp()
-        if self.divergence == "kl":
-            direction = p - lr.exp()
-        else:
-            _, G = divergence_terms(p, lr.exp(), DIVERGENCES[self.divergence], self.param)
-            direction = torch.where(p > 0, p * (G - r["g_mean"]), 0.0)
-        g = torch.where(r["kd_grad"] != 0, r["kd_grad"] * direction, 0.0)
-        if self.ce_w != 0:
-            g = g + self.ce_w * torch.exp(s - r["Ms"]) / r["Z1"]
-            if y is not None:
-                g = g - self.ce_w * (cols == y[:, None]).to(g.dtype)
-        g = torch.where(c["valid"][i:j, None], g, 0.0)
-        return torch.where(c["bad"][i:j, None], torch.nan, g)
+def _mean_scale(count, N):
+    """The rows' upstream factor a "mean" folds into the forward's gradient (1 / count), so
+    that loss.backward() leaves it as written; None for "sum"."""
+    return None if count is None else (1 / count).expand(N)
 
 
 def _kl_term(log_x, log_p):
     x = log_x.exp()
     return torch.where(x > 0, x * (log_x - log_p), 0.0)
-
-
-def _dtd_sums(s, t, weighting):
-    if weighting == "cosine":  # over the finite pairs
-        finite = torch.isfinite(s) & torch.isfinite(t)
-        s, t = torch.where(finite, s, 0.0), torch.where(finite, t, 0.0)
-        return torch.stack([(s * s).sum(-1), (t * t).sum(-1), (s * t).sum(-1)], -1).double()
-    m = s.max(-1).values
-    return torch.stack([m, torch.exp(s - m[:, None]).sum(-1)], -1).double()
 
 
 class _VocabParallelLinear(torch.autograd.Function):
@@ -597,22 +599,22 @@ class _VocabParallelLinear(torch.autograd.Function):
             ctx.save_for_backward(h, W, b)
         else:
             sink = GradientSink(h, W, b, ctx.need)
-            job.gradient_pass(c, sink)
-            ctx.save_for_backward(*sink.results(), count)
+            job.gradient_pass(c, sink, _mean_scale(count, job.rows.N))
+            ctx.save_for_backward(*sink.results())
         ctx.mark_non_differentiable(temps, flags)
         return loss, temps, flags
 
     @staticmethod
     def backward(ctx, grad_loss, _t, _f):
-        from ._fused_linear import GradientSink, scale_saved
+        from ._fused_linear import GradientSink
         job = ctx.job
         if job.reduction == "none":
             h, W, b = ctx.saved_tensors
             sink = GradientSink(h, W, b, ctx.need)
             job.gradient_pass(ctx.c, sink, upstream=grad_loss.reshape(-1))
             return (*sink.results(), None)
-        gh, gw, gb, count = ctx.saved_tensors
-        return (*scale_saved((gh, gw, gb), grad_loss, job.reduction, count), None)
+        gh, gw, gb = ctx.saved_tensors
+        return (*scale_saved((gh, gw, gb), grad_loss), None)
 
 
 class _VocabParallel(torch.autograd.Function):
@@ -622,24 +624,16 @@ class _VocabParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, job):
         loss, temps, flags, c, count = job.prepare()
-        grad = torch.empty(job.rows.N, job.rows.width, dtype=student.dtype,
-                           device=student.device)
-
-        def write(i, j, g):
-            grad[i:j] = g
-        job.gradient_pass(c, write)
+        parts = []  # the chunks' gradients, as the backend wrote them (one chunk: no copy)
+        job.gradient_pass(c, lambda i, j, g: parts.append(g), _mean_scale(count, job.rows.N))
+        grad = parts[0] if len(parts) == 1 else torch.cat(parts)
         ctx.reduction, ctx.shape = job.reduction, student.shape
-        ctx.save_for_backward(grad, count)
+        ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(temps, flags)
         return loss, temps, flags
 
     @staticmethod
     def backward(ctx, grad_loss, _t, _f):
-        grad, count = ctx.saved_tensors
-        if ctx.reduction == "none":
-            scale = grad_loss.reshape(-1, 1)
-        elif ctx.reduction == "sum":
-            scale = grad_loss
-        else:
-            scale = grad_loss / count
-        return (grad * scale.to(grad.dtype)).reshape(ctx.shape), None
+        (grad,) = ctx.saved_tensors
+        (grad,) = scale_saved((grad,), grad_loss, ctx.reduction == "none")
+        return grad.reshape(ctx.shape), None

@@ -67,13 +67,15 @@ def test_vocab_parallel_benchmark_counts_bytes_and_collectives(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.vocab_parallel", "--rows", "16", "--vocab", "300",
+        [sys.executable, "-m", "benchmarks.vocab_parallel", "--rows", "300", "--vocab", "300",
          "--dtypes", "fp32", "--reps", "1", "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table = open(os.path.join(tmp_path, "vocab-parallel.md")).read()
-    # 17 float64 statistics per row; the logits' way sends 2 x 150 fp32 values per row
-    assert "| fp32 | kdkernels-vocab-parallel | 1 / 0 | 136 | 136 |" in table
+    # 15 float64 statistics per row (the header and the first collective's fixed 256 rows,
+    # then the other 44 rows: 2 all-gathers); the logits' way sends 2 x 150 fp32 values per row
+    assert "| fp32 | kdkernels-vocab-parallel | 2 / 0 | 120 | 120 |" in table
+    assert "single-device kernel on the same shard" in table
     assert "| fp32 | all-gather-logits | 2 / 0 | 1200 | 1200 |" in table
 
 

@@ -361,3 +361,26 @@ def test_bf16_weight_gradient_does_not_degrade_with_the_chunk_count():
         assert gw.dtype == torch.bfloat16
         errors.append(((gw.double() - ref_gw).norm() / ref_gw.norm()).item())
     assert errors[0] < 4e-3 and max(errors) < 1.3 * errors[0], errors
+
+
+@pytest.mark.skipif(not kdkernels.backends()["cpp"].available, reason="needs the C++ kernel")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_compile_fullgraph_matches_eager(reduction):
+    """torch.compile(fullgraph=True) of the fused lm_head loss (it failed on the skipped
+    keep-graph query in the backward): the loss and the three gradients equal eager's."""
+    student, teacher, y = _problem(13, 8, 37, seed=41, teacher_kind="hidden")
+
+    def run(h, W, b):
+        loss = kdkernels.fused_linear_distillation_loss(
+            h, W, target=y, student_bias=b, backend="cpp", chunk_size=5, reduction=reduction,
+            **teacher)
+        return loss if reduction != "none" else (loss * torch.linspace(0.5, 2, len(loss))).sum()
+
+    compiled = torch.compile(run, fullgraph=True)
+    results = []
+    for fn in (run, compiled):
+        leaves = [x.detach().clone().requires_grad_() for x in student]
+        loss = fn(*leaves)
+        results.append((loss, *torch.autograd.grad(loss, leaves)))
+    for eager, got in zip(*results):
+        torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)

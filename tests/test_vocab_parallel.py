@@ -130,6 +130,10 @@ def _worker(rank, world, port, failures):
                 assert torch.equal(stats.still_wrong.reshape(-1), ref_stats["still_wrong"])
             assert forward_calls == expected, f"{case}: {forward_calls} collectives in forward"
             assert backward_calls == 0, f"{case}: {backward_calls} collectives in backward"
+        for divergence in ("kl", "jsd", "tv"):  # float32 logits up to T = 1e4
+            for temperature in (100.0, 1e3, 1e4):
+                case = f"{divergence}-fp32-T={temperature:g}"
+                _high_temperature_case(divergence, temperature, start, end)
         for index, linear_case in enumerate(LINEAR_CASES):
             case, options, expected = linear_case  # `case` names the failure in the report
             _linear_case(options, expected, start, end, index, calls)
@@ -146,6 +150,28 @@ def _worker(rank, world, port, failures):
         failures.put(f"rank {rank}/{world}, case {case!r}:\n{traceback.format_exc()}")
     finally:
         dist.destroy_process_group()
+
+
+def _high_temperature_case(divergence, temperature, start, end):
+    """float32 logits at a high temperature, where a KL merged from per-shard float32 sums
+    lost its digits (7.2e-5 relative at T = 100): the loss within float32 rounding of the
+    float64 oracle of the same values, the gradient too."""
+    g = torch.Generator().manual_seed(int(temperature))
+    s = (torch.randn(12, V, generator=g) * 2).double()
+    t = (torch.randn(12, V, generator=g) * 2).float().double()
+    y = torch.randint(0, V, (12,), generator=g)
+    s32 = s.float().double().requires_grad_()
+    ref = R.distillation_loss(s32, t, y, temperature, divergence=divergence)[0]
+    (ref_grad,) = torch.autograd.grad(ref, s32)
+    shard = s32.detach()[:, start:end].float().requires_grad_()
+    loss = kdkernels.vocab_parallel_distillation_loss(
+        shard, t[:, start:end].float(), y, vocab_start=start, vocab_size=V,
+        temperature=temperature, divergence=divergence)
+    (grad,) = torch.autograd.grad(loss, shard)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    scale = ref_grad.abs().max()
+    torch.testing.assert_close(grad.double() / scale, ref_grad[:, start:end] / scale, rtol=0,
+                               atol=1e-6)
 
 
 LINEAR_CASES = [  # the fused linear form: hidden states and each rank's rows of the lm_head
@@ -248,3 +274,86 @@ def test_bad_input_is_refused_before_any_collective():
         target = kwargs.pop("target", y)
         with pytest.raises((TypeError, ValueError, RuntimeError), match=message):
             F(s, teacher, target, **kwargs)
+
+
+MISMATCHES = [  # (name, rank 0's changes, rank 1's changes, what the error names)
+    ("temperature", dict(), dict(temperature=3.0), "options"),
+    ("labels", dict(), dict(label_shift=1), "labels checksum"),
+    ("divergence", dict(), dict(divergence="jsd"), "options"),
+    ("row-count", dict(), dict(rows=13), "row count"),
+    ("row-count-above-first-rows", dict(rows=300), dict(), "row count"),
+    ("no-rows-on-one-rank", dict(rows=0), dict(), "row count"),
+    ("dtd-on-one-rank", dict(temperature=DynamicTemperature()), dict(), "options"),
+    ("row-temperatures", dict(temperature="rows"), dict(temperature="rows", temp_shift=0.5),
+     "temperature checksum"),
+    ("linear-temperature", dict(linear=True), dict(linear=True, temperature=2.0), "options"),
+    ("int-and-float-agree", dict(temperature=4, kd_weight=1), dict(temperature=4.0, kd_weight=1.0),
+     None),
+]
+
+
+def _mismatch_worker(rank, world, port, results):
+    import datetime
+    import time
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    start, end = SPLITS[world][rank], SPLITS[world][rank + 1]
+    try:
+        for name, *changes, _ in MISMATCHES + [("agreeing", {}, {}, None)]:
+            kw = dict(changes[min(rank, 1)])
+            N = kw.pop("rows", 12)
+            g = torch.Generator().manual_seed(7)
+            s = torch.randn(N, V, generator=g, dtype=torch.float64)
+            t = torch.randn(N, V, generator=g, dtype=torch.float64)
+            y = torch.randint(0, V, (N,), generator=g)
+            if kw.pop("label_shift", 0) and N:
+                y[N // 2] = (y[N // 2] + 1) % V
+            temp_shift = kw.pop("temp_shift", 0.0)
+            if kw.get("temperature") == "rows":
+                kw["temperature"] = torch.linspace(1, 3, N, dtype=torch.float64) + temp_shift
+            began = time.monotonic()
+            try:
+                if kw.pop("linear", False):
+                    W = torch.randn(V, 4, generator=g, dtype=torch.float64)
+                    h = torch.randn(N, 4, generator=g, dtype=torch.float64)
+                    kdkernels.vocab_parallel_fused_linear_distillation_loss(
+                        h, W[start:end], t[:, start:end], y, vocab_start=start, vocab_size=V,
+                        **kw)
+                else:
+                    kdkernels.vocab_parallel_distillation_loss(
+                        s[:, start:end].requires_grad_(), t[:, start:end], y, vocab_start=start,
+                        vocab_size=V, **kw)
+                outcome = "no error"
+            except ValueError as error:
+                outcome = str(error)
+            results.put((name, rank, outcome, time.monotonic() - began))
+    except Exception:  # noqa: BLE001 -- reported by the parent with the rank
+        results.put(("crash", rank, traceback.format_exc(), 0.0))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_raise_the_same_error_on_every_rank():
+    """Different temperature, labels, divergence, row count (also 0 rows, and above the rows
+    that ride in the first collective), DTD on one rank only, different per-row temperatures:
+    every rank raises the same ValueError within seconds, and the group stays usable."""
+    world = 2
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_mismatch_worker, args=(world, _free_port(), results), nprocs=world,
+                       start_method="spawn")
+    got = {}
+    while not results.empty():
+        name, rank, outcome, seconds = results.get()
+        assert name != "crash", outcome
+        got.setdefault(name, {})[rank] = (outcome, seconds)
+    for name, _, _, names in MISMATCHES:
+        (first, t0), (second, t1) = got[name][0], got[name][1]
+        assert first == second, f"{name}: rank 0 said {first!r}, rank 1 {second!r}"
+        if names is None:  # the same options, spelt differently
+            assert first == "no error", f"{name}: {first!r}"
+            continue
+        assert "disagree on" in first and names in first, f"{name}: {first!r}"
+        assert max(t0, t1) < 10, f"{name}: took {max(t0, t1):.1f} s"
+    assert got["agreeing"][0][0] == got["agreeing"][1][0] == "no error"

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .._options import ENUMS, OPTION_INDEX, OPTION_NAMES, REDUCTION_NONE
+from .._options import ENUMS, OPTION_INDEX, OPTION_NAMES, REDUCTION_NONE, SHARD_STATS
 
 NAME = "cpp"
 VARIANTS = ("avx512", "avx2", "default")  # best first
@@ -100,3 +100,35 @@ if _C is not None:
 def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
     return torch.ops.kdkernels.distill_cpu.default(student, teacher, teacher_indices, target,
                                                    temp_rows, o.pack())
+
+
+if _C is not None:
+    @torch.library.register_fake("kdkernels::shard_stats_cpu")
+    def _fake_stats(student, teacher, target, temps, vocab_start, vocab_size, options):
+        return student.new_empty(student.shape[0], len(SHARD_STATS), dtype=torch.float64)
+
+    @torch.library.register_fake("kdkernels::shard_pass_cpu")
+    def _fake_pass(student, teacher, target, rows, vocab_start, vocab_size, options, grad):
+        if grad:
+            return torch.empty_like(student)
+        return student.new_empty(student.shape[0], 2, dtype=torch.float64)
+
+
+def _unit_stride(x):
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o):
+    """The torch backend's shard_statistics (kdkernels/ops/torch_distill.py), in C++."""
+    return torch.ops.kdkernels.shard_stats_cpu.default(
+        _unit_stride(student.detach()), _unit_stride(None if teacher is None else teacher.detach()),
+        None if target is None else target.long(), temps.double().contiguous(), vocab_start,
+        vocab_size, o.pack())
+
+
+def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True):
+    """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in C++."""
+    return torch.ops.kdkernels.shard_pass_cpu.default(
+        _unit_stride(student.detach()), _unit_stride(None if teacher is None else teacher.detach()),
+        None if target is None else target.long(), rows.double().contiguous(), vocab_start,
+        vocab_size, o.pack(), grad)

@@ -367,3 +367,111 @@ def _sparse_teacher(s, indices, values, y, valid, temp_rows, o):
     kl = torch.where(has_teacher, kl, 0.0)
     direction = torch.where(has_teacher[:, None], direction, 0.0)  # NaN where no outcome has mass
     return T, log_p, kl, direction, wrong, still_wrong, has_teacher
+
+
+# ---- the shard entry points (kdkernels/_options.py, SHARD_STATS / SHARD_ROWS) ---------------
+
+def _shard_logits(student, teacher, target, vocab_start, vocab_size, o):
+    """float64 student and teacher columns of the range (the virtual teacher's built from the
+    labels), the rows' local label ids clamped into the range, and which rows own their label."""
+    s = student.detach().double()
+    n, width = s.shape
+    owns = torch.zeros(n, dtype=torch.bool, device=s.device)
+    ly = torch.zeros(n, 1, dtype=torch.long, device=s.device)
+    if target is not None:
+        local = target.long() - vocab_start
+        owns = (local >= 0) & (local < width)
+        ly = torch.where(owns, local, 0)[:, None]
+    if teacher is None:  # Tf-KD reg's virtual teacher, this range's columns of it
+        a = o.virtual_teacher
+        rest = math.log((1 - a) / max(vocab_size - 1, 1)) if a < 1 else -math.inf
+        t = torch.full_like(s, rest)
+        t.scatter_(1, ly, torch.where(owns, s.new_tensor(math.log(a)),
+                                      s.new_tensor(rest))[:, None])
+    else:
+        t = teacher.detach().double()
+    return s, t, ly, owns
+
+
+def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o):
+    """[n, len(SHARD_STATS)] float64: each row's statistics over the range of columns
+    [vocab_start, vocab_start + width) that `student` / `teacher` hold (temps: [n] float64)."""
+    s, t, ly, owns = _shard_logits(student, teacher, target, vocab_start, vocab_size, o)
+    n, width = s.shape
+    Tc = temps.double()[:, None]
+    ms = s.max(-1).values
+    ms_safe = torch.where(ms == -math.inf, 0.0, ms)
+    mt = t.max(-1).values
+    mt_safe = torch.where(mt == -math.inf, 0.0, mt)
+    es = torch.exp((s - ms_safe[:, None]) / Tc)
+    et = torch.exp((t - mt_safe[:, None]) / Tc)
+    cross = torch.where(et > 0, et * (t - s), 0.0).sum(-1)
+    zero = torch.zeros_like(ms)
+    z1 = torch.exp(s - ms_safe[:, None]).sum(-1) if o.ce_weight != 0 else zero
+    s_y = torch.where(owns, s.gather(1, ly)[:, 0], 0.0)
+    t_y = torch.where(owns, t.gather(1, ly)[:, 0], 0.0)
+    b, s_b = torch.zeros(n, dtype=torch.long, device=s.device), zero
+    if o.correction in (CORRECTION_SWAP, CORRECTION_RECTIFY):  # only a correction needs them
+        b = t.argmax(-1)
+        s_b = s.gather(1, b[:, None])[:, 0]
+    tx1 = tx2 = torch.full_like(ms, -math.inf)
+    idx1 = torch.zeros(n, dtype=torch.long, device=s.device)
+    if o.correction == CORRECTION_RECTIFY:  # the two largest teacher logits away from the label
+        tx = t.scatter(1, ly, torch.where(owns[:, None], -math.inf, t.gather(1, ly)))
+        top = tx.topk(min(2, width), -1)
+        tx1, idx1 = top.values[:, 0], top.indices[:, 0]
+        tx2 = top.values[:, 1] if width > 1 else tx2
+    s_sum = s.sum(-1) if o.correction == CORRECTION_SMOOTH else zero
+    cols = [ms, es.sum(-1), mt, et.sum(-1), cross, z1, s_y, t_y, owns.double(),
+            (b + vocab_start).double(), s_b, tx1, (idx1 + vocab_start).double(), tx2, s_sum]
+    return torch.stack(cols, -1)
+
+
+def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True):
+    """From each row's merged values `rows` ([n, len(SHARD_ROWS)] float64): the range's
+    gradient ([n, width], the student's dtype), or (grad=False) its part of D and of
+    sum_j p_j G_j ([n, 2] float64; the divergences other than the forward KL)."""
+    s, t, _, _ = _shard_logits(student, teacher, target, vocab_start, vocab_size, o)
+    width = s.shape[1]
+    r = dict(zip(("T", "ms", "log_zs", "mt", "log_zt", "z1", "kd_grad", "b", "lr_y", "lr_b",
+                  "g_mean", "scale", "fix_y", "fix_b", "smoothed", "has_teacher"),
+                 rows.double().unbind(1)))
+    r = {k: v[:, None] for k, v in r.items()}
+    lp = (s - r["ms"]) / r["T"] - r["log_zs"]
+    lr = (t - r["mt"]) / r["T"] - r["log_zt"]
+    log_ec = math.log(o.smooth_eps / vocab_size) if o.smooth_eps > 0 else -math.inf
+    lr = torch.where(r["smoothed"] > 0, log_ec, lr)
+    cols = torch.arange(vocab_start, vocab_start + width, device=s.device)[None, :]
+    if target is not None:
+        lr = torch.where((r["fix_y"] > 0) & (cols == target.long()[:, None]), r["lr_y"], lr)
+    lr = torch.where((r["fix_b"] > 0) & (cols == r["b"].long()), r["lr_b"], lr)
+    p = lp.exp()
+    if o.divergence != DIVERGENCE_KL:
+        d, G = divergence_terms(p, lr.exp(), o.divergence, o.divergence_param)
+    if not grad:
+        d = torch.where(r["has_teacher"] > 0, d, 0.0)
+        return torch.stack([d.sum(-1), (p * G).sum(-1)], -1)
+    if o.divergence == DIVERGENCE_KL:
+        direction = p - lr.exp()
+    else:
+        direction = torch.where(p > 0, p * (G - r["g_mean"]), 0.0)
+    g = torch.where(r["kd_grad"] != 0, r["kd_grad"] * direction, 0.0)
+    if o.ce_weight != 0:
+        g = g + o.ce_weight * torch.exp(s - r["ms"]) / r["z1"]
+        if target is not None:
+            g = g - o.ce_weight * (cols == target.long()[:, None]).double()
+    g = torch.where(r["scale"] == 0, 0.0, g * r["scale"])  # NaN scale: a bad row
+    return g.to(student.dtype)
+
+
+def shard_dtd_sums(student, teacher, weighting):
+    """[n, 3] (cosine: s.s, t.t, s.t over the finite pairs) or [n, 2] (max_prob: max s and
+    sum exp(s - max s)) float64 over a range of columns, for a DTD temperature."""
+    s = student.detach().double()
+    if weighting == "cosine":
+        t = teacher.detach().double()
+        finite = torch.isfinite(s) & torch.isfinite(t)
+        s, t = torch.where(finite, s, 0.0), torch.where(finite, t, 0.0)
+        return torch.stack([(s * s).sum(-1), (t * t).sum(-1), (s * t).sum(-1)], -1)
+    m = s.max(-1).values
+    return torch.stack([m, torch.exp(s - m[:, None]).sum(-1)], -1)
