@@ -227,12 +227,24 @@ def test_cifar_run_end_to_end(tmp_path):
      "--teacher-swap-fraction must be in"),
     (["--teacher-swap-fraction", "0.5"], "needs --teacher-swap-pairs"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--pad-teacher-vocab", "64"], "--pad-teacher-vocab: not an option of --task vision (it "
+                                    "would do nothing); it belongs to --task lm"),
+    (["--steps", "5", "--vocab-size", "300", "--context", "64"],
+     "--vocab-size, --context, --steps: not an option of --task vision"),
+    (["--preset", "gpu"], "--preset: not an option of --task vision"),
 ])
 def test_bad_configuration_stops_before_training(args, message, tmp_path, capsys):
     """The CLI prints the library's error (which names the option) and exits with status 2."""
     assert cli.main(args + ["--out", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kdkernels-train: error: ") and message in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_driver_without_scikit_learn_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # its import: an ImportError
+    assert cli.main(["--out", str(tmp_path / "never")] + SMALL) == 2
+    assert "needs scikit-learn: pip install 'kdkernels[train]'" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
 
 

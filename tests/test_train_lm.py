@@ -2,6 +2,7 @@
 run through main() (table, plot, the cache's rows against the teacher), resume, the report."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +27,12 @@ def fake_stdlib(root):
              "pkg/tests/t.py": "assert 1\n", "test/t2.py": "assert 2\n",
              "idlelib/i.py": "x = 1\n", "_sysconfigdata_x.py": "build = {}\n",
              "notes.txt": "not python\n"}
+    # what differs between machines and distributions of the same Python version
+    files.update({f"{name}.py": "machine = 1\n" for name in [
+        "config-3.11-x86_64-linux-gnu/python-config", "config-3.11-darwin/python-config",
+        "lib-dynload/x", "distutils/core", "ensurepip/__init__", "tkinter/__init__",
+        "ctypes/macholib/dyld", "msilib/schema", "site-packages/pkg/mod", "sitecustomize",
+        "_distutils_system_mod"]})
     files.update({f"m{i}.py": f"value_{i} = {i} * 2\nprint(value_{i})\n" * 20 for i in range(40)})
     for name, text in files.items():
         path = os.path.join(root, name)
@@ -42,6 +49,10 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     everything = split["train"] + split["val"]
     assert not set(split["train"]) & set(split["val"])
     assert sorted(everything) == sorted(["a.py", "pkg/b.py"] + [f"m{i}.py" for i in range(40)])
+    # the SHA-256 of each path decides, on every machine and in every process (hash() would
+    # differ: string hashing is salted per process)
+    assert split["val"] == ["m15.py", "m10.py"]
+    assert lm_data.files_digest(split) == "c6f882152cb2"
     # the side of a file depends on its path alone: adding files moves no other file
     with open(tmp_path / "zz_new.py", "w") as handle:
         handle.write("new = 1\n")
@@ -51,8 +62,9 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
     assert real == lm_data.split_files() and real["val"] and len(real["train"]) > 10 * len(
         real["val"]) > 0
     assert not set(real["train"]) & set(real["val"])
-    assert not any(part in lm_data.EXCLUDED_DIRS for p in real["train"] + real["val"]
-                   for part in p.split("/")[:-1])
+    assert not any(part in lm_data.EXCLUDED_DIRS or part.startswith("config-")
+                   for p in real["train"] + real["val"] for part in p.split("/")[:-1])
+    assert not set(lm_data.EXCLUDED_FILES) & set(real["train"] + real["val"])
 
 
 def test_tokenizer_and_ids_are_cached_not_retrained(tmp_path, monkeypatch):
@@ -121,6 +133,17 @@ def test_teacher_cache_rejects_a_wrong_count(tmp_path):
     assert not os.path.exists(tmp_path / "c")
 
 
+def _snapshot(folder):
+    """Each file's bytes, inode and modification time: a rewrite changes them."""
+    snapshot = {}
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        with open(path, "rb") as handle:
+            info = os.stat(path)
+            snapshot[name] = (handle.read(), info.st_ino, info.st_mtime_ns)
+    return snapshot
+
+
 def _weights(out):
     return {f: torch.load(os.path.join(out, "checkpoints", f), weights_only=False)["model"]
             for f in sorted(os.listdir(os.path.join(out, "checkpoints")))}
@@ -153,6 +176,7 @@ def test_lm_run_end_to_end_and_resume(tmp_path, cache_dir, capsys):
     assert (tmp_path / "whole" / "val_loss.png").stat().st_size > 1000
     assert "Offline teacher cache: top-64" in printed
     assert "Data: the Python 3." in printed and "2016 training tokens" in printed
+    assert f"file list {lm_data.files_digest(lm_data.split_files())}" in printed
     run = results["run"]
     assert run["cache"]["bytes_per_token"] == 64 * 6 + 4 and run["cache"]["tokens"] == 2016
 
@@ -171,11 +195,22 @@ def test_lm_run_end_to_end_and_resume(tmp_path, cache_dir, capsys):
     assert (values.double() >= log_p.topk(65, -1).values[:, 64:] - 1e-5).all()
     assert (indices.sort(-1).values[:, 1:] > indices.sort(-1).values[:, :-1]).all()
 
-    # stopped in the teacher's training, then in a student's, then finished
+    # stopped in the teacher's training, then in the cached-teacher student's (after 1 teacher,
+    # 2 ce, 2 kl evaluations, the cache written, 1 of top8_tail), then finished
     args = TINY + methods + ["--cache-dir", cache_dir]
     assert cli.main(args + ["--out", cut, "--interrupt-after", "1"]) == 3
-    assert cli.main(["--resume", cut, "--interrupt-after", "4", "--no-progress"]) == 3
+    assert cli.main(["--resume", cut, "--interrupt-after", "6", "--no-progress"]) == 3
+    started = torch.load(os.path.join(cut, "checkpoints", "top8_tail-seed0.pt"),
+                         weights_only=False)["state"]
+    assert started["step"] == 2 and not os.path.exists(
+        os.path.join(cut, "checkpoints", "fused_kl-seed0.pt"))
+    cache = os.path.join(cut, "teacher-cache")
+    before = _snapshot(cache)
+    assert set(before) == {"meta.json", "indices.npy", "values.npy", "tail.npy"}
+    capsys.readouterr()
     assert cli.main(["--resume", cut, "--no-progress"]) == 0
+    assert "this invocation only: the run was resumed" in capsys.readouterr().out
+    assert _snapshot(cache) == before  # reused: neither rewritten nor touched
     a, b = _weights(whole), _weights(cut)
     assert a.keys() == b.keys() and len(a) == 5
     for name in a:
@@ -225,9 +260,14 @@ def test_padded_teacher_loss_drops_the_padding():
     indices = torch.tensor([[301, 5, 7]] * 6)
     values = torch.log(torch.tensor([[0.5, 0.3, 0.1]] * 6))
     method = lm.METHODS["top8_tail"]
-    padded_loss = lm.loss_of(method, cfg, h, W, lm.sparse_teacher(method, indices, values), y)
-    dropped = lm.sparse_teacher(method, indices.masked_fill(indices >= 300, -1), values)
+    padded_loss = lm.loss_of(method, cfg, h, W, lm.sparse_teacher(method, indices, values, 304),
+                             y)
+    dropped = lm.sparse_teacher(method, indices.masked_fill(indices >= 300, -1), values, 300)
     torch.testing.assert_close(padded_loss, lm.loss_of(method, unpadded, h, W, dropped, y))
+    # the cache's width goes with its rows: a token past it is no padding, but an error
+    with pytest.raises(ValueError, match="classes >= its vocab_size 304: e.g. 999"):
+        lm.loss_of(method, cfg, h, W, lm.sparse_teacher(method, indices.fill_(999), values, 304),
+                   y)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -239,11 +279,78 @@ def test_padded_teacher_loss_drops_the_padding():
     (["--steps", "0"], "--steps must be >= 1"),
     (["--pad-teacher-vocab", "-1"], "--pad-teacher-vocab must be >= 0"),
     (["--pad-teacher-vocab", "100"], "--pad-teacher-vocab must be a multiple of 8"),
+    (["--vocab-parallel"], "--vocab-parallel: not an option of --task lm (it would do nothing)"),
+    (["--teacher-swap-pairs", "3-8"], "--teacher-swap-pairs: not an option of --task lm"),
+    (["--epochs", "3", "--dataset", "mnist"], "--dataset, --epochs: not an option of --task lm"),
 ])
 def test_bad_lm_configuration(args, message, tmp_path, capsys):
     assert cli.main(["--task", "lm"] + args + ["--out", str(tmp_path / "never")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def _tiny_data(train, val):
+    return lm_data.LMData(train=torch.arange(train) % 300, val=torch.arange(val) % 300,
+                          vocab_size=300, python="3.x", files={"train": 1, "val": 1},
+                          digest="0" * 12, cache="")
+
+
+@pytest.mark.parametrize("train,val,split", [(5000, 40, "validation"), (40, 5000, "train")])
+def test_context_longer_than_a_token_stream(train, val, split, tmp_path, capsys, monkeypatch):
+    """Checked before any window is cut (unfold would raise) and before the run folder."""
+    monkeypatch.setattr(lm_data, "load_shared", lambda *args: _tiny_data(train, val))
+    args = ["--task", "lm", "--context", "64", "--train-tokens", "0", "--val-tokens", "64"]
+    assert cli.main(args + ["--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert f"--context 64 is longer than the {split} token stream ({min(train, val)} " in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_driver_without_tokenizers_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers: ImportError
+    assert cli.main(["--task", "lm", "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the tokenizers package: pip install 'kdkernels[train]'" in err
+
+
+def test_ranks_other_than_0_load_the_data_after_rank_0_built_it(monkeypatch):
+    """Under torchrun rank 0 trains the tokenizer; the others wait, then read its cache; an
+    error on rank 0 reaches them instead of a hang."""
+    events = []
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+
+    def broadcast(outcome, src):
+        events.append(("broadcast", outcome[0]))
+        outcome[0] = shared[0]
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(lm_data, "load", lambda *args: events.append("load") or "data")
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        events.clear()
+        shared = [None]
+        assert lm_data.load_shared(300) == "data"
+        assert events == (["load", ("broadcast", None)] if rank == 0
+                          else [("broadcast", None), "load"])
+    shared = ["OSError: disk full"]  # rank 0 failed: rank 1 raises, loads nothing
+    events.clear()
+    with pytest.raises(RuntimeError, match="rank 0 could not build .*disk full"):
+        lm_data.load_shared(300)
+    assert events == [("broadcast", None)]
+
+
+def test_eval_batches_bound_the_logits():
+    """The cpu preset keeps its 4 training batches per forward-only batch (the same numbers as
+    before the bound); the gpu preset's logits stay within EVAL_LOGITS_BYTES."""
+    import argparse
+
+    from kdkernels.train.config import LM_PRESETS
+    cpu, gpu = (argparse.Namespace(**LM_PRESETS[p]) for p in ("cpu", "gpu"))
+    assert lm.eval_batch(cpu, 8192) == 4 * cpu.batch_size == 32
+    windows = lm.eval_batch(gpu, 32768)
+    assert windows == 16 and 4 * windows * gpu.context * 32768 <= lm.EVAL_LOGITS_BYTES
+    assert lm.eval_batch(gpu, 10 ** 9) == 1
 
 
 def _lm_rows(method, losses):
@@ -275,12 +382,13 @@ def test_two_process_lm_run(tmp_path, cache_dir):
     """torchrun, 2 gloo processes: the teacher, its cache (written by rank 0) and the students
     train data-parallel and the table is printed once."""
     import subprocess
-    import sys
+
+    from test_vocab_parallel import _free_port
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29523", "-m", "kdkernels.train", "--methods", "ce,top8_tail,kl",
-           "--out", str(tmp_path / "ddp"), "--cache-dir", cache_dir] + TINY
+           "--master_port", str(_free_port()), "-m", "kdkernels.train", "--methods",
+           "ce,top8_tail,kl", "--out", str(tmp_path / "ddp"), "--cache-dir", cache_dir] + TINY
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes" in done.stdout and done.stdout.count("| method | val CE |") == 1

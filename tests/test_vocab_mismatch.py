@@ -2,6 +2,8 @@
 student by vocabulary padding, with ``padded_teacher=True``, on every path, against the float64
 oracle applied to the teacher cut to the student's width; the errors without the keyword, for a
 narrower teacher, and for a width that is no padding."""
+from dataclasses import replace
+
 import pytest
 import torch
 from helpers import BACKEND_IDS, BACKENDS, INTERPRETED, oracle, run, tolerances
@@ -82,7 +84,7 @@ def _sparse_padded(tail, seed, k=6):
         values = values - torch.logsumexp(t, -1, keepdim=True)
     assert bool((indices >= C).any()) and bool((indices >= C).any(-1).logical_not().any())
     cut = SparseTeacher(indices.masked_fill(indices >= C, -1), values, tail)
-    return s, SparseTeacher(indices, values, tail), cut, y
+    return s, SparseTeacher(indices, values, tail, vocab_size=V_PADDED), cut, y
 
 
 @pytest.mark.parametrize("tail", [False, True], ids=["no-tail", "tail"])
@@ -95,7 +97,7 @@ def test_padded_sparse_teacher_drops_its_padding_slots(backend, device, tail):
 
 
 def _to(teacher, device):
-    return SparseTeacher(teacher.indices.to(device), teacher.values.to(device), teacher.tail)
+    return replace(teacher, indices=teacher.indices.to(device), values=teacher.values.to(device))
 
 
 def test_padded_teacher_of_the_student_width_changes_nothing():
@@ -226,7 +228,8 @@ def test_fused_linear_with_a_padded_teacher(backend, device, teacher_kind):
         values, indices = logits_t.topk(6, -1)
         values = values - torch.logsumexp(logits_t, -1, keepdim=True)
         assert bool((indices >= C).any(-1).all())
-        teacher = dict(teacher=SparseTeacher(indices.to(device), values.to(device), True))
+        teacher = dict(teacher=SparseTeacher(indices.to(device), values.to(device), True,
+                                             vocab_size=V_PADDED))
         cut = SparseTeacher(indices.masked_fill(indices >= C, -1), values, True)
         reduction, options = "sum", dict(correction="rectify")
     leaves = [x.to(device).requires_grad_() for x in student]
@@ -397,7 +400,7 @@ def test_random_padded_teachers_match_the_oracle_on_the_cut_teacher(N, C, pad, s
     values, indices = t.topk(k, -1)
     if tail:
         values = values - torch.logsumexp(t, -1, keepdim=True)
-    sparse = SparseTeacher(indices, values, tail)
+    sparse = SparseTeacher(indices, values, tail, vocab_size=V)
     cut = SparseTeacher(indices.masked_fill(indices >= C, -1), values, tail)
     loss, grad, _, upstream = run(backend, s, sparse, y, padded_teacher=True)
     ref_loss, ref_grad, _ = oracle(s, cut, y, upstream)
@@ -412,7 +415,7 @@ def test_torch_compile_fullgraph_with_a_padded_teacher(sparse):
     t = t.nan_to_num(neginf=-30.0)
     if sparse:
         values, indices = t.topk(5, -1)
-        t = SparseTeacher(indices, values)
+        t = SparseTeacher(indices, values, vocab_size=V_PADDED)
     model = torch.nn.Linear(C, C, dtype=torch.float32)
 
     def forward(x, teacher, y):
@@ -429,9 +432,94 @@ def test_without_the_keyword_a_device_tensor_s_padding_slot_counts_as_unused(mon
     backend), an index >= C is not checked and counts as an unused slot, as documented."""
     s, teacher, cut, y = _sparse_padded(tail=False, seed=8)
     monkeypatch.setattr(kdkernels._core, "_host_scalars", lambda tensor: False)
-    unchecked = kdkernels.distillation_loss(s, teacher, y, backend="torch", reduction="none")
+    unchecked = kdkernels.distillation_loss(s, replace(teacher, vocab_size=None), y,
+                                            backend="torch", reduction="none")
     padded = kdkernels.distillation_loss(s, teacher, y, backend="torch", reduction="none",
                                          padded_teacher=True)
     torch.testing.assert_close(unchecked, padded)
     torch.testing.assert_close(padded, kdkernels.distillation_loss(s, cut, y, backend="torch",
                                                                    reduction="none"))
+    # the same with an index past the vocab_size: not checked there (no sync), and unused
+    beyond = teacher.indices.clone()
+    beyond[4, 0] = 100000
+    beyond_cut = cut.indices.clone()
+    beyond_cut[4, 0] = -1
+    torch.testing.assert_close(
+        kdkernels.distillation_loss(s, replace(teacher, indices=beyond), y, backend="torch",
+                                    reduction="none", padded_teacher=True),
+        kdkernels.distillation_loss(s, replace(cut, indices=beyond_cut), y, backend="torch",
+                                    reduction="none"))
+
+
+# ---- a sparse teacher's width ------------------------------------------------------------------
+
+def _sparse_loss(path, teacher, **kw):
+    """The loss of `teacher` by the primitive or by the fused lm_head (the same student)."""
+    student, _, _, _, y = _linear_problem(seed=31)
+    h, W, b = student
+    if path == "primitive":
+        return kdkernels.distillation_loss(h @ W.t() + b, teacher, y, **kw)
+    return kdkernels.fused_linear_distillation_loss(h, W, teacher, y, student_bias=b,
+                                                    chunk_size=3, **kw)
+
+
+def _sparse_over(width, seed=32):
+    """A top-6 teacher (log-probabilities, with a tail) over a vocabulary of `width`, for the
+    7 rows of _linear_problem; every row holds a class >= C when width > C."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(7, width, generator=g)
+    logits[:, C:] += 3.0
+    values, indices = logits.topk(6, -1)
+    return indices, values - torch.logsumexp(logits, -1, keepdim=True)
+
+
+@pytest.mark.parametrize("path", ["primitive", "fused_linear"])
+def test_sparse_teacher_of_a_padded_width_is_the_teacher_cut_to_the_student(path):
+    indices, values = _sparse_over(V_PADDED)
+    assert bool((indices >= C).any(-1).all())
+    padded = _sparse_loss(path, SparseTeacher(indices, values, True, vocab_size=V_PADDED),
+                          padded_teacher=True, reduction="none")
+    cut = SparseTeacher(indices.masked_fill(indices >= C, -1), values, True)
+    torch.testing.assert_close(padded, _sparse_loss(path, cut, reduction="none"))
+    # the student's own width: nothing to cut, with or without the keyword
+    indices, values = _sparse_over(C)
+    plain = _sparse_loss(path, SparseTeacher(indices, values, True), reduction="none")
+    for padded_teacher in (False, True):
+        assert torch.equal(_sparse_loss(path, SparseTeacher(indices, values, True, vocab_size=C),
+                                        padded_teacher=padded_teacher, reduction="none"), plain)
+
+
+@pytest.mark.parametrize("path", ["primitive", "fused_linear"])
+def test_sparse_teacher_widths_that_are_no_padding_are_refused(path):
+    """Never a silent truncation: padding needs the width; a width that is not padding, an index
+    past the width (checked on CPU: 100000 against a student of 37) are errors."""
+    student = "student_logits" if path == "primitive" else "student_weight"
+    indices, values = _sparse_over(V_PADDED)
+    far = indices.clone()
+    far[3, 2] = 100000
+    own, own_values = _sparse_over(C)  # the student's width, one index far past it
+    own[3, 2] = 100000
+    cases = [
+        (SparseTeacher(indices, values, True), dict(padded_teacher=True), ValueError,
+         r"padded_teacher=True with a SparseTeacher needs its vocab_size.*cannot be told from "
+         r"padding"),
+        (SparseTeacher(far, values, True), dict(padded_teacher=True), ValueError,
+         r"needs its vocab_size"),
+        (SparseTeacher(far, values, True, vocab_size=V_PADDED), dict(padded_teacher=True),
+         ValueError, r"SparseTeacher.indices holds classes >= its vocab_size 40: e.g. 100000"),
+        (SparseTeacher(own, own_values, True, vocab_size=C), dict(), ValueError,
+         r"classes >= its vocab_size 37: e.g. 100000"),
+        (SparseTeacher(indices, values, True, vocab_size=V_PADDED), dict(), ValueError,
+         rf"SparseTeacher.vocab_size has 40 classes but {student} has 37: .*padded_teacher=True"),
+        (SparseTeacher(indices, values, True, vocab_size=41), dict(padded_teacher=True),
+         ValueError, rf"41 classes \({student}: 37\), not a multiple of 8"),
+        (SparseTeacher(indices, values, True, vocab_size=32), dict(padded_teacher=True),
+         ValueError, r"SparseTeacher.vocab_size has 32 classes, fewer than the 37"),
+        (SparseTeacher(indices, values, True, vocab_size=40.0), dict(padded_teacher=True),
+         TypeError, r"SparseTeacher.vocab_size must be an int >= 1"),
+        (SparseTeacher(indices, values, True, vocab_size=True), dict(), TypeError,
+         r"SparseTeacher.vocab_size must be an int >= 1"),
+    ]
+    for teacher, options, error, message in cases:
+        with pytest.raises(error, match=message):
+            _sparse_loss(path, teacher, **options)

@@ -50,7 +50,8 @@ def drive(argv):
         cfg = config.configure(argv, __doc__)
         device = runner.choose_device(cfg)
         if cfg.task == "lm":
-            data = lm_data.load(cfg.vocab_size, cfg.cache_dir)
+            data = lm_data.load_shared(cfg.vocab_size, cfg.cache_dir)
+            lm.check_streams(cfg, data)
         else:
             data = datasets.load(cfg.dataset, cfg.data_dir, cfg.download)
     except (ValueError, RuntimeError, OSError) as problem:  # ConfigError is a ValueError
@@ -78,8 +79,8 @@ def drive(argv):
         table = report.summarise(rows, cfg.method_list)
         text, written = report.write(cfg.out, config.saved(cfg), table, rows, title(cfg))
         print(text)
-        print(f"kdkernels-train: {time.time() - started:.0f} s of training; wrote "
-              f"{', '.join(written)} in {cfg.out}")
+        print(f"kdkernels-train: {time.time() - started:.0f} s of training{this_invocation(cfg)}; "
+              f"wrote {', '.join(written)} in {cfg.out}")
     return 0
 
 
@@ -96,9 +97,14 @@ def drive_lm(cfg, data, device, rank, data_seconds):
     text, written = report.write_lm(cfg.out, config.saved(cfg), table, rows, summary,
                                     lm_title(cfg, data))
     print(text)
-    print(f"kdkernels-train: {sum(summary['phases'].values()):.0f} s in all; wrote "
-          f"{', '.join(written)} in {cfg.out}")
+    print(f"kdkernels-train: {sum(summary['phases'].values()):.0f} s in all"
+          f"{this_invocation(cfg)}; wrote {', '.join(written)} in {cfg.out}")
     return 0
+
+
+def this_invocation(cfg):
+    """After --resume the printed times cover this invocation alone (they are not saved)."""
+    return " (this invocation only: the run was resumed)" if cfg.resume else ""
 
 
 def lm_headline(cfg, data, world, device):
@@ -106,7 +112,8 @@ def lm_headline(cfg, data, world, device):
     pad = f", padded to {lm.padded(data.vocab_size, cfg.pad_teacher_vocab)} for the teacher" \
         if cfg.pad_teacher_vocab else ""
     return (f"kdkernels-train: language model on the Python {data.python} standard library "
-            f"({data.files['train']} train / {data.files['val']} validation files, "
+            f"({data.files['train']} train / {data.files['val']} validation files, file list "
+            f"{data.digest}, "
             f"{len(data.train)} / {len(data.val)} tokens, training on "
             f"{cfg.train_tokens or 'all'} of them, byte-level BPE of "
             f"{data.vocab_size} tokens{pad}), teacher {cfg.teacher_arch} ({cfg.teacher_steps} "

@@ -48,6 +48,12 @@ LM_PRESETS = {
 }
 LM_SAVED_KEYS = ["task", "preset", "methods", "seeds", "temperature", "kd_weight", "ce_weight",
                  "weight_decay", "pad_teacher_vocab", "cache_dir"] + sorted(LM_PRESETS["cpu"])
+# options one task reads and the other would ignore: refused there unless left at the default
+VISION_ONLY = ["dataset", "data_dir", "download", "epochs", "teacher_epochs", "tau0", "beta",
+               "smooth_eps", "ls_eps", "tfkd_a", "tfkd_temperature", "tsd_eta", "tsd_k",
+               "generations", "teacher_swap_pairs", "teacher_swap_fraction", "vocab_parallel"]
+LM_ONLY = ["preset", "vocab_size", "context", "steps", "teacher_steps", "train_tokens",
+           "val_tokens", "eval_every", "pad_teacher_vocab", "cache_dir"]
 
 
 class ConfigError(ValueError):
@@ -114,7 +120,9 @@ def parser(description=None):
     lm.add_argument("--pad-teacher-vocab", type=int, default=0, metavar="M",
                     help="pad the teacher's embedding and lm_head to a multiple of M rows (e.g. "
                          "128, as real models are); the students distil with padded_teacher")
-    lm.add_argument("--cache-dir", help="tokenizer and token ids (default ~/.cache/kdkernels/lm)")
+    lm.add_argument("--cache-dir", help="tokenizer and token ids (default "
+                                        "$XDG_CACHE_HOME/kdkernels/lm, ~/.cache/kdkernels/lm "
+                                        "without it)")
     p.add_argument("--out", help="run folder (default runs/<dataset or lm>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -152,8 +160,20 @@ def parse_pairs(text, num_classes):
     return pairs
 
 
+def check_task_options(cfg):
+    """Refuses an option of the other task (it would do nothing), unless at its default."""
+    defaults = parser().parse_args([])
+    other, ours = (VISION_ONLY, "lm") if cfg.task == "lm" else (LM_ONLY, "vision")
+    given = [key for key in other if getattr(cfg, key) != getattr(defaults, key)]
+    if given:
+        raise ConfigError(f"{', '.join(map(option, given))}: not an option of --task {ours} "
+                          f"(it would do nothing); it belongs to --task "
+                          f"{'vision' if ours == 'lm' else 'lm'}")
+
+
 def check(cfg):
     """Fills the per-data-set defaults and checks every option, before any training."""
+    check_task_options(cfg)
     if cfg.task == "lm":
         return check_lm(cfg)
     for key, value in dict(DEFAULTS[cfg.dataset], seeds=3, temperature=4.0).items():

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -32,6 +32,10 @@ from .memory import MEASURING_ENV, peak_above_inputs_mib
 from .progress import Progress, mode
 
 CACHE_K = 64  # the largest k of the methods: the cache holds it, smaller k read a prefix
+# The forward-only passes (validation, the teacher cache) take 4 training batches at a time, as
+# long as their fp32 logits stay within this: the cpu preset's 32 windows of 128 x 8192 take
+# 128 MiB, the gpu preset's 256 of 256 x 32768 would take 8 GiB (20 GiB with bf16 and softmax).
+EVAL_LOGITS_BYTES = 512 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,29 @@ def loss_of(method, cfg, h, W, teacher, y):
     return kdkernels.distillation_loss(F.linear(h, W), teacher, y, **options)
 
 
-def sparse_teacher(method, indices, values):
+def sparse_teacher(method, indices, values, vocab_size):
     """The cached top-k as the library's SparseTeacher: log-probabilities, the tail implied (with
-    the tail) or renormalised over the k tokens (without). A padded teacher's tokens past the
-    student's vocabulary are the library's to drop (padded_teacher=True: unused slots)."""
+    the tail) or renormalised over the k tokens (without), over the cache's `vocab_size` tokens.
+    A padded teacher's tokens past the student's vocabulary are the library's to drop
+    (padded_teacher=True: unused slots)."""
     return kdkernels.SparseTeacher(indices[..., :method.k], values[..., :method.k],
-                                   tail=method.tail)
+                                   tail=method.tail, vocab_size=vocab_size)
+
+
+def check_streams(cfg, data):
+    """Both token streams hold at least one window of --context (+ 1 target) tokens: checked
+    before any window is cut."""
+    train = min(len(data.train), cfg.train_tokens) if cfg.train_tokens else len(data.train)
+    for split, tokens in (("train", train), ("validation", len(data.val))):
+        if tokens < cfg.context + 1:
+            raise ValueError(f"--context {cfg.context} is longer than the {split} token stream "
+                             f"({tokens} tokens; a window takes --context + 1): use a smaller "
+                             "--context")
+
+
+def eval_batch(cfg, vocab_size):
+    """Windows per batch of the forward-only passes (EVAL_LOGITS_BYTES)."""
+    return max(1, min(4 * cfg.batch_size, EVAL_LOGITS_BYTES // (4 * cfg.context * vocab_size)))
 
 
 def windows_of(tokens, context):
@@ -125,7 +146,8 @@ def validation_loss(model, windows, batch_size, device, autocast):
 
 
 class LMRunner:
-    """The teacher, its cache, and a student per method and seed, each with a checkpoint."""
+    """The teacher, its cache, and a student per method and seed, each with a checkpoint. The
+    data hold one window of each split (check_streams)."""
 
     def __init__(self, cfg, data, device):
         self.cfg, self.data, self.device = cfg, data, device
@@ -133,9 +155,6 @@ class LMRunner:
         self.autocast = autocast_for(device)
         tokens = data.train[:cfg.train_tokens] if cfg.train_tokens else data.train
         self.train_windows = windows_of(tokens, cfg.context)
-        if len(self.train_windows) < 1:
-            raise ValueError(f"--train-tokens {cfg.train_tokens}: not one window of --context "
-                             f"{cfg.context}")
         val = windows_of(data.val, cfg.context)
         # evenly spaced over the validation files, the same windows for every evaluation
         picks = torch.linspace(0, len(val) - 1, min(len(val), cfg.val_tokens // cfg.context))
@@ -192,7 +211,7 @@ class LMRunner:
     @torch.no_grad()
     def teacher_logits(self, net):
         """The teacher's logits over the training windows, in token order, a batch at a time."""
-        batch = 4 * self.cfg.batch_size
+        batch = eval_batch(self.cfg, self.teacher_vocab)
         for i in range(0, len(self.train_windows), batch):
             x = self.train_windows[i:i + batch, :-1].to(self.device)
             with self.autocast():
@@ -205,9 +224,11 @@ class LMRunner:
                 ht = net(x)
             return ht.float().reshape(-1, ht.shape[-1]), net.lm_head.weight
         if method.teacher == "cache":
-            indices, values, _ = self.cache().rows(positions.numpy(), method.k)
+            cache = self.cache()
+            indices, values, _ = cache.rows(positions.numpy(), method.k)
             return sparse_teacher(method, indices.reshape(-1, method.k).to(self.device),
-                                  values.reshape(-1, method.k).to(self.device))
+                                  values.reshape(-1, method.k).to(self.device),
+                                  cache.meta["vocab_size"])
         return None
 
     def train(self, model, method, seed, checkpoint, steps, desc):
@@ -247,7 +268,8 @@ class LMRunner:
                 scheduler.step()
             state["seconds"] += time.perf_counter() - started
             state["tokens"] += (stop - state["step"]) * cfg.batch_size * cfg.context
-            val = validation_loss(model, self.val_windows, 4 * cfg.batch_size, device,
+            val = validation_loss(model, self.val_windows,
+                                  eval_batch(cfg, model.lm_head.weight.shape[0]), device,
                                   self.autocast)
             state["history"].append((stop, val))
             progress.epoch(stop, val, advanced=stop - state["step"])
@@ -280,6 +302,7 @@ class LMRunner:
         phases = ["teacher", "teacher cache", "students"]
         out = {"phases": {p: self.phases[p] for p in phases if p in self.phases},
                "python": self.data.python, "files": self.data.files,
+               "files_digest": self.data.digest, "resumed": bool(self.cfg.resume),
                "vocab_size": self.data.vocab_size, "teacher_vocab": self.teacher_vocab,
                "train_tokens": self.train_windows.shape[0] * self.cfg.context,
                "val_tokens": self.val_windows.shape[0] * self.cfg.context}
@@ -323,7 +346,7 @@ def loss_step_inputs(spec, method):
         teacher = (ht, Wt)
     elif method.teacher == "cache":
         indices, values, _ = teacher_cache.top_k(F.linear(ht, Wt), min(CACHE_K, Vt))
-        teacher = sparse_teacher(method, indices, values)
+        teacher = sparse_teacher(method, indices, values, Vt)
     return h, W, teacher, y
 
 
@@ -344,8 +367,8 @@ def _measure_loss_step(method, cfg, spec, device):
     if isinstance(teacher, tuple):
         teacher = tuple(x.to(device) for x in teacher)
     elif teacher is not None:
-        teacher = kdkernels.SparseTeacher(teacher.indices.to(device), teacher.values.to(device),
-                                          tail=teacher.tail)
+        teacher = replace(teacher, indices=teacher.indices.to(device),
+                          values=teacher.values.to(device))
 
     def step():
         loss_of(method, cfg, h, W, teacher, y).backward()

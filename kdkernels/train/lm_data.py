@@ -12,9 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# folders that hold tests, tools or third-party code rather than the library's own source
+# Folders that hold tests, tools or third-party code rather than the library's own source, or
+# whose presence depends on the machine: Debian and Ubuntu ship distutils, ensurepip, tkinter,
+# lib2to3, idlelib and test as separate packages and drop ctypes/macholib (macOS); lib-dynload
+# holds built extensions; msilib is installed on Windows only. Also every "config-*" folder
+# (config-3.11-x86_64-linux-gnu: the platform triplet and build files).
 EXCLUDED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3",
-                 "turtledemo", "__pycache__"}
+                 "turtledemo", "__pycache__", "distutils", "ensurepip", "tkinter", "macholib",
+                 "lib-dynload", "msilib"}
+# site configuration, and a file Debian adds, rather than library source
+EXCLUDED_FILES = {"sitecustomize.py", "usercustomize.py", "_distutils_system_mod.py"}
 VALIDATION_PERCENT = 5
 END_OF_FILE = "<|endoftext|>"  # between two files: the one special token
 
@@ -27,6 +34,7 @@ class LMData:
     vocab_size: int  # the tokenizer's, which every student's lm_head has
     python: str
     files: dict  # split name -> number of files
+    digest: str  # of the file list (files_digest): equal on two machines, the same split
     cache: str  # the folder holding tokenizer.json and the ids
 
 
@@ -40,21 +48,40 @@ def file_hash(relative_path):
 
 def split_files(root=None):
     """{"train": [...], "val": [...]}: the relative paths ('/'-separated) of the library's .py
-    files, outside EXCLUDED_DIRS and the machine-specific _sysconfigdata*. A file is validation
-    when its path's hash falls in VALIDATION_PERCENT of 100 buckets, so the split is the same on
-    every machine with the same Python version; each side is in hash order (a prefix of it is a
-    sample of files, not the first letters of the alphabet)."""
+    files, outside EXCLUDED_DIRS and config-*, except EXCLUDED_FILES and the machine-specific
+    _sysconfigdata*. A file is validation when its path's hash falls in VALIDATION_PERCENT of 100
+    buckets, so the split is the same on every machine with the same Python version; each side
+    is in hash order (a prefix of it is a sample of files, not the first letters of the
+    alphabet)."""
     root = stdlib_root() if root is None else root
     paths = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS)
+        dirs[:] = sorted(d for d in dirs if d not in EXCLUDED_DIRS and not d.startswith("config-"))
         for name in files:
-            if name.endswith(".py") and not name.startswith("_sysconfigdata"):
+            if name.endswith(".py") and name not in EXCLUDED_FILES \
+                    and not name.startswith("_sysconfigdata"):
                 paths.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
     paths.sort(key=file_hash)
     val = [p for p in paths if int(file_hash(p)[:8], 16) % 100 < VALIDATION_PERCENT]
     taken = set(val)
     return {"train": [p for p in paths if p not in taken], "val": val}
+
+
+def files_digest(split):
+    """12 hex digits of the SHA-256 of the split's sorted file list: two machines that print the
+    same digest train and validate on the same files."""
+    listing = "\n".join(sorted(split["train"] + split["val"]))
+    return hashlib.sha256(listing.encode()).hexdigest()[:12]
+
+
+def tokenizers_module():
+    """The `tokenizers` package, or a RuntimeError saying how to install it (an extra)."""
+    try:
+        import tokenizers
+    except ImportError as error:
+        raise RuntimeError(f"--task lm needs the tokenizers package: pip install "
+                           f"'kdkernels[train]' (or tokenizers): {error}") from error
+    return tokenizers
 
 
 def read_source(root, relative_path):
@@ -65,9 +92,8 @@ def read_source(root, relative_path):
 def cache_key(split, vocab_size):
     """What determines the tokenizer and the ids: Python version, the split, the vocabulary size
     and the tokenizers version."""
-    import tokenizers
     what = {"python": platform.python_version(), "split": split, "vocab_size": vocab_size,
-            "tokenizers": tokenizers.__version__}
+            "tokenizers": tokenizers_module().__version__}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -77,13 +103,14 @@ def default_cache_dir():
 
 
 def train_tokenizer(root, files, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tokenizer = Tokenizer(models.BPE())
+    tok = tokenizers_module()
+    models, pre_tokenizers = tok.models, tok.pre_tokenizers
+    tokenizer = tok.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_FILE],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    tokenizer.decoder = tok.decoders.ByteLevel()
+    trainer = tok.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_FILE],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
     tokenizer.train_from_iterator((read_source(root, f) for f in files), trainer=trainer)
     return tokenizer
 
@@ -111,10 +138,10 @@ def _save_npy(path, array, dtype):
 def load(vocab_size=8192, cache_dir=None, root=None):
     """The split, tokenizer and ids, from the cache when there (nothing is retrained), else built
     and cached."""
-    from tokenizers import Tokenizer
     if vocab_size < 257:
         raise ValueError(f"--vocab-size must be >= 257 (the 256 bytes and {END_OF_FILE}), got "
                          f"{vocab_size}")
+    Tokenizer = tokenizers_module().Tokenizer
     root = stdlib_root() if root is None else root
     split = split_files(root)
     if not split["train"] or not split["val"]:
@@ -137,4 +164,27 @@ def load(vocab_size=8192, cache_dir=None, root=None):
     return LMData(train=torch.from_numpy(ids["train"].astype(np.int64)),
                   val=torch.from_numpy(ids["val"].astype(np.int64)),
                   vocab_size=tokenizer.get_vocab_size(), python=platform.python_version(),
-                  files={name: len(split[name]) for name in split}, cache=folder)
+                  files={name: len(split[name]) for name in split},
+                  digest=files_digest(split), cache=folder)
+
+
+def load_shared(vocab_size=8192, cache_dir=None, root=None):
+    """load() under torchrun: rank 0 builds the cache entry (trains the tokenizer, encodes the
+    splits) while the others wait, then they read it, rather than every process training the
+    same tokenizer at once. An error on rank 0 is raised on every rank, not left as a hang."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return load(vocab_size, cache_dir, root)
+    data, problem = None, None
+    if dist.get_rank() == 0:
+        try:
+            data = load(vocab_size, cache_dir, root)
+        except Exception as error:  # noqa: BLE001 -- re-raised below, after the others know
+            problem = error
+    outcome = [None if problem is None else f"{type(problem).__name__}: {problem}"]
+    dist.broadcast_object_list(outcome, src=0)  # the barrier: rank 0 is done
+    if problem is not None:
+        raise problem
+    if outcome[0] is not None:
+        raise RuntimeError(f"rank 0 could not build the language-model data: {outcome[0]}")
+    return data if data is not None else load(vocab_size, cache_dir, root)

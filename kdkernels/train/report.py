@@ -291,7 +291,8 @@ def markdown_lm(table, summary):
     if "python" in summary:
         lines += ["", f"Data: the Python {summary['python']} standard library's sources "
                   f"({summary['files']['train']} train / {summary['files']['val']} validation "
-                  f"files), BPE vocabulary {summary['vocab_size']}"
+                  f"files, file list {summary['files_digest']}), BPE vocabulary "
+                  f"{summary['vocab_size']}"
                   + (f" (teacher padded to {summary['teacher_vocab']})"
                      if summary["teacher_vocab"] != summary["vocab_size"] else "")
                   + f"; {summary['train_tokens']} training tokens, {summary['val_tokens']} "
@@ -317,7 +318,10 @@ def markdown_lm(table, summary):
     phases = summary.get("phases")
     if phases:
         lines += ["", "Time per phase: " + ", ".join(f"{name} {seconds:.0f} s"
-                                                    for name, seconds in phases.items()) + "."]
+                                                    for name, seconds in phases.items())
+                  + (" (this invocation only: the run was resumed, and its earlier invocations "
+                     "are not counted; tokens/s counts every invocation)."
+                     if summary.get("resumed") else ".")]
     return "\n".join(lines)
 
 
