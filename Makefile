@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-# the libraries kdkernels.integrations and tests/test_coming_from.py test against (torch stays
-# pinned: it is named again in their install line)
-INTEGRATIONS ?= transformers trl accelerate datasets "torchtune==0.6.1" "torchao==0.16.*" \
-	liger-kernel nvidia-modelopt megatron-core
+# the libraries kdkernels.integrations and tests/test_coming_from.py test against, at the
+# versions tested (torch stays pinned: it is named again in their install line)
+INTEGRATIONS ?= "transformers==5.25.*" "trl==1.16.*" "accelerate==1.16.*" "datasets==5.2.*" \
+	"torchtune==0.6.1" "torchao==0.16.*" "liger-kernel==0.8.5" "nvidia-modelopt==0.47.*" \
+	"megatron-core==0.16.*"
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdkernels-installed
 
@@ -26,8 +27,9 @@ $(STAMP): setup.py pyproject.toml csrc/distill.cpp
 	$(PY) -c "import kdkernels; print(kdkernels.backends())"
 	touch $(STAMP)
 
+# a test skipped because an integration's library cannot be imported fails (tests/conftest.py)
 test: install
-	$(PY) -m pytest -q tests
+	KDKERNELS_REQUIRE_INTEGRATIONS=1 $(PY) -m pytest -q tests
 
 lint: install
 	$(VENV)/bin/ruff check .

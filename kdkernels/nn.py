@@ -5,7 +5,7 @@ import torch
 
 from . import functional as F
 from ._core import check_options
-from ._fused_linear import check_chunking
+from ._fused_linear import check_chunking, check_softcap
 from ._options import DynamicTemperature
 
 __all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "KDLoss", "TfKDRegLoss",
@@ -77,15 +77,21 @@ class DistillationLoss(_Loss):
 class FusedLinearDistillationLoss(DistillationLoss):
     """The primitive fed from hidden states and an lm_head, in chunks of rows, without the full
     logits: :func:`kdkernels.functional.fused_linear_distillation_loss`. The keywords of
-    :class:`DistillationLoss`, plus ``chunk_size`` (rows) or ``memory_budget`` (bytes).
-    ``forward(student_hidden, student_weight, teacher=None, target=None, *, student_bias=None,
-    teacher_weight=None, teacher_bias=None, temperature=None, return_stats=False)``, the teacher
-    as hidden states (with ``teacher_weight``), logits, or a :class:`kdkernels.SparseTeacher`."""
+    :class:`DistillationLoss`, plus ``chunk_size`` (rows) or ``memory_budget`` (bytes), and
+    ``logit_softcap`` / ``teacher_logit_softcap`` (each model's final logit soft-cap, e.g.
+    Gemma 2's ``final_logit_softcapping``). ``forward(student_hidden, student_weight,
+    teacher=None, target=None, *, student_bias=None, teacher_weight=None, teacher_bias=None,
+    temperature=None, return_stats=False)``, the teacher as hidden states (with
+    ``teacher_weight``), logits, or a :class:`kdkernels.SparseTeacher`."""
 
-    def __init__(self, *args, chunk_size=None, memory_budget=None, **kwargs):
+    def __init__(self, *args, chunk_size=None, memory_budget=None, logit_softcap=None,
+                 teacher_logit_softcap=None, **kwargs):
         super().__init__(*args, **kwargs)
         check_chunking(chunk_size, memory_budget)
+        check_softcap("logit_softcap", logit_softcap)
+        check_softcap("teacher_logit_softcap", teacher_logit_softcap)
         self.chunk_size, self.memory_budget = chunk_size, memory_budget
+        self.logit_softcap, self.teacher_logit_softcap = logit_softcap, teacher_logit_softcap
 
     def forward(self, student_hidden, student_weight, teacher=None, target=None, *,
                 student_bias=None, teacher_weight=None, teacher_bias=None, temperature=None,
@@ -97,7 +103,8 @@ class FusedLinearDistillationLoss(DistillationLoss):
             student_hidden, student_weight, teacher, target, student_bias=student_bias,
             teacher_weight=teacher_weight, teacher_bias=teacher_bias, **options,
             ignore_index=self.ignore_index, reduction=self.reduction, return_stats=return_stats,
-            backend=self.backend, chunk_size=self.chunk_size, memory_budget=self.memory_budget)
+            backend=self.backend, chunk_size=self.chunk_size, memory_budget=self.memory_budget,
+            logit_softcap=self.logit_softcap, teacher_logit_softcap=self.teacher_logit_softcap)
 
 
 class KDLoss(_Loss):

@@ -1,8 +1,10 @@
-"""The table of docs/INTEGRATIONS.md ("Coming from another library"), row by row: each library's
-loss and the kdkernels call the table gives for it return the same number (and gradient). With
-the real package where it installs (TRL, Liger-Kernel under the Triton interpreter, torchtune);
-for the libraries that are no pip package (DistiLLM, DistillKit, ModelOpt) their formula is
-restated from their source in plain torch, float64 (file and function cited)."""
+"""The table of docs/INTEGRATIONS.md ("Coming from another library"), row by row and claim by
+claim: each library's loss and the kdkernels call the table gives for it return the same number
+(and gradient). With the real packages: TRL, Liger-Kernel (its Triton kernels under the
+interpreter on a CPU), torchtune, ModelOpt (nvidia-modelopt, its Megatron plugin with
+megatron-core). DistiLLM and DistillKit are no pip package: their formulas are restated from
+their source in plain torch, float64 (file and function cited), as is ModelOpt's ghost-token
+TopLogitsKLLoss, newer than the 0.47 tested."""
 import os
 
 import pytest
@@ -57,6 +59,13 @@ def test_trl_generalized_jsd(beta):
     ours = kdkernels.distillation_loss(s3, t3, divergence="jsd", jsd_beta=beta, temperature=T,
                                        t2_scale=False, reduction="sum", **KD_ONLY) / 3
     _same(theirs, ours, s3)
+    # with num_items_in_batch=K: the sum divided by K, whatever the reduction
+    theirs = gkd.GKDTrainer.generalized_jsd_loss(s, t, labels, beta=beta, temperature=T,
+                                                 num_items_in_batch=7)
+    ours = kdkernels.distillation_loss(s, t, labels, divergence="jsd", jsd_beta=beta,
+                                       temperature=T, t2_scale=False, reduction="sum",
+                                       **KD_ONLY) / 7
+    _same(theirs, ours, s)
 
 
 # --- Liger-Kernel (its Triton kernels under TRITON_INTERPRET=1 on a CPU) -------------------------
@@ -79,6 +88,21 @@ def test_liger_fused_linear_jsd():
     _same(theirs, ours, h, rtol=2e-5, atol=2e-6)  # Liger computes in float32
 
 
+@pytest.mark.skipif(torch.cuda.is_available() is False and os.environ.get("TRITON_INTERPRET")
+                    != "1", reason="Liger's Triton kernels need CUDA or the interpreter")
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_liger_jsd_on_log_probs(beta):
+    """LigerJSD(beta)(log_q, log_p, y) on the student's and the teacher's log-probabilities:
+    the JSD at T = 1 of those (a log-softmax is its own logits), mean over kept tokens."""
+    liger = pytest.importorskip("liger_kernel.transformers.jsd")
+    s, t, labels = _inputs(seed=10, dtype=torch.float32)
+    log_q = torch.log_softmax(s, -1)
+    theirs = liger.LigerJSD(beta=beta)(log_q, torch.log_softmax(t, -1), labels)
+    ours = kdkernels.distillation_loss(s, t, labels, divergence="jsd", jsd_beta=beta,
+                                       temperature=1.0, t2_scale=False, **KD_ONLY)
+    _same(theirs, ours, s, rtol=2e-5, atol=2e-6)
+
+
 # --- torchtune ---------------------------------------------------------------------------------
 
 def test_torchtune_forward_kl_is_a_soft_cross_entropy():
@@ -87,6 +111,22 @@ def test_torchtune_forward_kl_is_a_soft_cross_entropy():
     theirs = tune.ForwardKLLoss()(s, t, labels)
     ours = kdkernels.distillation_loss(s, t, labels, temperature=1.0, **KD_ONLY)
     _same(theirs, ours + _entropy(t.double(), labels), s, rtol=1e-5, atol=1e-6)
+
+
+def test_torchtune_reverse_and_symmetric_kl():
+    """ReverseKLLoss: divergence="reverse_kl"; SymmetricKLLoss(r): r (forward + H) + (1 - r)
+    reverse."""
+    tune = pytest.importorskip("torchtune.modules.loss")
+    s, t, labels = _inputs(seed=11, dtype=torch.float32)
+    kw = dict(temperature=1.0, **KD_ONLY)
+
+    def reverse():
+        return kdkernels.distillation_loss(s, t, labels, divergence="reverse_kl", **kw)
+    _same(tune.ReverseKLLoss()(s, t, labels), reverse(), s, rtol=1e-5, atol=1e-6)
+    r = 0.3
+    forward = kdkernels.distillation_loss(s, t, labels, **kw) + _entropy(t.double(), labels)
+    _same(tune.SymmetricKLLoss(sym_kd_ratio=r)(s, t, labels), r * forward + (1 - r) * reverse(),
+          s, rtol=1e-5, atol=1e-6)
 
 
 # --- DistiLLM (jongwooko/distillm, distillm/losses.py: no pip package) ---------------------------
@@ -190,6 +230,27 @@ def test_modelopt_logits_distillation_loss():
     _same(theirs, ours, s)
     theirs = losses.LogitsDistillationLoss(temperature=T, reduction="batchmean")(s, t)
     _same(theirs, kdkernels.distillation_loss(s, t, temperature=T, **KD_ONLY), s)
+
+
+def test_modelopt_logits_distillation_loss_on_3d_logits():
+    """[B, L, V] logits: "mean" is still the mean over the B L rows divided by V, but
+    "batchmean" divides the sum by B (kl_div's first dimension), not by the B L rows; "none"
+    gives one value per row."""
+    losses = pytest.importorskip("modelopt.torch.distill.losses")
+    s, t, _ = _inputs(seed=12)
+    s3, t3 = s.detach().reshape(3, 4, -1).requires_grad_(), t.reshape(3, 4, -1)
+    T, V, B = 3.0, s.shape[-1], 3
+    kw = dict(temperature=T, **KD_ONLY)
+    theirs = losses.LogitsDistillationLoss(temperature=T)(s3, t3)
+    _same(theirs, kdkernels.distillation_loss(s3, t3, **kw) / V, s3)
+    theirs = losses.LogitsDistillationLoss(temperature=T, reduction="batchmean")(s3, t3)
+    _same(theirs, kdkernels.distillation_loss(s3, t3, reduction="sum", **kw) / B, s3)
+    assert not torch.allclose(theirs, kdkernels.distillation_loss(s3, t3, **kw))  # not 2-D's
+    theirs = losses.LogitsDistillationLoss(temperature=T, reduction="none")(s3, t3)
+    ours = kdkernels.distillation_loss(s3, t3, reduction="none", **kw)
+    assert theirs.shape == ours.shape == (3, 4)
+    _same(theirs.sum(), ours.sum(), s3)
+    torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
 
 
 def _megatron_plugin():

@@ -1,5 +1,8 @@
 """kdkernels.integrations.torchtune against the real torchtune losses: value and gradient, plain
-and chunked forms, ignored rows, normalize=False, dtypes; the documented differences."""
+and chunked forms, ignored rows, normalize=False, dtypes, masked (-inf) classes; the
+constructors' and calls' signatures; the documented differences."""
+import inspect
+
 import pytest
 import torch
 
@@ -112,3 +115,80 @@ def test_bad_arguments():
             list(s.chunk(2, dim=1)), list(t.chunk(2, dim=1)), y)
     with pytest.raises(ValueError, match="labels have 7 elements"):
         ours.ReverseKLLoss()(s[0], t[0], y[0, :7])
+
+
+def _signature(fn):
+    """(name, kind, default) of each parameter: what a caller of the function depends on."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("name", PLAIN + CHUNKED)
+def test_constructor_and_forward_signatures_are_torchtunes(name):
+    for method in ("__init__", "forward"):
+        mine, theirs = getattr(getattr(ours, name), method), getattr(getattr(tune, name), method)
+        assert _signature(mine) == _signature(theirs), (name, method)
+
+
+def _student_masks_classes(seed):
+    """Student logits -inf on some classes (never a whole row) on which the teacher has mass."""
+    s, t, y = _inputs(2, 5, 17, seed=seed)
+    masked = torch.rand(s.shape, generator=torch.Generator().manual_seed(seed)) < 0.2
+    masked[..., 0] = False
+    return s.masked_fill(masked, float("-inf")), t, y
+
+
+@pytest.mark.parametrize("name", ["ForwardKLLoss", "SymmetricKLLoss",
+                                  "ForwardKLWithChunkedOutputLoss",
+                                  "SymmetricKLWithChunkedOutputLoss"])
+def test_student_masked_classes_are_left_out_of_the_forward_kl(name):
+    """torchtune drops the classes whose student logit is infinite from its forward KL (the
+    kernels' soft cross-entropy is +inf there): the same value; the forward KL's gradient is
+    torchtune's, the symmetric one's finite (torchtune's reverse term gives NaN)."""
+    s, t, y = _student_masks_classes(seed=11)
+    mine, theirs = _pair(name)
+    if "Chunked" in name:
+        mine, theirs = _pair(name, num_output_chunks=2)
+
+    def call(fn, leaf):
+        if "Chunked" in name:
+            return fn(list(leaf.chunk(2, dim=1)), list(t.chunk(2, dim=1)), y)
+        return fn(leaf.reshape(-1, 17), t.reshape(-1, 17), y)
+    got, want = _value_and_grad(lambda x: call(mine, x), s), _value_and_grad(
+        lambda x: call(theirs, x), s)
+    assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all()
+    torch.testing.assert_close(got[0], want[0], rtol=2e-5, atol=2e-5)
+    if name.startswith("Forward"):
+        torch.testing.assert_close(got[1], want[1], rtol=2e-5, atol=2e-6)
+    else:
+        assert torch.isnan(want[1]).any()
+
+
+def test_teacher_masked_classes_make_the_reverse_kl_infinite():
+    """Documented difference: KL(p || q) is +inf where the teacher masks a class the student
+    gives mass; torchtune leaves the class out."""
+    s, t, y = _inputs(1, 4, 9, seed=12, ignored=0)
+    t[..., 3] = float("-inf")
+    mine, theirs = _pair("ReverseKLLoss")
+    assert mine(s[0], t[0], y[0]) == float("inf")
+    assert torch.isfinite(theirs(s[0], t[0], y[0]))
+
+
+def test_sym_kd_ratio_is_read_when_called_as_torchtunes_is():
+    """SymmetricKLLoss reads sym_kd_ratio at each call (a schedule may set it); the chunked form
+    keeps the constructor's (torchtune's inner loss holds it), in both libraries."""
+    s, t, y = _inputs(2, 6, 13, seed=13)
+    mine, theirs = _pair("SymmetricKLLoss")
+    before = mine(s.reshape(-1, 13), t.reshape(-1, 13), y)
+    for loss in (mine, theirs):
+        loss.sym_kd_ratio = 0.9
+    got, want = (fn(s.reshape(-1, 13), t.reshape(-1, 13), y) for fn in (mine, theirs))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    assert (got - before).abs() > 1e-3
+    mine, theirs = _pair("SymmetricKLWithChunkedOutputLoss", num_output_chunks=3)
+    args = (list(s.chunk(3, dim=1)), list(t.chunk(3, dim=1)), y)
+    before = mine(*args)
+    for loss in (mine, theirs):
+        loss.sym_kd_ratio = 0.9
+    got, want = mine(*args), theirs(*args)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(got, before, rtol=0, atol=0)

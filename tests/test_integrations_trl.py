@@ -1,7 +1,9 @@
-"""kdkernels.integrations.trl against the real TRL: generalized_jsd_loss's value and gradient
-equal TRL's own (shapes, betas, temperatures, labels with -100, every reduction,
-num_items_in_batch, dtypes); the GKD trainer's fused compute_loss equal to TRL's compute_loss, one
-training step of each from the same tiny config-built models, and no [tokens, V] tensor in ours."""
+"""kdkernels.integrations.trl against the real TRL: generalized_jsd_loss's signature, value and
+gradient equal TRL's own (shapes, betas, temperatures, labels with -100, every reduction, its
+unreduced per-class terms included, num_items_in_batch, dtypes); the GKD trainer's fused
+compute_loss equal to TRL's compute_loss, one training step of each from the same tiny
+config-built models, and no [tokens, V] tensor in ours."""
+import inspect
 import os
 
 import pytest
@@ -93,16 +95,55 @@ def test_labels_are_a_mask_and_all_ignored_rows_give_zero():
     assert generalized_jsd_loss(s, t, labels, reduction="mean").item() == 0.0  # TRL: NaN
 
 
-def test_reduction_none_and_bad_values_are_refused():
+@pytest.mark.parametrize("reduction", ["none", "avg", None])
+@pytest.mark.parametrize("beta", [0.0, 0.35, 1.0])
+@pytest.mark.parametrize("with_labels", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_unreduced_terms_equal_trls(reduction, beta, with_labels, dtype):
+    """Any reduction but TRL's three: its per-class terms, [kept rows, V] with labels (the
+    -100 rows dropped), the logits' shape without, in their dtype; same student gradient."""
+    s, t, labels = _logits((2, 5, 11), 9, dtype=dtype)
+    labels = labels if with_labels else None
+    kw = dict(beta=beta, temperature=2.0, reduction=reduction)
+    got, want = (fn(s.detach().requires_grad_(), t, labels, **kw)
+                 for fn in (generalized_jsd_loss, trl_jsd))
+    kept = int((labels != -100).sum()) if with_labels else None
+    assert got.shape == want.shape == ((kept, 11) if with_labels else (2, 5, 11))
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).to(dtype)
+    leaves = [s.detach().requires_grad_() for _ in range(2)]
+    grads = [torch.autograd.grad((fn(leaf, t, labels, **kw) * upstream).sum(), leaf)[0]
+             for fn, leaf in zip((generalized_jsd_loss, trl_jsd), leaves)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_unreduced_terms_with_num_items_are_trls_sum():
+    """num_items_in_batch wins over any reduction, "none" included: the sum divided by it."""
+    s, t, labels = _logits((2, 4, 9), 10)
+    for reduction in ("none", "avg"):
+        got = _value_and_grad(generalized_jsd_loss, s, t, labels, reduction=reduction,
+                              num_items_in_batch=3)
+        want = _value_and_grad(trl_jsd, s, t, labels, reduction=reduction,
+                               num_items_in_batch=3)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+
+
+def test_signature_is_trls():
+    def signature(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+    assert signature(generalized_jsd_loss) == signature(trl_jsd)
+
+
+def test_bad_values_are_refused():
     s, t, labels = _logits((2, 3, 5), 7)
-    with pytest.raises(ValueError, match="reduction='none'"):
-        generalized_jsd_loss(s, t, labels, reduction="none")
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        generalized_jsd_loss(s, t, labels, reduction="avg")
-    with pytest.raises(ValueError, match="jsd_beta"):
-        generalized_jsd_loss(s, t, labels, beta=1.5)
-    with pytest.raises(ValueError, match="temperature"):
-        generalized_jsd_loss(s, t, labels, temperature=0.0)
+    for reduction in ("batchmean", "none"):
+        with pytest.raises(ValueError, match="jsd_beta"):
+            generalized_jsd_loss(s, t, labels, beta=1.5, reduction=reduction)
+        with pytest.raises(ValueError, match="temperature"):
+            generalized_jsd_loss(s, t, labels, temperature=0.0, reduction=reduction)
 
 
 # The GKD trainer: tiny Llama student and (wider) teacher, a word-level tokenizer, labels that

@@ -9,12 +9,19 @@ torchtune's conventions, kept: temperature 1, no T^2; its "forward KL" is the so
 cross-entropy ``-sum_j q_j log p_j = KL(q || p) + H(q)`` (same gradient; the teacher's entropy
 H(q) is added here, computed from the teacher's logits without a gradient); rows whose label is
 ``ignore_index`` are dropped, the others' sum is divided by their number (``normalize=False``:
-the sum). Differences, by design: a batch whose every row is dropped gives 0 in every class
-(torchtune's ``ReverseKLWithChunkedOutputLoss`` and ``SymmetricKLWithChunkedOutputLoss`` give
-NaN there); the reverse KL is infinite where the teacher masks a class (logit ``-inf``) on which
-the student has mass (torchtune leaves such classes out of its sum); chunk lists whose length
-differs from ``num_output_chunks`` raise a ValueError (torchtune's ``zip`` drops the extra
-ones); the loss is float64 for float64 logits (torchtune's is float32). Needs only torch.
+the sum). Where the student's logits are infinite (``-inf``: a class it masks) and the teacher
+gives that class mass, the soft cross-entropy is infinite; torchtune leaves such classes out of
+its sum, and so does this forward term on CPU tensors: when the kernels' sum is not finite, it
+is computed again in torch by torchtune's formula (value and gradient); on CUDA, where reading
+the sum would cost a host sync, it stays infinite. Differences, by design: a batch
+whose every row is dropped gives 0 in every class (torchtune's
+``ReverseKLWithChunkedOutputLoss`` and ``SymmetricKLWithChunkedOutputLoss`` give NaN there); the
+reverse KL is infinite where the teacher masks a class (logit ``-inf``) on which the student has
+mass (torchtune leaves such classes out of its sum, which changes the gradient too: not
+offered), and finite with a finite gradient where the student masks one (torchtune: the same
+value, a NaN gradient); chunk lists whose length differs from ``num_output_chunks`` raise a
+ValueError (torchtune's ``zip`` drops the extra ones); the loss is float64 for float64 logits
+(torchtune's is float32). Needs only torch.
 """
 import torch
 
@@ -38,6 +45,15 @@ def _teacher_entropy_sum(teacher_logits, kept):
     return total
 
 
+def _masked_soft_ce_sum(s, t, kept):
+    """torchtune's forward KL, summed over kept rows: ``-sum_j q_j log p_j`` over the classes
+    whose student logit is finite (in float32, float64 for float64)."""
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    q = torch.softmax(t.detach().to(acc), -1)
+    terms = (q * torch.log_softmax(s.to(acc), -1)).masked_fill(torch.isinf(s), 0)
+    return -terms.sum(-1).masked_fill(kept < 0, 0).sum()
+
+
 def _kd_sum(student_logits, teacher_logits, labels, ignore_index, fkl_ratio):
     """fkl_ratio * (soft cross-entropy) + (1 - fkl_ratio) * (reverse KL), summed over kept rows."""
     V = student_logits.shape[-1]
@@ -49,6 +65,11 @@ def _kd_sum(student_logits, teacher_logits, labels, ignore_index, fkl_ratio):
     total = 0
     if fkl_ratio > 0:
         soft_ce = distillation_loss(s, t, kept, **options) + _teacher_entropy_sum(t, kept)
+        # a student -inf where the teacher has mass (or NaN): read on the host only where that
+        # costs no sync (CPU, eager); on CUDA the term stays infinite
+        if soft_ce.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not torch.isfinite(soft_ce):
+            soft_ce = _masked_soft_ce_sum(s, t, kept)
         total = fkl_ratio * soft_ce
     if fkl_ratio < 1:
         total = total + (1 - fkl_ratio) * distillation_loss(s, t, kept, divergence="reverse_kl",
@@ -94,12 +115,17 @@ def _check_ratio(sym_kd_ratio):
 
 class SymmetricKLLoss(_KDLoss):
     """torchtune's SymmetricKLLoss: ``sym_kd_ratio`` times :class:`ForwardKLLoss` plus
-    ``1 - sym_kd_ratio`` times :class:`ReverseKLLoss`."""
+    ``1 - sym_kd_ratio`` times :class:`ReverseKLLoss`; ``sym_kd_ratio`` is read at each call, as
+    torchtune's is (a schedule may change it)."""
 
     def __init__(self, sym_kd_ratio: float = 0.5, ignore_index: int = -100):
         _check_ratio(sym_kd_ratio)
         super().__init__(ignore_index)
-        self.sym_kd_ratio = self.fkl_ratio = sym_kd_ratio
+        self.sym_kd_ratio = sym_kd_ratio
+
+    @property
+    def fkl_ratio(self):
+        return self.sym_kd_ratio
 
 
 class _ChunkedKDLoss(torch.nn.Module):
@@ -135,7 +161,8 @@ class ReverseKLWithChunkedOutputLoss(_ChunkedKDLoss):
 
 class SymmetricKLWithChunkedOutputLoss(_ChunkedKDLoss):
     """torchtune's SymmetricKLWithChunkedOutputLoss: :class:`SymmetricKLLoss` over chunked
-    logits."""
+    logits. Its ratio is the constructor's: torchtune's builds its inner SymmetricKLLoss with
+    it, so a later ``sym_kd_ratio`` changes nothing there either."""
 
     def __init__(self, num_output_chunks: int = 8, sym_kd_ratio: float = 0.5,
                  ignore_index: int = -100):

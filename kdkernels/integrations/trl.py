@@ -1,7 +1,8 @@
 """TRL on kdkernels' kernels (docs/INTEGRATIONS.md).
 
 - :func:`generalized_jsd_loss`: TRL's ``GKDTrainer.generalized_jsd_loss``, same signature, same
-  value and gradient, computed by :func:`kdkernels.distillation_loss` (divergence="jsd", no T^2).
+  value and gradient, computed by :func:`kdkernels.distillation_loss` (divergence="jsd", no T^2;
+  the unreduced per-class terms of ``reduction="none"`` in torch, by TRL's formula).
 - :func:`gkd_trainer_class`: TRL's ``GKDTrainer`` with ``compute_loss`` overridden to pass the
   models' hidden states and lm_head weights to :func:`kdkernels.fused_linear_distillation_loss`
   (same objective as TRL's ``compute_loss``, without the full logits of either model).
@@ -15,12 +16,14 @@ TRL is imported by :func:`gkd_trainer_class` only; :func:`generalized_jsd_loss` 
 import functools
 
 import torch
+import torch.nn.functional as F
 
-from .._core import distillation_loss
+from .._core import check_options, distillation_loss
 from ._common import row_mask_target
 from .hf import distill_models_loss
 
-REDUCTIONS = ("batchmean", "sum", "mean", "none")
+# TRL's reductions; any other value of `reduction` gives its unreduced per-class terms
+REDUCTIONS = ("batchmean", "sum", "mean")
 
 
 def _jsd_options(beta, temperature):
@@ -40,21 +43,19 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     other values are not used). Reductions as TRL's: ``"batchmean"`` divides the sum by the
     number of kept rows (with labels) or by ``student_logits.shape[0]`` (without), ``"mean"`` by
     that many rows times the vocabulary (TRL's mean over [rows, V] elements), ``"sum"``; with
-    ``num_items_in_batch`` the sum divided by it, whatever ``reduction`` says.
+    ``num_items_in_batch`` the sum divided by it, whatever ``reduction`` says. Any other
+    ``reduction`` (``"none"``) without ``num_items_in_batch``: TRL's unreduced per-class terms,
+    of the logits' shape, or [kept rows, V] with ``labels``; the kernels never form those, so
+    they are computed in torch as TRL computes them (in the logits' dtype).
 
-    Differences from TRL, by design: ``reduction="none"`` (TRL's [rows, V] per-class terms,
-    which the fused kernels never form) raises a ValueError: ``kdkernels.distillation_loss(...,
-    reduction="none")`` gives per-row values; the loss is float32 for bf16/fp16 logits (TRL's
-    has their dtype); no gradient flows to ``teacher_logits``; a batch whose rows are all
-    dropped gives 0 for ``"mean"`` (TRL: NaN).
+    Differences from TRL, by design: the reduced loss is float32 for bf16/fp16 logits (TRL's has
+    their dtype); no gradient flows to ``teacher_logits``; a batch whose rows are all dropped
+    gives 0 for ``"mean"`` (TRL: NaN).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if reduction == "none" and num_items_in_batch is None:
-        raise ValueError("reduction='none' (TRL's per-class [rows, V] terms) is not offered: the "
-                         "fused kernels never form them; use kdkernels.distillation_loss(..., "
-                         "divergence='jsd', reduction='none') for one value per row")
     options = _jsd_options(beta, temperature)
+    if num_items_in_batch is None and reduction not in REDUCTIONS:
+        check_options(**options)  # the errors the kernels' path gives
+        return _jsd_terms(student_logits, teacher_logits.detach(), labels, beta, temperature)
     target = None if labels is None else row_mask_target(labels)
     if num_items_in_batch is not None:
         total = distillation_loss(student_logits, teacher_logits, target, reduction="sum",
@@ -70,6 +71,24 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     # the mean over kept rows (all rows without labels); TRL's "mean" also over the classes
     mean = distillation_loss(student_logits, teacher_logits, target, reduction="mean", **options)
     return mean if reduction == "batchmean" else mean / student_logits.shape[-1]
+
+
+def _jsd_terms(student_logits, teacher_logits, labels, beta, temperature):
+    """TRL's per-class terms, by its formula (F.kl_div on log-probabilities, the mixture by
+    logsumexp), so that they equal its own."""
+    log_p = F.log_softmax(student_logits / temperature, dim=-1)
+    log_q = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        terms = F.kl_div(log_p, log_q, reduction="none", log_target=True)
+    elif beta == 1:
+        terms = F.kl_div(log_q, log_p, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=log_p.dtype, device=log_p.device)
+        log_m = torch.logsumexp(torch.stack([log_p + torch.log1p(-b), log_q + torch.log(b)]),
+                                dim=0)
+        terms = b * F.kl_div(log_m, log_q, reduction="none", log_target=True) + (1 - b) * \
+            F.kl_div(log_m, log_p, reduction="none", log_target=True)
+    return terms if labels is None else terms[labels != -100]
 
 
 def _on_device_of(like, count):
