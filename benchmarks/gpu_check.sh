@@ -4,7 +4,8 @@
 #   benchmarks/gpu_check.sh OUTDIR [STAGE ...]
 #
 # STAGE: env, install, tests, gputests, sweep, bench, bench-methods, bench-lm (default: all of
-# them, in that order). Builds the package from source against the torch already installed (no pip registry
+# them, in that order), overhead (host work per call on CUDA), fast (for a short loan: `env
+# install fast` takes about 10 minutes). Builds the package from source against the torch already installed (no pip registry
 # needed), runs the test suite with CUDA visible, the GPU-only tests, the tuning sweep and the
 # benchmark grid, and writes every log, CSV, table and plot under OUTDIR. Wheels in .whl/ (e.g.
 # Liger-Kernel, for the benchmark) are installed into a private folder first. Each stage has a
@@ -56,6 +57,16 @@ $PY -c 'import kdkernels; print(kdkernels.backends())'" ;;
         --write-results "{device}: other methods, bf16" ;;
     bench-lm) TAIL_LINES=40 stage bench-lm 540 $PY -m benchmarks.lm --device cuda --dtypes bf16 \
         --divergence "${LM_DIVERGENCE:-jsd}" --out "$OUTDIR" --write-results ;;
+    overhead) stage overhead 180 $PY -m benchmarks.overhead --device cuda ;;
+    # the short loan's stage (about 8 minutes): CUDA graphs and host syncs, the bf16 forward's
+    # fraction of a copy at the LM shape, the vision shapes against torch.compile
+    fast) stage fast-gputests 240 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+            -k "graph or sync or small_rows" --durations 5
+        stage fast-sweep 150 $PY -m benchmarks.gpu_sweep --shapes 8192x128256 --dtypes bf16 \
+            --out "$OUTDIR"
+        TAIL_LINES=30 stage fast-vision 240 $PY -m benchmarks.run --device cuda --methods kd \
+            --shapes 256x100,1024x1000 --dtypes fp32,bf16 --out "$OUTDIR" \
+            --write-results "{device}: vision shapes" ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
 done

@@ -72,12 +72,19 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def inputs(N, C, seed=0):
+def inputs(N, C, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    s = torch.randn(N, C, generator=g).requires_grad_()
-    t = torch.randn(N, C, generator=g)
-    y = torch.randint(0, C, (N,), generator=g)
+    s = torch.randn(N, C, generator=g).to(device).requires_grad_()
+    t = torch.randn(N, C, generator=g).to(device)
+    y = torch.randint(0, C, (N,), generator=g).to(device)
     return s, t, y
+
+
+def synchronize(s):
+    """On CUDA a loop of calls ends when the device has run them (host work is what is timed,
+    but a queue that outruns the device would hide the kernels' own time)."""
+    if s.is_cuda:
+        torch.cuda.synchronize(s.device)
 
 
 def fwd(fn, s, t, y):
@@ -102,9 +109,11 @@ def time_us(step, fn, s, t, y, reps, budget_s):
     """Per-call microseconds of `reps` repetitions, each a loop sized to ~budget_s / reps."""
     for _ in range(20):
         step(fn, s, t, y)
+    synchronize(s)
     started = time.perf_counter()
     for _ in range(20):
         step(fn, s, t, y)
+    synchronize(s)
     per_call = (time.perf_counter() - started) / 20
     loop = max(10, int(budget_s / reps / max(per_call, 1e-7)))
     times = []
@@ -112,6 +121,7 @@ def time_us(step, fn, s, t, y, reps, budget_s):
         started = time.perf_counter()
         for _ in range(loop):
             step(fn, s, t, y)
+        synchronize(s)
         times.append((time.perf_counter() - started) / loop * 1e6)
     return times
 
@@ -122,7 +132,7 @@ def measure(args):
     found = contenders(compiled=not args.no_compile)
     result = {}
     for N, C in SHAPES:
-        s, t, y = inputs(N, C)
+        s, t, y = inputs(N, C, device=args.device)
         torch._dynamo.reset()
         cases = {}
         for name, fn in found.items():
@@ -225,6 +235,7 @@ def main(argv=None):
                    help="intra-op threads (1: host work is serial, and a busy second core "
                    "then stalls no OpenMP barrier)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (times end on a synchronize)")
     p.add_argument("--compare-ref", metavar="GITREF",
                    help="also measure the tree at GITREF, alternating with this one")
     p.add_argument("--rounds", type=int, default=2, help="alternations with --compare-ref")
@@ -240,7 +251,8 @@ def main(argv=None):
         return 0
     import kdkernels
     here = os.path.dirname(os.path.dirname(os.path.abspath(kdkernels.__file__)))
-    print(f"# torch {torch.__version__}, {args.threads} threads, {args.reps} repetitions of "
+    print(f"# torch {torch.__version__}, {args.device}, {args.threads} threads, {args.reps} "
+          f"repetitions of "
           f"~{args.budget / args.reps * 1e3:.0f} ms per figure", flush=True)
     runs = []
     load_before = os.getloadavg()[0]

@@ -15,6 +15,9 @@ follows from this file:
 Adding a scalar option: a field here, then its use in each kernel's math.
 """
 from dataclasses import dataclass, field, fields
+from operator import attrgetter
+
+from torch.compiler import is_compiling
 
 REDUCTIONS = ("mean", "sum", "none")
 # What a backend's forward returns as the loss: the per-row losses, or their sum, or their mean
@@ -92,10 +95,15 @@ class SparseTeacher:
     a tail the divergence compares coarse distributions: the k classes and the tail (the
     student's mass outside the k classes). Temperature re-tempers each outcome's probability,
     ``q^(1/T) / Z``. docs/METHODS.md, "Sparse (top-k) teachers".
+
+    vocab_size: the teacher's vocabulary width, optional: indices must lie below it (checked on
+        CPU tensors), and it must be the student's width or, with ``padded_teacher=True``
+        (which needs it), that width plus padding. docs/METHODS.md, "Mismatched vocabularies".
     """
     indices: object  # torch.Tensor (this module does not import torch: setup.py loads it)
     values: object
     tail: bool = False
+    vocab_size: object = None  # an int (checked with the tensors: under torch.compile a SymInt)
 
 
 def _option(default, constexpr=False):
@@ -129,7 +137,9 @@ class FusedOptions:
 
     def pack(self):
         """The options as the C++ and Triton ops take them: floats in declaration order."""
-        return [float(getattr(self, name)) for name in OPTION_NAMES]
+        if is_compiling():  # Dynamo cannot trace attrgetter; the loop is what it sees
+            return [float(getattr(self, name)) for name in OPTION_NAMES]
+        return list(map(float, _OPTION_VALUES(self)))
 
     @classmethod
     def unpack(cls, values):
@@ -153,6 +163,7 @@ SHARD_ROWS = ("T", "ms", "log_zs", "mt", "log_zt", "z1", "kd_grad", "b", "lr_y",
               "g_mean", "scale", "fix_y", "fix_b", "smoothed", "has_teacher")
 
 OPTION_NAMES = tuple(f.name for f in fields(FusedOptions))
+_OPTION_VALUES = attrgetter(*OPTION_NAMES)  # one call per kernel launch: a few us less than a loop
 OPTION_INDEX = {name: i for i, name in enumerate(OPTION_NAMES)}
 CONSTEXPR_OPTIONS = tuple(f.name for f in fields(FusedOptions) if f.metadata["constexpr"])
 

@@ -352,6 +352,27 @@ def test_options_are_checked_once_per_distinct_set_and_every_bad_one_raises():
     for _ in range(2):  # a bad value raises every time, not only the first
         with pytest.raises(ValueError, match="temperature must be > 0"):
             F.distillation_loss(s, t, y, temperature=-1.0)
+    # an unhashable value cannot be a cache key: the check still names it
+    with pytest.raises(ValueError, match="kd_weight must be a finite number"):
+        F.distillation_loss(s, t, y, kd_weight=[0.9])
+    with pytest.raises((TypeError, ValueError), match="temperature"):
+        F.distillation_loss(s, t, y, temperature=[4.0])
+
+
+def test_options_are_checked_once_per_set(monkeypatch):
+    """check_options runs on the first call with a set of options, not on the calls after it;
+    a new set is checked again."""
+    import kdkernels._core as core
+
+    calls = []
+    real = core.check_options
+    monkeypatch.setattr(core, "check_options", lambda **kw: calls.append(1) or real(**kw))
+    s, t, y = make_inputs(4, 9, seed=32)
+    for _ in range(3):
+        F.kd_loss(s, t, y, temperature=3.25, kd_weight=0.375)
+    assert len(calls) == 1
+    F.kd_loss(s, t, y, temperature=3.5, kd_weight=0.375)
+    assert len(calls) == 2
 
 
 @pytest.mark.skipif(cpp_distill._C is None, reason=f"no C++ kernel: {cpp_distill._WHY_NOT}")

@@ -2,8 +2,11 @@
 outputs hold what it says; and the report's pieces on hand-made rows."""
 import csv
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 from benchmarks import report
 
@@ -149,3 +152,43 @@ def test_busy_figures_are_marked_in_the_table_and_plot(tmp_path, monkeypatch):
     assert recorded == [(["4.0*"], 90)]  # the busy bar's label is marked; labels are vertical
     assert "speed-up over eager (x)" in ylabels
     assert (tmp_path / "speedup.png").stat().st_size > 1000
+
+
+def test_overhead_prints_ops_and_times():
+    """benchmarks/overhead.py (issue 20's figures): per contender the aten ops besides the
+    kernel and the microseconds per call at both shapes, the kdkernels rows at 4 ops."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.overhead", "--reps", "2", "--budget", "0.02",
+         "--no-compile"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| this |")]
+    for shape in ("8x10", "64x100"):
+        assert any(f"| {shape} | eager-reference |" in r for r in rows), done.stdout
+        kd = [r for r in rows if f"| {shape} | kd_loss |" in r]
+        assert kd and "| 4 (+1) |" in kd[0], done.stdout
+    assert "ops per fwd+bwd besides the kernels" in done.stdout
+
+
+def test_integrations_benchmark_prints_both_contenders_peak_memory(tmp_path):
+    """benchmarks/integrations.py at its smallest sizes (vocabulary 8, one sequence of 6 tokens:
+    a labelled row after the 3-token prompt and the 2 padded positions; one timed step): per
+    case, a row with the peak memory and time of each contender."""
+    for name in ("trl", "datasets", "transformers"):
+        pytest.importorskip(name)  # optional install: kdkernels[trl]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.integrations", "--vocab", "8", "--batch", "1",
+         "--length", "6", "--reps", "1", "--out", str(tmp_path)], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case, contenders in (
+            ("gkd-step", ("TRL GKDTrainer (full logits)", "kdkernels GKD trainer (fused)")),
+            ("hf-call", ("full logits + kdkernels.distillation_loss",
+                         "kdkernels.integrations.hf.distill_models_loss"))):
+        for name in contenders:
+            row = re.search(rf"^\| {re.escape(case)} \| {re.escape(name)} \| (-?[\d.]+) \| "
+                            rf"(\d+) \|", done.stdout, re.M)
+            assert row, (case, name, done.stdout)

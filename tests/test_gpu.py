@@ -93,14 +93,18 @@ def test_torch_compile_fullgraph_training_step(dynamic):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_no_host_sync_in_forward_and_backward(reduction):
+@pytest.mark.parametrize("path", ["two_kernels", "small_rows"])
+def test_no_host_sync_in_forward_and_backward(reduction, path):
+    """rectify runs the two-kernel path; plain KD at 1000 classes the small-rows kernel (with
+    the kernels' own mean or sum)."""
     s, t, y = _lm_inputs(256, 1000, torch.float32, seed=3)
     s.requires_grad_()
     temps = torch.rand(256, device="cuda") + 1
+    correction = "rectify" if path == "two_kernels" else None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = F.distillation_loss(s, t, y, temperature=temps, correction="rectify",
+        loss = F.distillation_loss(s, t, y, temperature=temps, correction=correction,
                                    reduction=reduction)
         loss.backward(torch.ones_like(loss))
     finally:

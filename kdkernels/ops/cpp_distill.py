@@ -76,13 +76,17 @@ if _C is not None and _contract_mismatch(_C):
 _HERE = _runtime_capability()  # once: availability must stay plain Python for torch.compile
 
 
+# the variant is chosen once, at import: so is what availability() says of it (a call per loss)
+_LOWERED = " (lowered by ATEN_CPU_CAPABILITY)" if os.environ.get("ATEN_CPU_CAPABILITY") else ""
+_READY = (True, f"C++ kernel, {_VARIANT} variant (torch's CPU capability: {_HERE}{_LOWERED})")
+
+
 def availability(device=None):
     if device is not None and device.type != "cpu":
         return False, f"the C++ kernel runs on CPU tensors only, not {device.type}"
-    if _C is None:
+    if _C is None:  # read at the call: tests and users may unload it
         return False, f"C++ kernel unavailable: {_WHY_NOT}"
-    lowered = " (lowered by ATEN_CPU_CAPABILITY)" if os.environ.get("ATEN_CPU_CAPABILITY") else ""
-    return True, f"C++ kernel, {_VARIANT} variant (torch's CPU capability: {_HERE}{lowered})"
+    return _READY
 
 
 if _C is not None:

@@ -88,7 +88,8 @@ def rows_config(C):
 def small_rows(C, o, teacher_indices):
     """Whether the small-rows kernel runs: rows that fit one block, the gradient wanted, and the
     options it covers (a fixed or per-row temperature, no correction, the KL divergence)."""
-    return (C <= SMALL_ROWS_MAX and o.compute_grad and teacher_indices is None
+    # (MAX_BLOCK bounds it too: tests lower it to reach the multi-block path at small C)
+    return (C <= min(SMALL_ROWS_MAX, MAX_BLOCK) and o.compute_grad and teacher_indices is None
             and o.temp_mode in (TEMP_SCALAR, TEMP_ROWS) and o.correction == CORRECTION_NONE
             and o.divergence == DIVERGENCE_KL)
 
