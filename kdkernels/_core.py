@@ -1,5 +1,6 @@
 """The one general primitive: validate once, pick a backend, run it under one autograd Function."""
 import math
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -231,17 +232,40 @@ def fit_teacher(teacher, C, padded_teacher, name="teacher_logits", student="stud
     as a view of its first C columns (no copy), a SparseTeacher with its slots at classes >= C
     made unused. Any other teacher is returned as it is, for the usual checks."""
     if isinstance(teacher, SparseTeacher):
-        indices = teacher.indices
-        if not padded_teacher or not isinstance(indices, torch.Tensor) \
-                or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            return teacher
-        return SparseTeacher(indices.masked_fill(indices >= C, -1), teacher.values,
-                             teacher.tail)
+        return _fit_sparse_teacher(teacher, C, padded_teacher, student)
     if not isinstance(teacher, torch.Tensor) or not teacher.dtype.is_floating_point \
             or teacher.dim() < 1 or teacher.shape[-1] == C:
         return teacher  # not logits (refused by the checks), or nothing to cut
     check_padded_width(name, teacher.shape[-1], C, padded_teacher, student)
     return teacher[..., :C]
+
+
+def _fit_sparse_teacher(teacher, C, padded_teacher, student):
+    """fit_teacher for a SparseTeacher. Its indices alone cannot tell padding from real classes
+    past C, so padding needs the teacher's width: vocab_size, held to the dense teacher's rule."""
+    width = teacher.vocab_size
+    if width is None:
+        if padded_teacher:
+            raise ValueError(f"padded_teacher=True with a SparseTeacher needs its vocab_size, the "
+                             f"teacher's vocabulary width: without it a class >= {C} ({student}'s "
+                             "width) cannot be told from padding. Pass SparseTeacher(indices, "
+                             "values, tail, vocab_size=...)")
+        return teacher
+    if isinstance(width, bool) or not isinstance(width, (int, torch.SymInt)) or width < 1:
+        raise TypeError(f"SparseTeacher.vocab_size must be an int >= 1 (the teacher's vocabulary "
+                        f"width) or None, got {width!r}")
+    check_padded_width("SparseTeacher.vocab_size", width, C, padded_teacher, student)
+    indices = teacher.indices
+    if not isinstance(indices, torch.Tensor) or indices.dtype.is_floating_point \
+            or indices.dtype == torch.bool:
+        return teacher  # refused by _check_sparse_teacher
+    # value checks on CPU only: on CUDA they would cost a sync (an index >= C is then unused)
+    if _host_scalars(indices) and indices.numel() and bool((indices >= width).any()):
+        raise ValueError(f"SparseTeacher.indices holds classes >= its vocab_size {width}: e.g. "
+                         f"{int(indices[indices >= width][0])}")
+    if width == C:
+        return teacher
+    return replace(teacher, indices=indices.masked_fill(indices >= C, -1), vocab_size=C)
 
 
 def _check_sparse_teacher(teacher, student):
@@ -269,7 +293,8 @@ def _check_sparse_teacher(teacher, student):
     if bool((indices >= C).any()):
         raise ValueError(f"SparseTeacher.indices holds classes >= {C}, the student's width: "
                          f"e.g. {int(indices[indices >= C][0])}; if they are the teacher's "
-                         "vocabulary padding, pass padded_teacher=True (such slots are unused)")
+                         "vocabulary padding, pass padded_teacher=True and the teacher's width "
+                         "as SparseTeacher(..., vocab_size=) (such slots are unused)")
     ordered = indices.reshape(-1, indices.shape[-1]).sort(-1).values
     if bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any()):
         raise ValueError("SparseTeacher.indices repeats a class within a row")
@@ -345,8 +370,9 @@ def distillation_loss(student_logits, teacher_logits=None, target=None, *, tempe
             ``"cpp"`` or ``"torch"``. See :func:`kdkernels.backends`.
         padded_teacher: the teacher's vocabulary is the student's plus padding: a teacher wider
             than the student ([..., V_t], V_t a multiple of 8) is read over its first C columns
-            (a view), and a :class:`SparseTeacher`'s slots at classes >= C are unused. Without
-            it, a width mismatch is an error. docs/METHODS.md, "Mismatched vocabularies".
+            (a view), and a :class:`SparseTeacher` (which must then give its ``vocab_size``,
+            V_t) has its slots at classes >= C unused. Without it, a width mismatch is an
+            error. docs/METHODS.md, "Mismatched vocabularies".
 
     Returns the loss (float32, or float64 for float64 inputs), and the stats if asked.
 
@@ -543,8 +569,14 @@ def _checked(temperature, reduction, backend, hyper):
         check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
         return None
     spec = torch.Tensor if isinstance(temperature, torch.Tensor) else temperature
-    key = tuple((type(v), v) for v in (spec, reduction, backend, *hyper.values()))
-    if key not in _CHECKED:
+    values = (spec, reduction, backend, *hyper.values())
+    key = values + tuple(map(type, values))
+    try:
+        seen = key in _CHECKED
+    except TypeError:  # an unhashable value (a list, ...): let the check name it, cache nothing
+        check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
+        return None
+    if not seen:
         check_options(temperature=temperature, reduction=reduction, backend=backend, **hyper)
         if len(_CHECKED) >= _CACHE_LIMIT:
             _CHECKED.clear()

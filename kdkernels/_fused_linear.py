@@ -5,11 +5,14 @@ chunks of rows so that at most one chunk's [rows, V] logits exist at a time (doc
 Per chunk: the student's logits by torch.matmul (cuBLAS on a GPU), the teacher's rows (its own
 matmul, a slice of dense logits, or of a sparse top-k), the fused kernel of the primitive, which
 writes d loss / d logits, then the two matmuls of the backward: d hidden for the chunk's rows and
-d weight accumulated over the chunks. For "mean" and "sum" all of it runs in the forward and the
-backward only scales the results by the upstream gradient; for "none", whose per-row upstream
-gradients are known only then, the forward computes the losses alone and the backward runs the
-chunks again.
+d weight accumulated over the chunks. With a final logit soft-cap (Gemma 2's
+``final_logit_softcapping``) the chunk's logits are ``cap * tanh(logits / cap)``, in float32,
+before the kernel, and its gradient is multiplied by ``1 - tanh^2`` before the two matmuls. For
+"mean" and "sum" all of it runs in the forward and the backward only scales the results by the
+upstream gradient; for "none", whose per-row upstream gradients are known only then, the forward
+computes the losses alone and the backward runs the chunks again.
 """
+import math
 from dataclasses import replace
 
 import torch
@@ -41,7 +44,8 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
                                    virtual_teacher=None, t2_scale=True, divergence="kl",
                                    jsd_beta=0.5, skew_alpha=0.1, ignore_index=-100,
                                    reduction="mean", return_stats=False, backend="auto",
-                                   chunk_size=None, memory_budget=None, padded_teacher=False):
+                                   chunk_size=None, memory_budget=None, padded_teacher=False,
+                                   logit_softcap=None, teacher_logit_softcap=None):
     r""":func:`distillation_loss` of the logits ``student_hidden @ student_weight.T (+ bias)``
     without materialising them: rows go through the matmul and the fused loss in chunks.
 
@@ -62,7 +66,16 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
             read and written once per chunk.
         padded_teacher: the teacher's vocabulary is the student's V classes plus padding: its
             weight (and bias) may have more rows, its logits more columns, a sparse teacher
-            classes >= V; only the first V are read (views). As for :func:`distillation_loss`.
+            (with its ``vocab_size``) classes >= V; only the first V are read (views). As for
+            :func:`distillation_loss`.
+        logit_softcap: the student's final logit soft-cap (a number > 0, Gemma 2's
+            ``config.final_logit_softcapping``): its logits are ``logit_softcap * tanh((h @ W.T
+            + b) / logit_softcap)``, computed per chunk in float32 (float64 for float64); the
+            gradient goes through the tanh. None: the plain ``h @ W.T + b``.
+        teacher_logit_softcap: the same for the teacher's logits computed here from its hidden
+            states and ``teacher_weight`` (its own cap: it may differ from the student's).
+            Teacher logits given as such, dense or sparse, are used as they are (a model's own
+            ``.logits`` are already capped).
 
     Returns the loss (and a :class:`DistillStats` with ``return_stats``). The weight's and the
     bias's gradients accumulate chunk by chunk in float32 (float64 for float64).
@@ -74,9 +87,17 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     check_options(temperature=temperature, reduction=reduction, backend=backend,
                   padded_teacher=padded_teacher, **hyper)
     check_chunking(chunk_size, memory_budget)
+    for name, cap in (("logit_softcap", logit_softcap),
+                      ("teacher_logit_softcap", teacher_logit_softcap)):
+        check_softcap(name, cap)
     h, W = student_hidden, student_weight
     _check_linear("student", h, W, student_bias)
     lead, V = h.shape[:-1], W.shape[0]
+    if teacher_logit_softcap is not None and teacher_weight is None:
+        raise ValueError("teacher_logit_softcap caps the teacher logits computed from its hidden "
+                         "states and teacher_weight; teacher logits given as such (dense or "
+                         "sparse) are used as they are: cap them yourself, or pass the "
+                         "model's own (already capped) logits")
 
     def fit_rows(name, rows):
         check_padded_width(name, rows, V, padded_teacher, "student_weight")
@@ -95,7 +116,8 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     H = h.shape[-1]
     h2 = h.reshape(-1, H)
     N = h2.shape[0]
-    source = _TeacherSource(teacher, teacher_weight, teacher_bias, V, lead)
+    source = _TeacherSource(teacher, teacher_weight, teacher_bias, V, lead,
+                            teacher_logit_softcap)
     y2 = target.reshape(-1).long() if target is not None else None
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     temp_plan = temperature_plan(temperature, acc, ignore_index)
@@ -104,8 +126,11 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     wants_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (h, W, student_bias))
     options = fused_options(hyper, temp_plan, True, 1.0, source.tail)
-    rows = chunk_rows(N, h, W, source.bytes_per_row(V), chunk_size, memory_budget)
-    job = _Job(runner, options, source, y2, temp_plan[2], rows, reduction, count)
+    # a soft-capped chunk also holds its tanh, the capped logits and their gradient in `acc`
+    capped_bytes = 0 if logit_softcap is None else 3 * V * _itemsize(acc)
+    rows = chunk_rows(N, h, W, source.bytes_per_row(V) + capped_bytes, chunk_size,
+                      memory_budget)
+    job = _Job(runner, options, source, y2, temp_plan[2], rows, reduction, count, logit_softcap)
     if N == 0:
         loss, temps, flags = empty_result([h2, W, student_bias], reduction, acc, h.device)
     elif wants_grad:
@@ -141,6 +166,23 @@ def teacher_stand_in(teacher, weight, bias, h, lead, width, full_width, fit_rows
     return teacher.new_empty(()).expand(*lead, full_width), weight, bias
 
 
+def check_softcap(name, cap):
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
+                            or not math.isfinite(cap) or cap <= 0):
+        raise ValueError(f"{name} must be a finite number > 0 (the logits become cap * "
+                         f"tanh(logits / cap)) or None, got {cap!r}")
+
+
+def soft_capped(logits, cap):
+    """(cap * tanh(logits / cap), the tanh) in float32 (float64 for float64)."""
+    squashed = torch.tanh(logits.to(_accumulation(logits.dtype)) / cap)
+    return squashed * cap, squashed
+
+
+def _itemsize(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def _check_linear(who, hidden, weight, bias):
     check_floating(f"{who}_hidden" if who == "student" else "teacher", hidden)
     check_floating(f"{who}_weight", weight)
@@ -165,8 +207,9 @@ class _TeacherSource:
     """The teacher's rows for a chunk: its own matmul, a slice of its logits or of a sparse
     teacher, or nothing (a virtual teacher)."""
 
-    def __init__(self, teacher, weight, bias, V, lead):
+    def __init__(self, teacher, weight, bias, V, lead, softcap=None):
         self.weight, self.bias, self.indices, self.tail = weight, bias, None, False
+        self.softcap = softcap
         self.hidden = self.logits = self.values = None
         if weight is not None:
             self.hidden = teacher.detach().reshape(-1, teacher.shape[-1])
@@ -180,13 +223,19 @@ class _TeacherSource:
 
     def bytes_per_row(self, V):
         """Bytes of chunk buffers this teacher adds per row."""
-        return V * self.hidden.element_size() if self.hidden is not None else 0
+        if self.hidden is None:
+            return 0
+        capped = 0 if self.softcap is None else _itemsize(_accumulation(self.hidden.dtype))
+        return V * (self.hidden.element_size() + capped)
 
     def rows(self, i, j):
         """(teacher values or logits, indices or None) for rows [i, j)."""
         if self.hidden is not None:
             with torch.no_grad():
-                return linear(self.hidden[i:j], self.weight, self.bias), None
+                logits = linear(self.hidden[i:j], self.weight, self.bias)
+                if self.softcap is not None:
+                    logits = soft_capped(logits, self.softcap)[0]
+                return logits, None
         if self.indices is not None:
             return self.values[i:j].contiguous(), self.indices[i:j].contiguous()
         if self.logits is not None:
@@ -218,24 +267,34 @@ def chunk_rows(N, h, W, teacher_row_bytes, chunk_size, memory_budget):
 
 
 class _Job:
-    """One call's fixed parts: the backend, its options, the teacher, labels, temperatures."""
+    """One call's fixed parts: the backend, its options, the teacher, labels, temperatures, the
+    student's soft-cap."""
 
-    def __init__(self, runner, options, source, target, temp_rows, rows, reduction, count):
+    def __init__(self, runner, options, source, target, temp_rows, rows, reduction, count,
+                 softcap=None):
         self.runner, self.options, self.source = runner, options, source
         self.target, self.temp_rows, self.rows = target, temp_rows, rows
-        self.reduction, self.count = reduction, count
+        self.reduction, self.count, self.softcap = reduction, count, softcap
 
     def chunks(self, N):
         return [(i, min(i + self.rows, N)) for i in range(0, N, self.rows)]
 
     def run(self, h, W, b, i, j, compute_grad):
-        """(loss rows, d loss rows / d logits or empty, temperatures, flags) of rows [i, j)."""
+        """(loss rows, d loss rows / d logits or empty, temperatures, flags) of rows [i, j); with
+        a soft-cap, the gradient wrt the linear layer's logits (before the cap), in h's dtype."""
         with torch.no_grad():
             logits = linear(h[i:j], W, b)
+            if self.softcap is not None:
+                logits, squashed = soft_capped(logits, self.softcap)
         teacher, indices = self.source.rows(i, j)
         options = self.options if compute_grad else replace(self.options, compute_grad=False)
-        return self.runner.forward(logits, teacher, _part(self.target, i, j),
-                                   _part(self.temp_rows, i, j), options, indices)
+        loss, grad, temps, flags = self.runner.forward(
+            logits, teacher, _part(self.target, i, j), _part(self.temp_rows, i, j), options,
+            indices)
+        if self.softcap is not None and compute_grad:
+            # d cap tanh(z / cap) / dz = 1 - tanh^2, in float32, before the matmuls in h's dtype
+            grad = grad.mul_(squashed.square_().neg_().add_(1)).to(h.dtype)
+        return loss, grad, temps, flags
 
 
 def linear(x, weight, bias):
@@ -287,21 +346,32 @@ class GradientSink:
         if self.grad_b is not None:
             self.grad_b += g.sum(0, dtype=self.grad_b.dtype)
 
-    def results(self):
-        grad_w = self.grad_w
+    def results(self, scale=None):
+        """The gradients, each times ``scale`` (a "mean"'s 1 / count, a tensor: no host sync),
+        taken in float32 by the weight's and the bias's sums before their one rounding."""
+        grad_h, grad_w, grad_b = self.grad_h, self.grad_w, self.grad_b
+        if scale is not None:
+            if grad_h is not None:
+                grad_h.mul_(scale)
+            if grad_b is not None:
+                grad_b = grad_b * scale
+            if grad_w is not None and self.product is None:
+                grad_w.mul_(scale)
         if self.product is not None:  # rounded once, into the product's buffer
-            grad_w = self.product.copy_(self.grad_w)
-        grad_b = None if self.grad_b is None else self.grad_b.to(self.b_dtype)
-        return self.grad_h, grad_w, grad_b
+            grad_w = (self.product.copy_(grad_w) if scale is None
+                      else torch.mul(grad_w, scale, out=self.product))
+        if grad_b is not None:
+            grad_b = grad_b.to(self.b_dtype)
+        return grad_h, grad_w, grad_b
 
 
 def _accumulation(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _backward_chunks(job, h, W, b, upstream, need):
+def _backward_chunks(job, h, W, b, upstream, need, scale=None):
     """d loss / d (hidden, weight, bias) over every chunk; ``upstream``: the per-row upstream
-    gradients ([N], for "none") or None (rows summed)."""
+    gradients ([N], for "none") or None (rows summed); ``scale``: as GradientSink.results."""
     sink = GradientSink(h, W, b, need)
     parts = []
     for i, j in job.chunks(h.shape[0]):
@@ -312,7 +382,7 @@ def _backward_chunks(job, h, W, b, upstream, need):
         sink(i, j, g)
         del g
     loss_rows, temps, flags = (torch.cat([p[k] for p in parts]) for k in range(3))
-    return (loss_rows, temps, flags) + sink.results()
+    return (loss_rows, temps, flags) + sink.results(scale)
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -328,9 +398,13 @@ class _FusedLinearDistill(torch.autograd.Function):
             loss, temps, flags = _loss_only(job, h, W, b)
             ctx.save_for_backward(h, W, b)
         else:
-            loss_rows, temps, flags, gh, gw, gb = _backward_chunks(job, h, W, b, None, ctx.need)
+            # a mean's 1 / count taken by the float32 sums before their rounding: the backward
+            # then has the upstream gradient alone to apply (nothing, on CPU, for backward())
+            scale = None if job.reduction == "sum" else 1 / job.count
+            loss_rows, temps, flags, gh, gw, gb = _backward_chunks(job, h, W, b, None, ctx.need,
+                                                                   scale)
             loss = reduce_rows(loss_rows, job.reduction, job.count)
-            ctx.save_for_backward(gh, gw, gb, job.count)
+            ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(temps, flags)
         return loss, temps, flags
 
@@ -341,5 +415,5 @@ class _FusedLinearDistill(torch.autograd.Function):
             h, W, b = ctx.saved_tensors
             grads = _backward_chunks(job, h, W, b, grad_loss.reshape(-1), ctx.need)[3:]
             return (*grads, None)
-        gh, gw, gb, count = ctx.saved_tensors
-        return (*scale_saved((gh, gw, gb), grad_loss, count=count), None)
+        gh, gw, gb = ctx.saved_tensors
+        return (*scale_saved((gh, gw, gb), grad_loss), None)

@@ -57,6 +57,7 @@ _AGREE = 6  # the first _AGREE header fields must be equal on every rank
 # count, so ranks with different row counts exchange equal sizes and all raise (no abort, no
 # hang); rows beyond these go in a second all-gather, once the counts are known to agree.
 _FIRST_ROWS = 256
+_PRIME = 2147483647  # the label checksums' modulus (2^31 - 1): sums stay exact in float64
 
 
 def vocab_parallel_distillation_loss(student_logits, teacher_logits=None, target=None, *,
@@ -359,22 +360,24 @@ class _Job:
 
     def _header(self, device):
         rows = self.rows
+        def number(v):  # 4 and 4.0 are the same option
+            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
         index = torch.arange(1, rows.N + 1, device=device, dtype=torch.float64)
-        temp_sum = temp_check = 0.0
+        temp = number(self.temperature)
+        temp_sum, temp_check, temp_kind = (temp, 0.0, "fixed") if isinstance(temp, float) else (
+            0.0, 0.0, "rows" if isinstance(temp, torch.Tensor) else temp)
         if rows.temp_rows is not None:  # a checksum of the given per-row temperatures
             temp_sum = rows.temp_rows.double().sum()
             temp_check = (rows.temp_rows.double() * index).sum()
         labels = labels_check = torch.tensor(-1.0, dtype=torch.float64, device=device)
-        if rows.target is not None:  # int64 sums: exact, or wrapped alike on every rank
+        if rows.target is not None:  # int64 sums modulo a prime below 2^31: exact in float64
             y = rows.target
-            labels = y.sum().double()
-            labels_check = (y * torch.arange(1, rows.N + 1, device=device)).sum().double()
-        def number(v):  # 4 and 4.0 are the same option
-            return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-        temp = self.temperature
+            labels = y.sum().remainder(_PRIME).double()
+            labels_check = (y * torch.arange(1, rows.N + 1, device=device)).remainder(
+                _PRIME).sum().remainder(_PRIME).double()
         options = repr((sorted((k, number(v)) for k, v in self.hyper.items()), self.reduction,
                         self.C, str(rows.dtype), rows.teacher is None, type(rows).__name__,
-                        "rows" if isinstance(temp, torch.Tensor) else number(temp)))
+                        temp_kind))
         values = [rows.N, zlib.crc32(options.encode()), temp_sum, temp_check, labels,
                   labels_check, rows.vocab_start, rows.width]
         return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)

@@ -84,8 +84,9 @@ def _reference(s, t, y, temp, options):
 def _worker(rank, world, port, failures):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    import datetime
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     calls = {"n": 0}
     for name in ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast"):
         original = getattr(dist, name)
@@ -277,7 +278,7 @@ def test_bad_input_is_refused_before_any_collective():
 
 
 MISMATCHES = [  # (name, rank 0's changes, rank 1's changes, what the error names)
-    ("temperature", dict(), dict(temperature=3.0), "options"),
+    ("temperature", dict(), dict(temperature=3.0), "temperature"),
     ("labels", dict(), dict(label_shift=1), "labels checksum"),
     ("divergence", dict(), dict(divergence="jsd"), "options"),
     ("row-count", dict(), dict(rows=13), "row count"),
@@ -286,7 +287,8 @@ MISMATCHES = [  # (name, rank 0's changes, rank 1's changes, what the error name
     ("dtd-on-one-rank", dict(temperature=DynamicTemperature()), dict(), "options"),
     ("row-temperatures", dict(temperature="rows"), dict(temperature="rows", temp_shift=0.5),
      "temperature checksum"),
-    ("linear-temperature", dict(linear=True), dict(linear=True, temperature=2.0), "options"),
+    ("linear-temperature", dict(linear=True), dict(linear=True, temperature=2.0),
+     "temperature"),
     ("int-and-float-agree", dict(temperature=4, kd_weight=1), dict(temperature=4.0, kd_weight=1.0),
      None),
 ]
