@@ -333,16 +333,80 @@ inline std::pair<acc_t, acc_t> div_term(int64_t kind, acc_t param, acc_t P, acc_
   return {first_lane(terms.d), first_lane(terms.G)};
 }
 
-// One target value that differs from the row's base target (the correction at y and b).
+// X(z) = z - log1p(z) >= 0 (~z^2 / 2), accurate near 0: sum_{k>=2} (-z)^k / k for |z| < 1/10.
+template <typename acc_t>
+inline Vectorized<acc_t> x_minus_log1p(const Vectorized<acc_t>& z) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int last = std::is_same_v<acc_t, double> ? 16 : 8;  // next term under eps
+  const Vec small = z.abs() < Vec(acc_t(0.1));
+  const Vec zs = Vec::blendv(Vec(0), z, small), minus = Vec(0) - zs;
+  Vec series(0);
+  for (int k = last; k >= 2; --k) series = at::vec::fmadd(series, minus, Vec(acc_t(1) / acc_t(k)));
+  return Vec::blendv(z - z.log1p(), series * zs * zs, small);
+}
+
+// div_terms without cancellation (docs/METHODS.md, "The other divergences without
+// cancellation"), given also delta_j = log(r_j / p_j) computed accurately. Where |delta| < 1,
+// each term is p_j f(e^delta_j) with f >= 0 and ~delta^2 (the linear part of the f-divergence,
+// which sums to 0, taken out), and G is shifted by a constant so that it is O(delta); elsewhere
+// the direct terms, with the same linear part and shift, are accurate.
+template <typename acc_t>
+inline DivTerms<acc_t> div_terms_exact(int64_t kind, acc_t param, const Vectorized<acc_t>& P,
+                                       const Vectorized<acc_t>& lP, const Vectorized<acc_t>& R,
+                                       const Vectorized<acc_t>& lR,
+                                       const Vectorized<acc_t>& delta) {
+  using Vec = Vectorized<acc_t>;
+  if (kind == kDivergenceKl) return div_terms<acc_t>(kind, param, P, lP, R, lR);
+  const Vec zero(0), one(1), near = delta.abs() < one, w(param), v(1 - param);
+  const Vec live_p = P > zero, use = near & live_p;
+  // the direct terms only where some lane needs them (none, at high temperature)
+  DivTerms<acc_t> far{zero, zero};
+  if (use.zero_mask() != 0) far = div_terms<acc_t>(kind, param, P, lP, R, lR);
+  const Vec E = delta.expm1(), u = E + one;
+  Vec d, G;
+  if (kind == kDivergenceReverseKl) {  // f(u) = u - 1 - log u
+    d = P * x_minus_log1p(E);
+    G = zero - delta;
+    far.d = far.d + (R - P);
+  } else if (kind == kDivergenceJsd) {
+    const Vec a = w * E, b = v * (zero - delta).expm1();
+    d = P * (w * u * x_minus_log1p(b) + v * x_minus_log1p(a));
+    G = zero - v * a.log1p();
+  } else if (kind == kDivergenceSkewKl) {  // f(u) = u log(u / m) - (1 - a)(u - 1)
+    const Vec b = v * (zero - delta).expm1();
+    d = P * u * x_minus_log1p(b);
+    G = v * b / (one + b);
+    far.d = far.d - v * (R - P);
+    far.G = far.G + v;
+  } else if (kind == kDivergenceSkewReverseKl) {  // f(u) = -log m + (1 - a)(u - 1)
+    const Vec z = v * E;
+    d = P * x_minus_log1p(z);
+    G = w * z / (one + z) - z.log1p();
+    far.d = far.d + v * (R - P);
+    far.G = far.G - v;
+  } else {  // total variation
+    d = Vec(acc_t(0.5)) * P * E.abs();
+    G = Vec::blendv(zero, Vec(acc_t(-0.5)), delta > zero) - Vec::blendv(zero, Vec(acc_t(-0.5)), delta < zero);
+  }
+  return {Vec::blendv(far.d, d, use), Vec::blendv(zero, Vec::blendv(far.G, G, near), live_p)};
+}
+
+// One target value that differs from the row's base target (the correction at y and b): r and
+// log r, and `partner`, the class whose teacher value it took (swap; else -1), from which its
+// log ratio is exact.
 template <typename acc_t>
 struct TargetFix {
   int64_t j;
   acc_t r, log_r;
+  int64_t partner;
 };
 
 // D over a dense row for the divergences other than forward KL. The base target is the teacher,
 // r_j = et_j / zt, or (a smoothed row) the uniform `uniform`; `fixes` replace it at up to two
-// classes. Writes G_j into G and returns (D, sum_j p_j G_j).
+// classes. Writes G_j into G and returns (D, sum_j p_j G_j). The log ratios
+// delta_j = log(r_j / p_j) come from x_j = ((t_j - mt) - (s_j - ms)) / T as
+// delta_j = (x_j - c) - log1p(A), c = log(zt / zs), A = E_p[expm1(x - c)] (exact: E_p[e^delta] = 1),
+// not as the difference of two logs of size log C.
 template <typename acc_t>
 std::pair<acc_t, acc_t> dense_divergence(const acc_t* s, const acc_t* t, int64_t C,
                                          const acc_t* es, const acc_t* et, acc_t ms, acc_t mt,
@@ -352,25 +416,63 @@ std::pair<acc_t, acc_t> dense_divergence(const acc_t* s, const acc_t* t, int64_t
   using Vec = Vectorized<acc_t>;
   const acc_t param = acc_t(o.divergence_param), log_zs = std::log(zs), log_zt = std::log(zt);
   const acc_t inv_zs = 1 / zs, inv_zt = 1 / zt, log_uniform = std::log(uniform);
+  const acc_t c = log_zt - log_zs;
+  auto centred = [&](const Vec& vs, const Vec& vt) {  // x - c
+    return ((vt - Vec(mt)) - (vs - Vec(ms))) * Vec(inv_t) - Vec(c);
+  };
+  acc_t L = 0;  // log1p(A)
+  bool exact = !uniform_base;
+  if (exact) {
+    Vec vA(0);
+    for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+      Vec ves = load(es + j, n);
+      Vec e = ves * centred(load(s + j, n), load(t + j, n)).expm1();
+      vA = vA + keep(Vec::blendv(Vec(0), e, ves > Vec(0)), n, acc_t(0));
+    });
+    const acc_t A = hsum(vA) * inv_zs;
+    exact = std::isfinite(A) && std::abs(A) < acc_t(0.5);  // else r and p are far apart
+    L = exact ? std::log1p(A) : acc_t(0);
+  }
+  auto log_ratio = [&](const Vec& vs, const Vec& vt, const Vec& lP, const Vec& lR) {
+    return exact ? centred(vs, vt) - Vec(L) : lR - lP;
+  };
   Vec vD(0), vGbar(0);
   for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
+    Vec vs = load(s + j, n), vt = load(t + j, n);
     Vec P = load(es + j, n) * Vec(inv_zs);
-    Vec lP = (load(s + j, n) - Vec(ms)) * Vec(inv_t) - Vec(log_zs);
+    Vec lP = (vs - Vec(ms)) * Vec(inv_t) - Vec(log_zs);
     Vec R = uniform_base ? Vec(uniform) : load(et + j, n) * Vec(inv_zt);
-    Vec lR = uniform_base ? Vec(log_uniform) : (load(t + j, n) - Vec(mt)) * Vec(inv_t) - Vec(log_zt);
-    auto terms = div_terms<acc_t>(o.divergence, param, P, lP, R, lR);
+    Vec lR = uniform_base ? Vec(log_uniform) : (vt - Vec(mt)) * Vec(inv_t) - Vec(log_zt);
+    auto terms = div_terms_exact<acc_t>(o.divergence, param, P, lP, R, lR,
+                                        log_ratio(vs, vt, lP, lR));
     terms.G.store(G + j, n);
     vD = vD + keep(terms.d, n, acc_t(0));
     vGbar = vGbar + keep(P * terms.G, n, acc_t(0));
   });
   acc_t D = hsum(vD), Gbar = hsum(vGbar);
-  for (int f = 0; f < nfix; ++f) {
-    const int64_t j = fixes[f].j;
+  auto one_term = [&](int64_t j, acc_t R, acc_t lR, acc_t delta) {
     const acc_t P = es[j] * inv_zs, lP = (s[j] - ms) * inv_t - log_zs;
+    auto terms = div_terms_exact<acc_t>(o.divergence, param, Vec(P), Vec(lP), Vec(R), Vec(lR),
+                                        Vec(delta));
+    return std::make_pair(first_lane(terms.d), first_lane(terms.G));
+  };
+  auto base = [&](int64_t j) {  // (r, log r, delta) of the base target at j
+    const acc_t lP = (s[j] - ms) * inv_t - log_zs;
     const acc_t R = uniform_base ? uniform : et[j] * inv_zt;
     const acc_t lR = uniform_base ? log_uniform : (t[j] - mt) * inv_t - log_zt;
-    auto [d_old, G_old] = div_term<acc_t>(o.divergence, param, P, lP, R, lR);
-    auto [d_new, G_new] = div_term<acc_t>(o.divergence, param, P, lP, fixes[f].r, fixes[f].log_r);
+    return std::array<acc_t, 3>{R, lR, first_lane(log_ratio(Vec(s[j]), Vec(t[j]), Vec(lP), Vec(lR)))};
+  };
+  for (int f = 0; f < nfix; ++f) {
+    const int64_t j = fixes[f].j;
+    const auto [R, lR, delta] = base(j);
+    const acc_t P = es[j] * inv_zs, lP = (s[j] - ms) * inv_t - log_zs;
+    // a value taken from the partner class: its log ratio to p_j is the partner's plus
+    // (s_partner - s_j) / T, both small and exact
+    const acc_t new_delta = fixes[f].partner >= 0
+        ? base(fixes[f].partner)[2] + (s[fixes[f].partner] - s[j]) * inv_t
+        : fixes[f].log_r - lP;
+    auto [d_old, G_old] = one_term(j, R, lR, delta);
+    auto [d_new, G_new] = one_term(j, fixes[f].r, fixes[f].log_r, new_delta);
     D += d_new - d_old;
     Gbar += P * (G_new - G_old);
     G[j] = G_new;
@@ -571,10 +673,11 @@ RowOut distill_row(const acc_t* s, const acc_t* t, int64_t C, int64_t y, bool la
     const bool smoothed = wrong && smooth;
     if (smoothed) {
       const acc_t top = 1 - acc_t(o.smooth_eps) + ec;
-      fixes[nfix++] = {y, top, std::log(top)};
+      fixes[nfix++] = {y, top, std::log(top), -1};
     } else if (wrong && o.correction != kCorrectionNone) {
-      fixes[nfix++] = {y, r_y, lr_y};
-      fixes[nfix++] = {b, r_b, lr_b};
+      const bool swap = o.correction == kCorrectionSwap;
+      fixes[nfix++] = {y, r_y, lr_y, swap ? b : int64_t(-1)};
+      fixes[nfix++] = {b, r_b, lr_b, swap ? y : int64_t(-1)};
     }
     kl = 0;
     if (has_teacher) {

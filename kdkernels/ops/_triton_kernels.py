@@ -106,6 +106,72 @@ def _div_terms(P, lP, R, lR, divergence: tl.constexpr, param):
     return d, tl.where(P > 0, G, 0.0)
 
 @triton.jit
+def _atanh_series(w2):
+    """(atanh(w) - w) / w^3 = 1/3 + w^2/5 + ... to w^10/13: float32-accurate for |w| <= 1/3."""
+    series = 1.0 / 13.0
+    series = series * w2 + 1.0 / 11.0
+    series = series * w2 + 1.0 / 9.0
+    series = series * w2 + 1.0 / 7.0
+    series = series * w2 + 1.0 / 5.0
+    return series * w2 + 1.0 / 3.0
+
+
+@triton.jit
+def _log1p(z):
+    """log1p(z), accurate near 0 (tl.log(1 + z) is not: its error is absolute): for |z| < 1/2
+    as 2 atanh(w), w = z / (2 + z)."""
+    small = tl.abs(z) < 0.5
+    w = tl.where(small, z, 0.0) / (2.0 + tl.where(small, z, 0.0))
+    return tl.where(small, 2.0 * w * (1.0 + w * w * _atanh_series(w * w)), tl.log(1.0 + z))
+
+
+@triton.jit
+def _x_minus_log1p(z):
+    """X(z) = z - log1p(z) >= 0 (~z^2/2), accurate near 0: z^2 / (2 + z) - 2 w^3 (1/3 + ...)."""
+    small = tl.abs(z) < 0.5
+    zs = tl.where(small, z, 0.0)
+    w = zs / (2.0 + zs)
+    return tl.where(small, zs * w - 2.0 * w * w * w * _atanh_series(w * w), z - tl.log(1.0 + z))
+
+
+@triton.jit
+def _div_terms_exact(P, lP, R, lR, delta, divergence: tl.constexpr, param):
+    """_div_terms given also delta = log(r / p), computed accurately: where |delta| < 1 each term
+    is p f(e^delta) with f >= 0, ~delta^2 (the f-divergence's linear part, which sums to 0,
+    taken out) and G shifted by a constant to be O(delta); elsewhere the direct terms with the
+    same part and shift (docs/METHODS.md, "The other divergences without cancellation")."""
+    d_far, G_far = _div_terms(P, lP, R, lR, divergence, param)
+    E = _expm1(delta)
+    u = E + 1.0
+    if divergence == DIVERGENCE_REVERSE_KL:  # f(u) = u - 1 - log u
+        d = _x_minus_log1p(E)
+        G = -delta
+        d_far += R - P
+    elif divergence == DIVERGENCE_JSD:
+        a = param * E
+        d = (param * u * _x_minus_log1p((1.0 - param) * _expm1(-delta))
+             + (1.0 - param) * _x_minus_log1p(a))
+        G = -(1.0 - param) * _log1p(a)
+    elif divergence == DIVERGENCE_SKEW_KL:  # f(u) = u log(u / m) - (1 - a)(u - 1)
+        bb = (1.0 - param) * _expm1(-delta)
+        d = u * _x_minus_log1p(bb)
+        G = (1.0 - param) * bb / (1.0 + bb)
+        d_far -= (1.0 - param) * (R - P)
+        G_far += 1.0 - param
+    elif divergence == DIVERGENCE_SKEW_REVERSE_KL:  # f(u) = -log m + (1 - a)(u - 1)
+        z = (1.0 - param) * E
+        d = _x_minus_log1p(z)
+        G = param * z / (1.0 + z) - _log1p(z)
+        d_far += (1.0 - param) * (R - P)
+        G_far -= 1.0 - param
+    else:  # total variation: the sign of p - r from delta
+        d = 0.5 * tl.abs(E)
+        G = tl.where(delta > 0, -0.5, tl.where(delta < 0, 0.5, 0.0))
+    near = (tl.abs(delta) < 1.0) & (P > 0)
+    return tl.where(near, P * d, d_far), tl.where(P > 0, tl.where(near, G, G_far), 0.0)
+
+
+@triton.jit
 def _store_row(loss_ptr, temp_out_ptr, flags_ptr, row, loss, T, valid, in_range, wrong,
                still_wrong, HAS_LABELS: tl.constexpr):
     """Writes a row's loss (0 if ignored, NaN for a bad temperature or label), temperature and
@@ -385,6 +451,10 @@ def _distill_kernel(
         log_ec = tl.log(smooth_eps / C)
         if correction == CORRECTION_SMOOTH:  # the base target of a wrong row is uniform
             smoothed = wrong
+        # log(q_j / p_j) = d_j - log1p(A), d of loop 1: exact, where the form applies (no
+        # difference of two logs of size log C)
+        exact = (tl.abs(A) < 0.5) & ((A - A) == 0) & ~smoothed
+        L = _log1p(tl.where(exact, A, 0.0))
         d_sum = tl.zeros([], dtype=tl.float32)
         for start in range(0, C, BLOCK):
             idx = start + cols
@@ -393,10 +463,14 @@ def _distill_kernel(
             t = _teacher_block(t_row, idx, mask, y, log_a, log_rest, VIRTUAL)
             lP = (s - m_s) * inv_t - log_zs
             lR = tl.where(smoothed, log_ec, (t - mt_safe) * inv_t - log_zt_safe)
-            d, G = _div_terms(tl.exp(lP), lP, tl.exp(lR), lR, divergence, param)
+            delta = tl.where(exact, ((t - s) * inv_t - c0) - L, lR - lP)
+            d, G = _div_terms_exact(tl.exp(lP), lP, tl.exp(lR), lR, delta, divergence, param)
             d_sum += tl.sum(tl.where(mask, d, 0.0), 0)
             g_mean += tl.sum(tl.where(mask, tl.exp(lP) * G, 0.0), 0)
-        # the corrected target at y (and b): replace the base target's terms there
+        # the corrected target at y (and b): replace the base target's terms there; a swapped
+        # value's log ratio is its partner's plus (s_partner - s_j) / T, exact too
+        dy_new = tl.zeros([], dtype=tl.float32)
+        db_new = tl.zeros([], dtype=tl.float32)
         if correction == CORRECTION_SMOOTH:
             lr_y = tl.log(1.0 - smooth_eps + smooth_eps / C)
             fix_y_on = smoothed
@@ -404,14 +478,29 @@ def _distill_kernel(
         if correction == CORRECTION_SWAP or correction == CORRECTION_RECTIFY:
             fix_y_on = wrong
             fix_b_on = wrong
-            d_old, G_old = _div_terms(tl.exp(lp_b), lp_b, tl.exp(lq_b), lq_b, divergence, param)
-            d_new, G_new = _div_terms(tl.exp(lp_b), lp_b, tl.exp(lr_b), lr_b, divergence, param)
+            dy_old = tl.where(exact, ((t_y - s_y) * inv_t - c0) - L, lq_y - lp_y)
+            db_old = tl.where(exact, ((m_t - s_b) * inv_t - c0) - L, lq_b - lp_b)
+            if correction == CORRECTION_SWAP:
+                dy_new = db_old + (s_b - s_y) * inv_t
+                db_new = dy_old + (s_y - s_b) * inv_t
+            else:
+                dy_new = lr_y - lp_y
+                db_new = lr_b - lp_b
+            d_old, G_old = _div_terms_exact(tl.exp(lp_b), lp_b, tl.exp(lq_b), lq_b, db_old,
+                                            divergence, param)
+            d_new, G_new = _div_terms_exact(tl.exp(lp_b), lp_b, tl.exp(lr_b), lr_b, db_new,
+                                            divergence, param)
             d_sum += tl.where(fix_b_on, d_new - d_old, 0.0)
             g_mean += tl.where(fix_b_on, tl.exp(lp_b) * (G_new - G_old), 0.0)
         if correction != CORRECTION_NONE:
             lp_y = (s_y - m_s) * inv_t - log_zs
-            d_old, G_old = _div_terms(tl.exp(lp_y), lp_y, tl.exp(lq_y), lq_y, divergence, param)
-            d_new, G_new = _div_terms(tl.exp(lp_y), lp_y, tl.exp(lr_y), lr_y, divergence, param)
+            if correction == CORRECTION_SMOOTH:
+                dy_old = lq_y - lp_y
+                dy_new = lr_y - lp_y
+            d_old, G_old = _div_terms_exact(tl.exp(lp_y), lp_y, tl.exp(lq_y), lq_y, dy_old,
+                                            divergence, param)
+            d_new, G_new = _div_terms_exact(tl.exp(lp_y), lp_y, tl.exp(lr_y), lr_y, dy_new,
+                                            divergence, param)
             d_sum += tl.where(fix_y_on, d_new - d_old, 0.0)
             g_mean += tl.where(fix_y_on, tl.exp(lp_y) * (G_new - G_old), 0.0)
         else:
@@ -460,6 +549,10 @@ def _distill_kernel(
         tl.store(c + 20, tl.where(fix_y_on, 1.0, 0.0))
         tl.store(c + 21, tl.where(fix_b_on, 1.0, 0.0))
         tl.store(c + 22, log_ec)
+        tl.store(c + 23, tl.where(exact, 1.0, 0.0))
+        tl.store(c + 24, L)
+        tl.store(c + 25, dy_new)
+        tl.store(c + 26, db_new)
     tl.store(index_ptr + 2 * row, y)
     tl.store(index_ptr + 2 * row + 1, b)
 
@@ -514,6 +607,10 @@ def _distill_grad_kernel(
         fix_y_on = tl.load(c + 20).to(tl.int32) != 0
         fix_b_on = tl.load(c + 21).to(tl.int32) != 0
         log_ec = tl.load(c + 22)
+        exact = tl.load(c + 23) != 0
+        L = tl.load(c + 24)
+        dy_new = tl.load(c + 25)
+        db_new = tl.load(c + 26)
         for start in range(0, C, BLOCK):
             idx = start + cols
             mask = idx < C
@@ -524,8 +621,11 @@ def _distill_grad_kernel(
             lR = tl.where(smoothed, log_ec, (t - m_t) * inv_t - log_zt)
             lR = tl.where((idx == y) & fix_y_on, lr_y, lR)
             lR = tl.where((idx == b) & fix_b_on, lr_b, lR)
+            delta = tl.where(exact, ((t - s) * inv_t - c_shift) - L, lR - lP)
+            delta = tl.where((idx == y) & fix_y_on, dy_new, delta)
+            delta = tl.where((idx == b) & fix_b_on, db_new, delta)
             P = tl.exp(lP)
-            d, G = _div_terms(P, lP, tl.exp(lR), lR, DIVERGENCE, param)
+            d, G = _div_terms_exact(P, lP, tl.exp(lR), lR, delta, DIVERGENCE, param)
             g = tl.where(kd_grad != 0, kd_grad * P * (G - g_mean), 0.0)
             if HAS_CE:
                 g += ce_coef * tl.exp2((s - m_s) * LOG2E)

@@ -126,6 +126,70 @@ def divergence_terms(P, Q, kind, param):
     return d, torch.where(live, G, 0.0)
 
 
+def x_minus_log1p(z):
+    """X(z) = z - log1p(z) (>= 0, ~z^2/2), accurate near 0."""
+    small = z.abs() < 0.1
+    zs = torch.where(small, z, 0.0)
+    last = 16 if z.dtype == torch.float64 else 8  # X(z) = sum_{k>=2} (-z)^k / k
+    series = torch.zeros_like(zs)
+    for k in range(last, 1, -1):
+        series = series * -zs + 1 / k
+    return torch.where(small, series * zs * zs, z - torch.log1p(z))
+
+
+def exact_log_ratio(s, t, T, p):
+    """log(q_j / p_j) for the dense teacher, free of the cancellation of two logs of size log C:
+    (x - c) - log1p(A), x = ((t - max t) - (s - max s)) / T, c = log(Z_t / Z_s),
+    A = E_p[expm1(x - c)] (E_p[q / p] = 1). None where |A| >= 1/2: q and p are far apart, the
+    difference of the logs is then accurate."""
+    Tc = T[:, None]
+    x = ((t - t.max(-1, keepdim=True).values) - (s - s.max(-1, keepdim=True).values)) / Tc
+    c = torch.logsumexp(t / Tc, -1) - torch.logsumexp(s / Tc, -1)
+    d = x - c[:, None]
+    A = torch.where(p > 0, p * torch.expm1(d), 0.0).sum(-1)
+    usable = torch.isfinite(A) & (A.abs() < 0.5)
+    return d - torch.log1p(torch.where(usable, A, 0.0))[:, None], usable
+
+
+# the linear part taken out of each f-divergence (times r - p, summing to 0) and the constant
+# taken out of its G, for the cancellation-free terms (docs/METHODS.md)
+def _linear_parts(kind, param):
+    if kind == DIVERGENCE_REVERSE_KL:
+        return 1.0, 0.0
+    if kind == DIVERGENCE_SKEW_KL:
+        return -(1 - param), 1 - param
+    if kind == DIVERGENCE_SKEW_REVERSE_KL:
+        return 1 - param, -(1 - param)
+    return 0.0, 0.0  # jsd, tv
+
+
+def divergence_terms_exact(P, Q, delta, kind, param):
+    """divergence_terms given also delta = log(Q / P), accurate: where |delta| < 1 each term is
+    P f(e^delta) with f >= 0, ~delta^2 (no cancellation), G shifted to be O(delta); elsewhere
+    the direct terms with the same linear part and shift."""
+    d_far, G_far = divergence_terms(P, Q, kind, param)
+    linear, shift = _linear_parts(kind, param)
+    d_far, G_far = d_far + linear * (Q - P), G_far + shift
+    E = torch.expm1(delta)
+    u = E + 1
+    if kind == DIVERGENCE_REVERSE_KL:
+        d, G = x_minus_log1p(E), -delta
+    elif kind == DIVERGENCE_JSD:
+        a, b = param * E, (1 - param) * torch.expm1(-delta)
+        d = param * u * x_minus_log1p(b) + (1 - param) * x_minus_log1p(a)
+        G = -(1 - param) * torch.log1p(a)
+    elif kind == DIVERGENCE_SKEW_KL:
+        b = (1 - param) * torch.expm1(-delta)
+        d, G = u * x_minus_log1p(b), (1 - param) * b / (1 + b)
+    elif kind == DIVERGENCE_SKEW_REVERSE_KL:
+        z = (1 - param) * E
+        d, G = x_minus_log1p(z), param * z / (1 + z) - torch.log1p(z)
+    else:  # total variation
+        d, G = 0.5 * E.abs(), -0.5 * torch.sign(delta)
+    near = (delta.abs() < 1) & (P > 0)
+    return torch.where(near, P * d, d_far), torch.where(P > 0, torch.where(near, G, G_far), 0.0)
+
+
 def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
     """The backends' contract, a few rows at a time: the two dozen N x C temporaries of the math
     below then stay in cache. With ``teacher_indices``, ``teacher`` holds the values of a sparse
@@ -265,7 +329,8 @@ def _dense_teacher(s, t, y, valid, temp_rows, o):
     if kl_div:
         direction = p_minus_q
     else:
-        d, G = divergence_terms(p, target_dist, o.divergence, o.divergence_param)
+        delta = _target_log_ratio(s, t, T, p, log_p, target_dist, y, wrong, o)
+        d, G = divergence_terms_exact(p, target_dist, delta, o.divergence, o.divergence_param)
         kl = d.sum(-1)
         direction = torch.where(p > 0, p * (G - (p * G).sum(-1, keepdim=True)), 0.0)
 
@@ -275,6 +340,31 @@ def _dense_teacher(s, t, y, valid, temp_rows, o):
         still_wrong = wrong & (target_dist.scatter(1, y, -1.0).max(-1).values > label_mass)
     kl = torch.where(has_teacher, kl, 0.0)
     return T, log_p, kl, direction, wrong, still_wrong, has_teacher
+
+
+def _target_log_ratio(s, t, T, p, log_p, target_dist, y, wrong, o):
+    """log(target / p) of the dense path: exact for the teacher's values, and for the two a swap
+    exchanged (the partner's ratio plus (s_partner - s_j) / T); from the logs where another
+    correction replaced them (those targets are far from p)."""
+    delta, usable = exact_log_ratio(s, t, T, p)
+    teacher = torch.log_softmax(t / T[:, None], -1) - log_p  # before any correction
+    delta = torch.where(usable[:, None], delta, teacher)
+    direct = torch.log(target_dist) - log_p
+    if y is None or o.correction not in (CORRECTION_SWAP, CORRECTION_SMOOTH, CORRECTION_RECTIFY):
+        return delta
+    changed = wrong[:, None]
+    if o.correction == CORRECTION_SWAP:
+        b = t.argmax(-1, keepdim=True)
+        d_y, d_b = delta.gather(1, y), delta.gather(1, b)
+        s_y, s_b = s.gather(1, y), s.gather(1, b)
+        Tc = T[:, None]
+        delta = delta.scatter(1, y, torch.where(changed, d_b + (s_b - s_y) / Tc, d_y))
+        return delta.scatter(1, b, torch.where(changed, d_y + (s_y - s_b) / Tc, d_b))
+    if o.correction == CORRECTION_SMOOTH:
+        return torch.where(changed, direct, delta)
+    columns = torch.zeros_like(delta, dtype=torch.bool)  # rectify: y and b
+    columns.scatter_(1, y, True).scatter_(1, t.argmax(-1, keepdim=True), True)
+    return torch.where(changed & columns, direct, delta)
 
 
 def _sparse_teacher(s, indices, values, y, valid, temp_rows, o):

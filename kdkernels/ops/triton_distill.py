@@ -38,7 +38,7 @@ SMALL_ROWS_MAX = 1024
 # Largest k of a sparse teacher: one program holds the k classes in registers.
 MAX_K = 1024
 LAUNCH_OVERRIDE = None  # a function (C, kernel) -> (block, warps): for tuning sweeps only
-NUM_COEF = 23  # float32 values per row that the forward leaves for the gradient kernel
+NUM_COEF = 27  # float32 values per row that the forward leaves for the gradient kernel
 _INSTALLED = importlib.util.find_spec("triton") is not None
 
 
