@@ -423,14 +423,17 @@ std::pair<acc_t, acc_t> dense_divergence(const acc_t* s, const acc_t* t, int64_t
   acc_t L = 0;  // log1p(A)
   bool exact = !uniform_base;
   if (exact) {
-    Vec vA(0);
+    Vec vA(0), vorphan(0);
     for_vectors<acc_t>(C, [&](int64_t j, int64_t n) {
-      Vec ves = load(es + j, n);
+      Vec ves = load(es + j, n), vet = load(et + j, n);
       Vec e = ves * centred(load(s + j, n), load(t + j, n)).expm1();
       vA = vA + keep(Vec::blendv(Vec(0), e, ves > Vec(0)), n, acc_t(0));
+      // a class with r > 0 = p: E_p[r / p] = 1 no longer holds
+      vorphan = vorphan + keep(Vec::blendv(Vec(0), Vec(1), (ves == Vec(0)) & (vet > Vec(0))), n, acc_t(0));
     });
     const acc_t A = hsum(vA) * inv_zs;
-    exact = std::isfinite(A) && std::abs(A) < acc_t(0.5);  // else r and p are far apart
+    // else r and p are far apart, and the difference of the logs loses nothing
+    exact = std::isfinite(A) && std::abs(A) < acc_t(0.5) && hsum(vorphan) == 0;
     L = exact ? std::log1p(A) : acc_t(0);
   }
   auto log_ratio = [&](const Vec& vs, const Vec& vt, const Vec& lP, const Vec& lR) {

@@ -14,21 +14,27 @@ mpmath.mp.dps = 40
 TEMPERATURES = [1.0, 2.0, 8.0, 100.0, 1e3, 1e4, 1e6]
 
 
+def distributions(s, t, y, T, correction):
+    """One row's p_T and target A(q_T) in mpmath (-inf teacher logits: mass 0)."""
+    sr = [mpmath.mpf(v) for v in s.tolist()]
+    tr = [mpmath.mpf(v) if math.isfinite(v) else None for v in t.tolist()]
+    zs = mpmath.fsum(mpmath.exp(v / T) for v in sr)
+    zt = mpmath.fsum(mpmath.exp(v / T) for v in tr if v is not None)
+    p = [mpmath.exp(v / T) / zs for v in sr]
+    q = [mpmath.exp(v / T) / zt if v is not None else mpmath.mpf(0) for v in tr]
+    if correction == "swap":
+        b = max(range(len(tr)), key=lambda j: (tr[j] if tr[j] is not None else -mpmath.inf, -j))
+        label = int(y)
+        if q[label] < q[b]:
+            q[label], q[b] = q[b], q[label]
+    return p, q
+
+
 def exact(s, t, y, T, correction=None, kd_weight=1.0):
     """Loss and gradient of kd_weight * T^2 KL(A(q_T) || p_T) per row, in mpmath."""
     losses, grads = [], []
     for row in range(s.shape[0]):
-        sr = [mpmath.mpf(v) for v in s[row].tolist()]
-        tr = [mpmath.mpf(v) if math.isfinite(v) else None for v in t[row].tolist()]
-        zs = mpmath.fsum(mpmath.exp(v / T) for v in sr)
-        zt = mpmath.fsum(mpmath.exp(v / T) for v in tr if v is not None)
-        p = [mpmath.exp(v / T) / zs for v in sr]
-        q = [mpmath.exp(v / T) / zt if v is not None else mpmath.mpf(0) for v in tr]
-        if correction == "swap":
-            b = max(range(len(tr)), key=lambda j: (tr[j] if tr[j] is not None else -mpmath.inf, -j))
-            label = int(y[row])
-            if q[label] < q[b]:
-                q[label], q[b] = q[b], q[label]
+        p, q = distributions(s[row], t[row], y[row], T, correction)
         kl = mpmath.fsum(qj * (mpmath.log(qj) - mpmath.log(pj)) for qj, pj in zip(q, p) if qj > 0)
         losses.append(float(kd_weight * T * T * kl))
         grads.append([float(kd_weight * T * (pj - qj)) for pj, qj in zip(p, q)])
@@ -65,17 +71,7 @@ def exact_divergence(s, t, y, T, divergence, correction=None, param=None):
     (docs/METHODS.md, "Divergences"): the gradient is T p_j (G_j - sum_k p_k G_k), G = dD/dp."""
     losses, grads = [], []
     for row in range(s.shape[0]):
-        sr = [mpmath.mpf(v) for v in s[row].tolist()]
-        tr = [mpmath.mpf(v) if math.isfinite(v) else None for v in t[row].tolist()]
-        zs = mpmath.fsum(mpmath.exp(v / T) for v in sr)
-        zt = mpmath.fsum(mpmath.exp(v / T) for v in tr if v is not None)
-        p = [mpmath.exp(v / T) / zs for v in sr]
-        r = [mpmath.exp(v / T) / zt if v is not None else mpmath.mpf(0) for v in tr]
-        if correction == "swap":
-            b = max(range(len(tr)), key=lambda j: (tr[j] if tr[j] is not None else -mpmath.inf, -j))
-            label = int(y[row])
-            if r[label] < r[b]:
-                r[label], r[b] = r[b], r[label]
+        p, r = distributions(s[row], t[row], y[row], T, correction)
 
         def xlog(a, c):
             return a * mpmath.log(a / c) if a > 0 else mpmath.mpf(0)

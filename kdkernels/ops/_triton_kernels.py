@@ -453,7 +453,7 @@ def _distill_kernel(
             smoothed = wrong
         # log(q_j / p_j) = d_j - log1p(A), d of loop 1: exact, where the form applies (no
         # difference of two logs of size log C)
-        exact = (tl.abs(A) < 0.5) & ((A - A) == 0) & ~smoothed
+        exact = (tl.abs(A) < 0.5) & ((A - A) == 0) & (orphans == 0) & ~smoothed
         L = _log1p(tl.where(exact, A, 0.0))
         d_sum = tl.zeros([], dtype=tl.float32)
         for start in range(0, C, BLOCK):

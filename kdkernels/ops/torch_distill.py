@@ -140,14 +140,16 @@ def x_minus_log1p(z):
 def exact_log_ratio(s, t, T, p):
     """log(q_j / p_j) for the dense teacher, free of the cancellation of two logs of size log C:
     (x - c) - log1p(A), x = ((t - max t) - (s - max s)) / T, c = log(Z_t / Z_s),
-    A = E_p[expm1(x - c)] (E_p[q / p] = 1). None where |A| >= 1/2: q and p are far apart, the
-    difference of the logs is then accurate."""
+    A = E_p[expm1(x - c)] (E_p[q / p] = 1); and the rows where that holds: |A| < 1/2 and no
+    class with q > 0 = p (elsewhere q and p are far apart and the difference of the logs is
+    accurate)."""
     Tc = T[:, None]
     x = ((t - t.max(-1, keepdim=True).values) - (s - s.max(-1, keepdim=True).values)) / Tc
     c = torch.logsumexp(t / Tc, -1) - torch.logsumexp(s / Tc, -1)
     d = x - c[:, None]
     A = torch.where(p > 0, p * torch.expm1(d), 0.0).sum(-1)
-    usable = torch.isfinite(A) & (A.abs() < 0.5)
+    q_on_p_zero = ((t > -math.inf) & (p == 0)).any(-1)  # then E_p[q / p] < 1
+    usable = torch.isfinite(A) & (A.abs() < 0.5) & ~q_on_p_zero
     return d - torch.log1p(torch.where(usable, A, 0.0))[:, None], usable
 
 
