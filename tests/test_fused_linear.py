@@ -180,6 +180,12 @@ def problems(draw, small):
 def _random(backend, device, p):
     if p["divergence"] == "tv" and p["dtype"] == torch.bfloat16:
         p = dict(p, divergence="kl")  # logits rounded to bf16 flip TV's sign(p - r) near p = r
+    if p["dtype"] == torch.bfloat16:
+        # the teacher's bf16 logits (F.linear rounds them) and the oracle's exact ones can put
+        # the arg-max on different classes when the top two are within a rounding (found by
+        # hypothesis: seed 181916, V = 1000, swap): a correction then moves other values.
+        # Corrections in bf16 are tested on fixed inputs (test_dtypes)
+        p = dict(p, correction=None)
     student, teacher, y = _problem(p["N"], p["H"], p["V"], p["seed"], p["teacher"], p["dtype"],
                                    device, p["bias"], p["k"], p["ignored"])
     _check(backend, student, teacher, y, reduction=p["reduction"], dtype=p["dtype"],
