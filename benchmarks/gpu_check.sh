@@ -58,15 +58,22 @@ $PY -c 'import kdkernels; print(kdkernels.backends())'" ;;
     bench-lm) TAIL_LINES=40 stage bench-lm 540 $PY -m benchmarks.lm --device cuda --dtypes bf16 \
         --divergence "${LM_DIVERGENCE:-jsd}" --out "$OUTDIR" --write-results ;;
     overhead) stage overhead 180 $PY -m benchmarks.overhead --device cuda ;;
+    # vocab-parallel on the Triton shard kernels: one nccl rank, shard time against the
+    # single-device kernel on the same shard (goal: within 1.3x)
+    vocab-parallel) TAIL_LINES=20 stage vocab-parallel 240 $PY -m benchmarks.vocab_parallel \
+        --device cuda --world 1 --rows 4096 --vocab 32000 --out "$OUTDIR" ;;
     # the short loan's stage (about 8 minutes): CUDA graphs and host syncs, the bf16 forward's
-    # fraction of a copy at the LM shape, the vision shapes against torch.compile
+    # fraction of a copy at the LM shape, the vision shapes against torch.compile, the shard
+    # kernels' time against the single-device kernel
     fast) stage fast-gputests 240 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py \
             -k "graph or sync or small_rows" --durations 5
         stage fast-sweep 150 $PY -m benchmarks.gpu_sweep --shapes 8192x128256 --dtypes bf16 \
             --out "$OUTDIR"
         TAIL_LINES=30 stage fast-vision 240 $PY -m benchmarks.run --device cuda --methods kd \
             --shapes 256x100,1024x1000 --dtypes fp32,bf16 --out "$OUTDIR" \
-            --write-results "{device}: vision shapes" ;;
+            --write-results "{device}: vision shapes"
+        TAIL_LINES=20 stage fast-vocab-parallel 180 $PY -m benchmarks.vocab_parallel \
+            --device cuda --world 1 --rows 4096 --vocab 32000 --out "$OUTDIR" ;;
     *) echo "unknown stage $s"; exit 2 ;;
     esac
 done

@@ -5,6 +5,7 @@ the full logits and keeps its columns of the gradient).
 
     python -m benchmarks.vocab_parallel                # 2 gloo processes on the CPU
     python -m benchmarks.vocab_parallel --world 4 --rows 256 --vocab 128256
+    python -m benchmarks.vocab_parallel --device cuda --world 1   # nccl, one rank per GPU
 
 Bytes are counted from the tensors each collective is handed (sent) and fills (received), per
 rank and row; collectives are counted in the forward and the backward separately. Prints a
@@ -116,21 +117,32 @@ APPROACHES = {"kdkernels-vocab-parallel": _vocab_parallel, "all-gather-logits": 
 
 
 def _worker(rank, world, port, spec, queue):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    cuda = spec["device"] == "cuda"
+    if cuda:  # one GPU per rank, nccl; the Triton kernels' entry points
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    else:
+        torch.set_num_threads(1)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world_size=world)
+
+    def settle():  # a timing boundary: the device's queue drained, the ranks aligned
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
     counter = Counter()
     bounds = _shards(world, spec["vocab"])
     start, end = bounds[rank], bounds[rank + 1]
     results = {}
     for dtype_name in spec["dtypes"]:
-        s, t, y = _inputs(spec["rows"], spec["vocab"], measure.DTYPES[dtype_name])
+        s, t, y = (x.to(device) for x in _inputs(spec["rows"], spec["vocab"],
+                                                 measure.DTYPES[dtype_name]))
         for name, fn in APPROACHES.items():
             shard = s[:, start:end].clone().requires_grad_()
             t_shard = t[:, start:end].clone()
             times = []
             for rep in range(spec["reps"] + 2):
-                dist.barrier()
+                settle()
                 counter.reset()
                 t0 = time.perf_counter()
                 loss = fn(shard, t_shard, y, start, spec["vocab"])
@@ -139,6 +151,8 @@ def _worker(rank, world, port, spec, queue):
                 shard.grad = None
                 loss.backward()
                 backward = (counter.calls, counter.sent, counter.received)
+                if cuda:
+                    torch.cuda.synchronize()
                 if rep >= 2:  # two warm-up repetitions
                     times.append(time.perf_counter() - t0)
             results[(dtype_name, name)] = dict(
@@ -155,7 +169,8 @@ def run(args):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    spec = dict(rows=args.rows, vocab=args.vocab, dtypes=args.dtypes.split(","), reps=args.reps)
+    spec = dict(rows=args.rows, vocab=args.vocab, dtypes=args.dtypes.split(","), reps=args.reps,
+                device=args.device)
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     mp.start_processes(_worker, args=(args.world, port, spec, queue), nprocs=args.world,
@@ -164,8 +179,9 @@ def run(args):
 
 
 def markdown(meta, args, results):
+    group = "nccl" if args.device == "cuda" else "gloo"
     lines = [f"{meta['device']} | {meta['versions']} | {meta['date']}", "",
-             f"{args.world} gloo processes, {args.rows} rows x {args.vocab} classes split by "
+             f"{args.world} {group} processes, {args.rows} rows x {args.vocab} classes split by "
              f"vocabulary ({args.vocab // args.world} per rank), KD at T=4 with CE 0.1, fwd+bwd",
              "", "| dtype | approach | collectives (fwd / bwd) | bytes sent per row and rank | "
              "bytes received per row and rank | median ms | loss |",
@@ -191,6 +207,7 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtypes", default="fp32,bf16")
@@ -205,7 +222,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     results = run(args)
     meta = dict(date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                device=measure.device_name("cpu").split(" x")[0],
+                device=measure.device_name(args.device).split(" x")[0],
                 versions=f"torch {torch.__version__}")
     table = markdown(meta, args, results)
     print(table)

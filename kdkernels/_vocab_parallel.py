@@ -318,7 +318,8 @@ class _Job:
         self.param = float(h["jsd_beta"] if h["divergence"] == "jsd" else h["skew_alpha"])
         self.checked, self.agree = False, None
         self.o = fused_options(hyper, (TEMP_ROWS, 0.0, None, None), True, 1.0, False)
-        # the shard entry points of the backend that runs here (Triton has none yet: torch's)
+        # the shard entry points of the backend that runs here (C++ on CPU tensors, Triton on
+        # CUDA ones, the torch backend's elsewhere)
         runner = ops.resolve("auto", rows.device)
         self.backend = runner if hasattr(runner, "shard_pass") else torch_distill
         if self.backend is not torch_distill and type(rows) is _Rows:

@@ -272,3 +272,43 @@ def test_compile_reduce_overhead_replays_a_training_step():
         torch.testing.assert_close(loss.detach().clone(), eager.detach())
         torch.testing.assert_close(model.weight.grad, eager_grad)
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-rank nccl group (vocab-parallel over one GPU: the whole vocabulary one shard)."""
+    import socket
+
+    import torch.distributed as dist
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(), dict(correction="swap", divergence="jsd"),
+                                     dict(temperature=1e3)])
+def test_vocab_parallel_on_the_triton_shard_kernels(one_rank_group, dtype, options):
+    """CUDA tensors run the Triton shard entry points (the whole vocabulary one rank's
+    shard): loss and gradient against the float64 oracle, no host sync in the forward and the
+    backward (the ranks' header is not read on the host there)."""
+    s, t, y = _lm_inputs(512, 32000, dtype, seed=7)
+    student = s.detach().clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = kdkernels.vocab_parallel_distillation_loss(student, t, y, vocab_start=0,
+                                                          vocab_size=32000, reduction="none",
+                                                          **options)
+        upstream = torch.rand(loss.shape, device="cuda", dtype=loss.dtype) + 0.5
+        (grad,) = torch.autograd.grad(loss, student, upstream)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    temperature = options.pop("temperature", 4.0)
+    _check_rows(slice(0, 64), s, t, y, loss.detach(), grad, upstream, temperature=temperature,
+                **options)

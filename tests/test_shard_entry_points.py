@@ -1,5 +1,6 @@
 """The backends' shard entry points (kdkernels/_options.py, SHARD_STATS / SHARD_ROWS): the C++
-kernel's shard_statistics and shard_pass against the torch backend's on random ranges of rows,
+and Triton kernels' shard_statistics and shard_pass against the torch backend's on random
+ranges of rows,
 every correction and divergence, CE on and off, a virtual teacher, -inf teacher logits, labels
 inside and outside the range, ignored and bad rows, float64 / float32 / bfloat16, strided rows.
 (The vocab-parallel tests check the composition against the float64 oracle.)"""
@@ -7,14 +8,16 @@ import math
 
 import pytest
 import torch
+from helpers import BACKENDS
 
 import kdkernels
 from kdkernels._core import fused_options
 from kdkernels._options import SHARD_ROWS, SHARD_STATS, TEMP_ROWS
-from kdkernels.ops import cpp_distill, torch_distill
+from kdkernels.ops import cpp_distill, torch_distill, triton_distill
 
-pytestmark = pytest.mark.skipif(not kdkernels.backends()["cpp"].available,
-                                reason="needs the C++ kernel")
+KERNELS = {"cpp": cpp_distill, "triton": triton_distill}
+SHARD_BACKENDS = [(name, device) for name, device in BACKENDS if name in KERNELS]
+SHARD_IDS = [f"{name}-{device}" for name, device in SHARD_BACKENDS]
 
 HYPER = dict(kd_weight=0.9, ce_weight=0.1, wrong_kd_weight=0.3, correction=None, smooth_eps=0.1,
              virtual_teacher=None, t2_scale=True, divergence="kl", jsd_beta=0.5, skew_alpha=0.2,
@@ -73,28 +76,33 @@ def _rows(stats, temps, y, start, seed):
 @pytest.mark.parametrize("high_t", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_cpp_shard_entry_points_match_the_torch_backend(case, dtype, high_t):
+@pytest.mark.parametrize("backend,device", SHARD_BACKENDS, ids=SHARD_IDS)
+def test_kernel_shard_entry_points_match_the_torch_backend(backend, device, case, dtype,
+                                                           high_t):
     """float64 math (float64 inputs, or a temperature above 8) matches to 1e-12; float math
-    (16/32-bit inputs, every temperature <= 8) to float32 rounding."""
+    (16/32-bit inputs, every temperature <= 8) to float32 rounding. Triton runs float math
+    per row (the row at T = 50 in float64, the others in float32); C++ per call."""
     o = _options(CASES[case])
-    s, t, y, temps, start, V = _shard(case, dtype)
+    kernel = KERNELS[backend]
+    s, t, y, temps, start, V = (x.to(device) if isinstance(x, torch.Tensor) else x
+                                for x in _shard(case, dtype))
     if high_t:
         temps[10] = 50.0
-    exact = dtype == torch.float64 or high_t
+    exact = dtype == torch.float64 or (high_t and backend == "cpp")
     tight = dict(rtol=1e-12, atol=1e-12) if exact else dict(rtol=2e-6, atol=2e-6)
     teacher = None if CASES[case].get("virtual_teacher") else t
     args = (s, teacher, y)
     want = torch_distill.shard_statistics(*args, temps, start, V, o)
-    got = cpp_distill.shard_statistics(*args, temps, start, V, o)
+    got = kernel.shard_statistics(*args, temps, start, V, o)
     assert got.dtype == torch.float64 and got.shape == (s.shape[0], len(SHARD_STATS))
     idx1, tx1 = SHARD_STATS.index("idx1"), SHARD_STATS.index("tx1")
     unset = want[:, tx1] == -math.inf  # no finite value: any column id serves
     got[unset, idx1] = want[unset, idx1]
     torch.testing.assert_close(got, want, **tight, equal_nan=True)
-    rows = _rows(want, temps, y, start, case)
+    rows = _rows(want.cpu(), temps.cpu(), y, start, case).to(device)
     for grad in (True, False) if o.divergence != 0 else (True,):  # sums: not for the KL
         want = torch_distill.shard_pass(*args, rows, start, V, o, grad)
-        got = cpp_distill.shard_pass(*args, rows, start, V, o, grad)
+        got = kernel.shard_pass(*args, rows, start, V, o, grad)
         assert got.dtype == want.dtype and got.shape == want.shape
         if grad:
             assert got.dtype == dtype and torch.isnan(got[6]).all() and (got[5] == 0).all()

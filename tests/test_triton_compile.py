@@ -44,14 +44,14 @@ def _signature(kernel, student="bf16", teacher="bf16", acc="fp32", upstream="fp3
                 "loss_ptr": "fp32", "temp_out_ptr": "fp32", "flags_ptr": "i8", "coef_ptr": "fp32",
                 "index_ptr": "i64", "up_ptr": upstream, "grad_ptr": student, "v_ptr": teacher,
                 "i_ptr": "i64", "member_ptr": "fp32", "scale_ptr": "fp32", "out_ptr": "fp32",
-                **overrides}
+                "rows_ptr": "fp64", "g_ptr": student, "sums_ptr": "fp64", **overrides}
     declared = {f.name: {int: "i64", float: "fp32", bool: "i1"}[f.type]
                 for f in dataclasses.fields(FusedOptions)}
     signature = {}
     for name in kernel.arg_names:
         if name in pointers:
             signature[name] = "*" + pointers[name]
-        elif name in ("C", "K", "N"):
+        elif name in ("C", "K", "N", "W", "vocab_start"):
             signature[name] = "i32"
         elif name in CONSTEXPR_OPTIONS or name.isupper():
             signature[name] = "constexpr"
@@ -165,20 +165,52 @@ def _launches():
     for student, scaled in itertools.product(("fp32", "bf16", "fp16", "fp64"), (False, True)):
         yield "scale_rows", dict(BLOCK=1024, SCALED=scaled), 4, (student, student)
 
+    # the shard entry points (vocab-parallel): every block, every flag, every dtype
+    shard_configs = sorted({triton_distill.shard_config(W) for W in blocks})
+    block, warps = shard_configs[-1]
+    stats = dict(VIRTUAL=False, HAS_LABELS=True, HAS_CE=True, CORRECTION=0, FLOAT_MATH=True)
+    for block_, warps_ in shard_configs:
+        yield "shard_stats", dict(stats, BLOCK=block_), warps_, ("bf16", "bf16")
+    for correction, virtual, labels, ce in itertools.product(
+            CORRECTIONS.values(), (False, True), (False, True), (False, True)):
+        if not labels and (correction or virtual or ce):
+            continue
+        yield ("shard_stats", dict(stats, BLOCK=block, CORRECTION=correction, VIRTUAL=virtual,
+                                   HAS_LABELS=labels, HAS_CE=ce), warps, ("bf16", "bf16"))
+    passes = dict(VIRTUAL=False, HAS_LABELS=True, HAS_CE=True, DIVERGENCE=DIVERGENCE_KL,
+                  GRAD=True, FLOAT_MATH=True)
+    for block_, warps_ in shard_configs:
+        yield "shard_pass", dict(passes, BLOCK=block_), warps_, ("bf16", "bf16")
+    for divergence, grad, virtual, ce in itertools.product(
+            DIVERGENCES.values(), (False, True), (False, True), (False, True)):
+        if divergence == DIVERGENCE_KL and not grad:
+            continue  # the sums are for the other divergences
+        yield ("shard_pass", dict(passes, BLOCK=block, DIVERGENCE=divergence, GRAD=grad,
+                                  VIRTUAL=virtual, HAS_CE=ce), warps, ("bf16", "bf16"))
+    for student, teacher in DTYPE_PAIRS:
+        float_math = student != "fp64"
+        yield ("shard_stats", dict(stats, BLOCK=block, FLOAT_MATH=float_math), warps,
+               (student, teacher))
+        yield ("shard_pass", dict(passes, BLOCK=block, FLOAT_MATH=float_math), warps,
+               (student, teacher))
+
 
 def compile_one(job):
     """Compiles one variant; returns (job, registers, local bytes) or (job, error)."""
     kind, constexprs, warps, (student, teacher), arch = job
     from kdkernels.ops import _triton_kernels as K
-    kernel = {"forward": K._distill_kernel, "grad": K._distill_grad_kernel,
+    from kdkernels.ops import _triton_shard as S
+    kernel = {"shard_stats": S._shard_stats_kernel, "shard_pass": S._shard_pass_kernel,
+              "forward": K._distill_kernel, "grad": K._distill_grad_kernel,
               "sparse": K._distill_sparse_kernel,
               "sparse_grad": K._distill_sparse_grad_kernel, "reduce": K._reduce_kernel,
               "rows": K._distill_rows_kernel, "scale_rows": K._scale_rows_kernel}[kind]
-    if kind not in ("reduce", "rows", "scale_rows"):
+    if kind not in ("reduce", "rows", "scale_rows", "shard_stats", "shard_pass"):
         constexprs = dict(constexprs, NUM_COEF=triton_distill.NUM_COEF)
     acc = "fp64" if student == "fp64" else "fp32"
     # the small-rows kernel leaves a float32 gradient, which scale_rows writes in the dtype
     overrides = {"rows": {"grad_ptr": "fp32"},
+                 "shard_stats": {"temp_ptr": "fp64", "out_ptr": "fp64"},
                  "scale_rows": {"g_ptr": "fp32", "out_ptr": student}}.get(kind, {})
     source = ASTSource(kernel, _signature(kernel, student, teacher, acc, acc, **overrides),
                        constexprs=constexprs)

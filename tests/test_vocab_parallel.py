@@ -81,9 +81,13 @@ def _reference(s, t, y, temp, options):
     return s2, loss, stats, temperature
 
 
-def _worker(rank, world, port, failures):
+def _worker(rank, world, port, failures, backend):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    if backend == "triton":  # the Triton kernels' entry points, as CUDA tensors run them
+        from kdkernels import ops
+        from kdkernels.ops import triton_distill
+        ops.resolve = lambda name, device: triton_distill
     import datetime
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -236,13 +240,18 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sharded_loss_and_gradients_match_the_unsharded_oracle(world):
+@pytest.mark.parametrize("world,backend", [(2, "cpp"), (4, "cpp"), (2, "triton")])
+def test_sharded_loss_and_gradients_match_the_unsharded_oracle(world, backend):
+    """The C++ kernel's shard entry points (CPU tensors), and Triton's (CUDA tensors; here
+    under the interpreter)."""
+    if not kdkernels.backends()[backend].available:
+        pytest.skip(f"{backend}: {kdkernels.backends()[backend].reason}")
     context = mp.get_context("spawn")
     failures = context.SimpleQueue()
-    env_interpret = os.environ.pop("TRITON_INTERPRET", None)  # not needed in the workers
+    # the workers load the Triton kernels only where they run them (the interpreter is slow)
+    env_interpret = None if backend == "triton" else os.environ.pop("TRITON_INTERPRET", None)
     try:
-        mp.start_processes(_worker, args=(world, _free_port(), failures), nprocs=world,
+        mp.start_processes(_worker, args=(world, _free_port(), failures, backend), nprocs=world,
                            start_method="spawn")
     finally:
         if env_interpret is not None:

@@ -77,6 +77,13 @@ def launch_config(C, kernel):
     return block, 4 if kernel == "forward" or block < 2048 else 8
 
 
+def shard_config(W):
+    """(block, warps) of the shard entry points over a range of W columns: their float64 math
+    (rows at a high temperature) must fit the registers too, so at most 8 values per thread."""
+    block = min(1 << (max(W, 1) - 1).bit_length(), 2048)
+    return block, max(1, min(8, block // 256))
+
+
 def rows_config(C):
     """(block, rows per program, warps) of the small-rows kernel: a [rows, block] tile of about
     512 values, 4 per thread (compiled for sm_90, tiles of 2048 needed all 255 registers and
@@ -155,5 +162,34 @@ def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
     return loss, gradient(student, teacher, state, upstream, o, teacher_indices), temps, flags
 
 
+def _unit_stride(x):
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o):
+    """The torch backend's shard_statistics (kdkernels/ops/torch_distill.py), in Triton."""
+    return torch.ops.kdkernels.shard_stats_triton.default(
+        _unit_stride(student.detach()), _unit_stride(None if teacher is None else teacher.detach()),
+        target, temps.double(), vocab_start, vocab_size, o.pack())
+
+
+def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True,
+               overwrite=False):
+    """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in Triton;
+    ``overwrite=True`` writes the gradient over ``student`` (unit class stride) and returns it."""
+    teacher = _unit_stride(None if teacher is None else teacher.detach())
+    rows = rows.double().contiguous()
+    if overwrite and grad and student.stride(-1) == 1:
+        torch.ops.kdkernels.shard_pass_triton_.default(student, teacher, target, rows,
+                                                       vocab_start, vocab_size, o.pack())
+        return student
+    return torch.ops.kdkernels.shard_pass_triton.default(
+        _unit_stride(student.detach()), teacher, target, rows, vocab_start, vocab_size, o.pack(),
+        grad)
+
+
 if _INSTALLED and (_interpreting() or torch.cuda.is_available()):
-    from . import _triton_kernels  # noqa: E402,F401  (registers the kdkernels::distill_triton ops)
+    from . import (
+        _triton_kernels,  # noqa: E402,F401  (registers the kdkernels::distill_triton ops)
+        _triton_shard,  # noqa: E402,F401  (and the shard entry points)
+    )
