@@ -946,6 +946,7 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
   int8_t* flag_ptr = flags.data_ptr<int8_t>();
   const bool grad_is_acc = grad.scalar_type() == c10::CppTypeToScalarType<acc_t>::value;
   const bool write_grad = o.compute_grad;
+  const bool grad_over_student = write_grad && grad.data_ptr() == student.data_ptr();
   const acc_t log_a = virtual_teacher ? std::log(acc_t(o.virtual_teacher)) : 0;
   const acc_t log_rest = virtual_teacher
       ? std::log((1 - acc_t(o.virtual_teacher)) / acc_t(std::max<int64_t>(C - 1, 1))) : 0;
@@ -974,6 +975,10 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
       const int64_t y = labelled ? y_ptr[i * y_stride] : -1;
       const bool ignored = labelled && y == o.ignore_index;
       const acc_t* s = load_row<acc_t>(student, i, C, sbuf);
+      if (grad_over_student && s != sbuf) {  // the gradient overwrites the row: read a copy
+        std::copy(s, s + C, sbuf);
+        s = sbuf;
+      }
       const acc_t T = temp_ptr ? temp_ptr[i * temp_stride] : acc_t(o.temp_value);
       acc_t* g = write_grad && grad_is_acc ? grad.data_ptr<acc_t>() + i * C : bp;
       RowOut r;
@@ -1005,10 +1010,13 @@ void run_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teache
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
+// The forward (and the gradient, into a new tensor or, over_student, over the student's logits:
+// each row is read from a copy before its gradient is written).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill(
     const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
     const c10::optional<at::Tensor>& teacher_indices, const c10::optional<at::Tensor>& target,
-    const c10::optional<at::Tensor>& temp_rows, c10::ArrayRef<double> options) {
+    const c10::optional<at::Tensor>& temp_rows, c10::ArrayRef<double> options,
+    bool over_student) {
   const Options o = kdk::unpack_options(options);
   TORCH_CHECK(student.dim() == 2 && student.stride(1) == 1,
               "kdkernels: student must be [N, C] with unit class stride");
@@ -1049,8 +1057,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
   if (o.reduction == kdk::kReductionMean) run.grad_scale = o.grad_scale / double(rows);
   auto loss = o.reduction == kdk::kReductionNone ? at::empty({N}, student.options().dtype(acc))
                                                  : at::empty({}, student.options().dtype(acc));
-  auto grad = o.compute_grad ? at::empty(student.sizes(), student.options())
-                           : at::empty({0}, student.options());
+  TORCH_CHECK(!over_student || (o.compute_grad && student.is_contiguous()),
+              "kdkernels: the gradient over the student needs compute_grad and contiguous rows");
+  auto grad = over_student ? student
+              : o.compute_grad ? at::empty(student.sizes(), student.options())
+                               : at::empty({0}, student.options());
   auto temps_out = at::empty({N}, student.options().dtype(acc));
   auto flags = at::empty({N}, student.options().dtype(at::kChar));
   if (acc == at::kDouble) {
@@ -1378,11 +1389,30 @@ at::Tensor shard_pass_cpu(const at::Tensor& student, const c10::optional<at::Ten
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
+    const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+    const c10::optional<at::Tensor>& teacher_indices, const c10::optional<at::Tensor>& target,
+    const c10::optional<at::Tensor>& temp_rows, c10::ArrayRef<double> options) {
+  return distill(student, teacher, teacher_indices, target, temp_rows, options, false);
+}
+
+// distill_cpu with the gradient written over `student` (the fused lm_head's chunk logits)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_cpu_(
+    at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+    const c10::optional<at::Tensor>& teacher_indices, const c10::optional<at::Tensor>& target,
+    const c10::optional<at::Tensor>& temp_rows, c10::ArrayRef<double> options) {
+  auto [loss, grad, temps, flags] =
+      distill(student, teacher, teacher_indices, target, temp_rows, options, true);
+  return {loss, temps, flags};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kdkernels, m) {
   m.def("distill_cpu(Tensor student, Tensor? teacher, Tensor? teacher_indices, Tensor? target, "
         "Tensor? temp_rows, float[] options) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("distill_cpu_(Tensor(a!) student, Tensor? teacher, Tensor? teacher_indices, "
+        "Tensor? target, Tensor? temp_rows, float[] options) -> (Tensor, Tensor, Tensor)");
   m.def("shard_stats_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor temps, "
         "int vocab_start, int vocab_size, float[] options) -> Tensor");
   m.def("shard_pass_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor rows, "
@@ -1391,6 +1421,7 @@ TORCH_LIBRARY(kdkernels, m) {
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("distill_cpu", &distill_cpu);
+  m.impl("distill_cpu_", &distill_cpu_);
   m.impl("shard_stats_cpu", &shard_stats_cpu);
   m.impl("shard_pass_cpu", &shard_pass_cpu);
 }

@@ -59,11 +59,12 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
         target: [...] labels, as for :func:`distillation_loss`; so are every loss option and
             ``temperature`` (a float, a [...] tensor, or an uncentred DTD temperature).
         chunk_size: rows per chunk. By default, as many as ``memory_budget`` bytes of chunk
-            buffers allow (the chunk's logits, their gradient and, from hidden states, the
-            teacher's logits); that budget defaults to half the bytes of ``student_weight``
-            (at least 32 MiB): the chunk then holds half as much as the weight's gradient,
-            which the path holds anyway. Smaller chunks cost time: the weight's gradient is
-            read and written once per chunk.
+            buffers allow (the chunk's logits, over which the C++ and Triton kernels write
+            their gradient, a second buffer for it on the torch backend, and, from hidden
+            states, the teacher's logits); that budget defaults to half the bytes of
+            ``student_weight`` (at least 32 MiB): the chunk then holds half as much as the
+            weight's gradient, which the path holds anyway. Smaller chunks cost time: the
+            weight's gradient is read and written once per chunk.
         padded_teacher: the teacher's vocabulary is the student's V classes plus padding: its
             weight (and bias) may have more rows, its logits more columns, a sparse teacher
             (with its ``vocab_size``) classes >= V; only the first V are read (views). As for
@@ -129,7 +130,7 @@ def fused_linear_distillation_loss(student_hidden, student_weight, teacher=None,
     # a soft-capped chunk also holds its tanh, the capped logits and their gradient in `acc`
     capped_bytes = 0 if logit_softcap is None else 3 * V * _itemsize(acc)
     rows = chunk_rows(N, h, W, source.bytes_per_row(V) + capped_bytes, chunk_size,
-                      memory_budget)
+                      memory_budget, getattr(runner, "GRAD_OVER_STUDENT", False))
     job = _Job(runner, options, source, y2, temp_plan[2], rows, reduction, count, logit_softcap)
     if N == 0:
         loss, temps, flags = empty_result([h2, W, student_bias], reduction, acc, h.device)
@@ -254,15 +255,16 @@ def check_chunking(chunk_size, memory_budget):
         raise ValueError("give chunk_size or memory_budget, not both")
 
 
-def chunk_rows(N, h, W, teacher_row_bytes, chunk_size, memory_budget):
+def chunk_rows(N, h, W, teacher_row_bytes, chunk_size, memory_budget, grad_over_logits=False):
     """Rows per chunk: `chunk_size`, or as many as the budget of chunk buffers allows (the
-    logits and their gradient, in h's dtype, and `teacher_row_bytes` per row of teacher
-    logits computed from hidden states); the budget defaults to half the weight's bytes."""
+    logits and, unless the backend writes it over them, their gradient, in h's dtype, and
+    `teacher_row_bytes` per row of teacher logits computed from hidden states); the budget
+    defaults to half the weight's bytes."""
     if chunk_size is not None:
         return chunk_size
     if memory_budget is None:
         memory_budget = max(32 * MIB, W.numel() * W.element_size() // 2)
-    per_row = 2 * W.shape[0] * h.element_size() + teacher_row_bytes
+    per_row = (1 if grad_over_logits else 2) * W.shape[0] * h.element_size() + teacher_row_bytes
     return max(1, min(N, memory_budget // per_row))
 
 
@@ -288,9 +290,10 @@ class _Job:
                 logits, squashed = soft_capped(logits, self.softcap)
         teacher, indices = self.source.rows(i, j)
         options = self.options if compute_grad else replace(self.options, compute_grad=False)
+        # the kernels write the gradient over the chunk's logits (no second [rows, V] buffer)
         loss, grad, temps, flags = self.runner.forward(
             logits, teacher, _part(self.target, i, j), _part(self.temp_rows, i, j), options,
-            indices)
+            indices, overwrite=compute_grad)
         if self.softcap is not None and compute_grad:
             # d cap tanh(z / cap) / dz = 1 - tanh^2, in float32, before the matmuls in h's dtype
             grad = grad.mul_(squashed.square_().neg_().add_(1)).to(h.dtype)

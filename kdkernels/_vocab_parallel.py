@@ -249,6 +249,7 @@ class _Rows:
                           if isinstance(temperature, torch.Tensor) else None)
         self.vocab_start, self.vocab_size, self.virtual = vocab_start, vocab_size, virtual
         self.chunk = chunk
+        self.temporary = False  # whether student_rows() makes a new tensor each pass
 
     @classmethod
     def from_logits(cls, s, t, target, temperature, vocab_start, vocab_size, hyper):
@@ -288,6 +289,7 @@ class _LinearRows(_Rows):
         self.t_weight = None if teacher_weight is None else teacher_weight.detach()
         self.t_bias = None if teacher_bias is None else teacher_bias.detach()
         self.teacher = None if teacher is None else teacher.detach()  # logits, or hidden states
+        self.temporary = True
 
     def student_rows(self, i, j):
         with torch.no_grad():
@@ -438,9 +440,9 @@ class _Job:
         given) for every chunk: no collective."""
         rows = self.rows
         merged = self._merged(c, upstream)
-        for i, j in rows.chunks():
+        for i, j in rows.chunks():  # the lm_head's chunk logits are temporaries: overwritten
             sink(i, j, self.backend.shard_pass(*rows.shard(i, j), merged[i:j], rows.vocab_start,
-                                               self.C, self.o))
+                                               self.C, self.o, overwrite=rows.temporary))
 
     def _merged(self, c, upstream=None):
         """[N, len(SHARD_ROWS)] float64: the merged values the backend's shard_pass reads."""

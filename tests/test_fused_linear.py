@@ -211,9 +211,9 @@ def test_one_chunk_of_logits_at_a_time(monkeypatch):
     seen = []
     forward = torch_distill.forward
 
-    def spy(student, *args):
+    def spy(student, *args, **kwargs):
         seen.append(tuple(student.shape))
-        return forward(student, *args)
+        return forward(student, *args, **kwargs)
     monkeypatch.setattr(torch_distill, "forward", spy)
     student, teacher, y = _problem(23, 4, 50, seed=34, teacher_kind="hidden")
     _fused(student, teacher, y, backend="torch", chunk_size=5).backward()
@@ -222,6 +222,43 @@ def test_one_chunk_of_logits_at_a_time(monkeypatch):
     row_bytes = 50 * 4 * 3  # fp32 logits, their gradient, the teacher's logits
     _fused(student, teacher, y, backend="torch", memory_budget=7 * row_bytes)
     assert seen == [(7, 50)] * 3 + [(2, 50)]
+
+
+KERNEL_LAUNCHES = [(b, d, two) for b, d in BACKENDS if b != "torch"
+                   for two in ((False, True) if b == "triton" else (False,))]
+
+
+@pytest.mark.parametrize("teacher_kind", ["hidden", "sparse_tail", "virtual"])
+@pytest.mark.parametrize("backend,device,two_kernels", KERNEL_LAUNCHES,
+                         ids=[f"{b}-{d}" + ("-two-kernels" if two else "")
+                              for b, d, two in KERNEL_LAUNCHES])
+def test_the_kernels_write_the_chunk_gradient_over_its_logits(monkeypatch, backend, device,
+                                                              teacher_kind, two_kernels):
+    """One [rows, V] buffer per chunk, not two: the gradient the kernel returns is the chunk's
+    logits' storage, so a memory budget holds twice the rows it holds on the torch backend
+    (which keeps two); the gradients are the torch backend's. Triton: its small-rows kernel
+    and (two_kernels) its forward and gradient kernels."""
+    if two_kernels:
+        from kdkernels.ops import triton_distill
+        monkeypatch.setattr(triton_distill, "SMALL_ROWS_MAX", 0)
+    module = kdkernels.ops.resolve(backend, torch.device(device))
+    forward, seen = module.forward, []
+
+    def spy(student, *args, **kwargs):
+        result = forward(student, *args, **kwargs)
+        seen.append((tuple(student.shape), result[1].data_ptr() == student.data_ptr()))
+        return result
+    monkeypatch.setattr(module, "forward", spy)
+    student, teacher, y = _problem(23, 4, 50, seed=36, teacher_kind=teacher_kind, device=device)
+    teacher_bytes = 50 * 4 if teacher_kind == "hidden" else 0
+    budget = 7 * (50 * 4 + teacher_bytes)  # 7 rows of fp32 logits (and teacher logits)
+    loss = _fused(student, teacher, y, backend=backend, memory_budget=budget)
+    assert seen == [((7, 50), True)] * 3 + [((2, 50), True)]
+    want = _fused(student, teacher, y, backend="torch", chunk_size=7) if device == "cpu" else None
+    if want is not None:
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        for got, ref in zip(torch.autograd.grad(loss, student), torch.autograd.grad(want, student)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_backward_only_scales_for_mean_and_sum_and_may_repeat():

@@ -106,6 +106,11 @@ def test_kernel_shard_entry_points_match_the_torch_backend(backend, device, case
         assert got.dtype == want.dtype and got.shape == want.shape
         if grad:
             assert got.dtype == dtype and torch.isnan(got[6]).all() and (got[5] == 0).all()
+        if grad and backend == "triton":  # written over the logits (the lm_head's chunks)
+            logits = s.clone()
+            over = kernel.shard_pass(logits, teacher, y, rows, start, V, o, overwrite=True)
+            assert over.data_ptr() == logits.data_ptr()
+            torch.testing.assert_close(over, got, rtol=0, atol=0, equal_nan=True)
         if not grad:  # sum p G of a row without a teacher: unread (its KD weight is 0)
             no_teacher = rows[:, SHARD_ROWS.index("has_teacher")] == 0
             got[no_teacher, 1] = want[no_teacher, 1] = 0.0

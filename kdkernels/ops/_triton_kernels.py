@@ -755,9 +755,23 @@ def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
                         scale: torch.Tensor, options: List[float]) -> torch.Tensor:
     """The gradient wrt the student, each row times upstream[row] (upstream has N values,
     or one for every row), and times scale[0] when the loss was reduced."""
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    _launch_grad(student, teacher, coef, index, upstream, scale, options, grad)
+    return grad
+
+
+@torch.library.triton_op("kdkernels::distill_triton_grad_", mutates_args=("student",))
+def distill_triton_grad_(student: torch.Tensor, teacher: Optional[torch.Tensor],
+                         coef: torch.Tensor, index: torch.Tensor, upstream: torch.Tensor,
+                         scale: torch.Tensor, options: List[float]) -> None:
+    """distill_triton_grad written over `student` (contiguous; each block is read before it
+    is written)."""
+    _launch_grad(student, teacher, coef, index, upstream, scale, options, student)
+
+
+def _launch_grad(student, teacher, coef, index, upstream, scale, options, grad):
     o = _options.FusedOptions.unpack(options)
     N, C = student.shape
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     log_a, log_rest = config.virtual_logits(o.virtual_teacher, C)
     block, warps = config.launch_config(C, "grad")
     torch.library.wrap_triton(_distill_grad_kernel)[(N,)](
@@ -769,7 +783,6 @@ def distill_triton_grad(student: torch.Tensor, teacher: Optional[torch.Tensor],
         BLOCK=block, VIRTUAL=o.virtual_teacher > 0, HAS_CE=o.ce_weight != 0,
         NUM_COEF=config.NUM_COEF, DIVERGENCE=o.divergence,
         SCALED=o.reduction != _options.REDUCTION_NONE, num_warps=warps)
-    return grad
 
 
 @triton.jit
@@ -949,14 +962,25 @@ def distill_triton_scale_rows(grad: torch.Tensor, upstream: torch.Tensor, scale:
                               like: torch.Tensor, options: List[float]) -> torch.Tensor:
     """grad (float32 [N, C]) times upstream[row] (and scale[0] for a reduced loss), in the
     dtype of `like`."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    _launch_scale_rows(grad, upstream, scale, options, out)
+    return out
+
+
+@torch.library.triton_op("kdkernels::distill_triton_scale_rows_", mutates_args=("out",))
+def distill_triton_scale_rows_(grad: torch.Tensor, upstream: torch.Tensor, scale: torch.Tensor,
+                               out: torch.Tensor, options: List[float]) -> None:
+    """distill_triton_scale_rows written into `out` (contiguous: the student's logits)."""
+    _launch_scale_rows(grad, upstream, scale, options, out)
+
+
+def _launch_scale_rows(grad, upstream, scale, options, out):
     o = _options.FusedOptions.unpack(options)
     N, C = grad.shape
-    out = torch.empty_like(like, memory_format=torch.contiguous_format)
     block = 1024
     torch.library.wrap_triton(_scale_rows_kernel)[(N, triton.cdiv(C, block))](
         grad, upstream, upstream.stride(0) if upstream.numel() > 1 else 0, scale, out, C,
         BLOCK=block, SCALED=o.reduction != _options.REDUCTION_NONE, num_warps=4)
-    return out
 
 
 @triton.jit
@@ -1281,10 +1305,25 @@ def distill_triton_sparse_grad(student: torch.Tensor, indices: torch.Tensor, coe
                                index: torch.Tensor, member: torch.Tensor,
                                upstream: torch.Tensor, scale: torch.Tensor,
                                options: List[float]) -> torch.Tensor:
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    _launch_sparse_grad(student, indices, coef, index, member, upstream, scale, options, grad)
+    return grad
+
+
+@torch.library.triton_op("kdkernels::distill_triton_sparse_grad_", mutates_args=("student",))
+def distill_triton_sparse_grad_(student: torch.Tensor, indices: torch.Tensor,
+                                coef: torch.Tensor, index: torch.Tensor, member: torch.Tensor,
+                                upstream: torch.Tensor, scale: torch.Tensor,
+                                options: List[float]) -> None:
+    """distill_triton_sparse_grad written over `student` (contiguous)."""
+    _launch_sparse_grad(student, indices, coef, index, member, upstream, scale, options,
+                        student)
+
+
+def _launch_sparse_grad(student, indices, coef, index, member, upstream, scale, options, grad):
     o = _options.FusedOptions.unpack(options)
     N, C = student.shape
     K = indices.shape[1]
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
     block, warps = config.launch_config(C, "grad")
     torch.library.wrap_triton(_distill_sparse_grad_kernel)[(N,)](
         student, student.stride(0), indices, indices.stride(0), coef, index, member,
@@ -1292,4 +1331,3 @@ def distill_triton_sparse_grad(student: torch.Tensor, indices: torch.Tensor, coe
         BLOCK=block, KBLOCK=config.k_block(K), HAS_CE=o.ce_weight != 0,
         NUM_COEF=config.NUM_COEF, SCALED=o.reduction != _options.REDUCTION_NONE,
         num_warps=warps)
-    return grad

@@ -101,7 +101,23 @@ if _C is not None:
                 student.new_empty(N, dtype=acc), student.new_empty(N, dtype=torch.int8))
 
 
-def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
+    @torch.library.register_fake("kdkernels::distill_cpu_")
+    def _fake_over(student, teacher, teacher_indices, target, temp_rows, options):
+        loss, _, temps, flags = _fake(student, teacher, teacher_indices, target, temp_rows,
+                                      options)
+        return loss, temps, flags
+
+
+GRAD_OVER_STUDENT = True  # forward(overwrite=True) writes the gradient over the logits
+
+
+def forward(student, teacher, target, temp_rows, o, teacher_indices=None, overwrite=False):
+    """``overwrite=True``: the gradient may be written over ``student`` (a temporary the caller
+    no longer needs, as the fused lm_head's chunk logits); it is, for contiguous rows."""
+    if overwrite and o.compute_grad and student.is_contiguous():
+        loss, temps, flags = torch.ops.kdkernels.distill_cpu_.default(
+            student, teacher, teacher_indices, target, temp_rows, o.pack())
+        return loss, student, temps, flags
     return torch.ops.kdkernels.distill_cpu.default(student, teacher, teacher_indices, target,
                                                    temp_rows, o.pack())
 
@@ -130,8 +146,10 @@ def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o
         vocab_size, o.pack())
 
 
-def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True):
-    """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in C++."""
+def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True,
+               overwrite=False):
+    """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in C++ (into a new
+    tensor: ``overwrite`` is not taken)."""
     return torch.ops.kdkernels.shard_pass_cpu.default(
         _unit_stride(student.detach()), _unit_stride(None if teacher is None else teacher.detach()),
         None if target is None else target.long(), rows.double().contiguous(), vocab_start,

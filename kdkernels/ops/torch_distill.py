@@ -192,10 +192,11 @@ def divergence_terms_exact(P, Q, delta, kind, param):
     return torch.where(near, P * d, d_far), torch.where(P > 0, torch.where(near, G, G_far), 0.0)
 
 
-def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
+def forward(student, teacher, target, temp_rows, o, teacher_indices=None, overwrite=False):
     """The backends' contract, a few rows at a time: the two dozen N x C temporaries of the math
     below then stay in cache. With ``teacher_indices``, ``teacher`` holds the values of a sparse
-    (top-k) teacher at those indices."""
+    (top-k) teacher at those indices. The gradient is a new tensor (``overwrite`` is a
+    permission the kernels take; this backend holds temporaries of that size anyway)."""
     N, C = student.shape
     rows = max(1, (1 << 18) // max(C, 1))
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -519,10 +520,12 @@ def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o
     return torch.stack(cols, -1)
 
 
-def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True):
+def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True,
+               overwrite=False):
     """From each row's merged values `rows` ([n, len(SHARD_ROWS)] float64): the range's
     gradient ([n, width], the student's dtype), or (grad=False) its part of D and of
-    sum_j p_j G_j ([n, 2] float64; the divergences other than the forward KL)."""
+    sum_j p_j G_j ([n, 2] float64; the divergences other than the forward KL). ``overwrite``:
+    the gradient may be written over ``student`` (Triton's kernel does; here a new tensor)."""
     s, t, _, _ = _shard_logits(student, teacher, target, vocab_start, vocab_size, o)
     width = s.shape[1]
     r = dict(zip(("T", "ms", "log_zs", "mt", "log_zt", "z1", "kd_grad", "b", "lr_y", "lr_b",

@@ -137,29 +137,42 @@ def forward_deferred(student, teacher, target, temp_rows, o, teacher_indices=Non
     return loss, state, temps, flags
 
 
-def gradient(student, teacher, state, upstream, o, teacher_indices=None):
-    """d loss / d student times `upstream` ([N] per row, or one value for all rows)."""
+def gradient(student, teacher, state, upstream, o, teacher_indices=None, overwrite=False):
+    """d loss / d student times `upstream` ([N] per row, or one value for all rows);
+    ``overwrite=True`` writes it over ``student`` (contiguous) and returns that."""
+    ops = torch.ops.kdkernels
     if len(state) == 2:  # the small-rows kernel wrote it: scale it
         grad, scale = state
-        return torch.ops.kdkernels.distill_triton_scale_rows.default(grad, upstream, scale,
-                                                                     student, o.pack())
+        if overwrite:
+            ops.distill_triton_scale_rows_.default(grad, upstream, scale, student, o.pack())
+            return student
+        return ops.distill_triton_scale_rows.default(grad, upstream, scale, student, o.pack())
     if teacher_indices is not None:
         coef, index, scale, member, indices = state
-        return torch.ops.kdkernels.distill_triton_sparse_grad.default(
-            student, indices, coef, index, member, upstream, scale, o.pack())
-    coef, index, scale = state
-    return torch.ops.kdkernels.distill_triton_grad.default(student, teacher, coef, index,
-                                                          upstream, scale, o.pack())
+        op = ops.distill_triton_sparse_grad_ if overwrite else ops.distill_triton_sparse_grad
+        grad = op.default(student, indices, coef, index, member, upstream, scale, o.pack())
+    else:
+        coef, index, scale = state
+        op = ops.distill_triton_grad_ if overwrite else ops.distill_triton_grad
+        grad = op.default(student, teacher, coef, index, upstream, scale, o.pack())
+    return student if overwrite else grad
 
 
-def forward(student, teacher, target, temp_rows, o, teacher_indices=None):
-    """The backends' common contract: the gradient written at once (times o.grad_scale)."""
+def forward(student, teacher, target, temp_rows, o, teacher_indices=None, overwrite=False):
+    """The backends' common contract: the gradient written at once (times o.grad_scale);
+    ``overwrite=True`` lets it be written over ``student`` (a temporary the caller no longer
+    needs, as the fused lm_head's chunk logits)."""
     loss, state, temps, flags = forward_deferred(student, teacher, target, temp_rows, o,
                                                  teacher_indices)
     if not o.compute_grad:
         return loss, student.new_empty(0), temps, flags
     upstream = torch.full((1,), o.grad_scale, dtype=torch.float32, device=student.device)
-    return loss, gradient(student, teacher, state, upstream, o, teacher_indices), temps, flags
+    overwrite = overwrite and student.is_contiguous()
+    return loss, gradient(student, teacher, state, upstream, o, teacher_indices,
+                          overwrite), temps, flags
+
+
+GRAD_OVER_STUDENT = True  # forward(overwrite=True) writes the gradient over the logits
 
 
 def _unit_stride(x):
