@@ -26,6 +26,7 @@ from ._options import (
     FusedOptions,
     SparseTeacher,
 )
+from .ops._rows import unit_stride
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -478,8 +479,7 @@ class _Plan(NamedTuple):
 def rows_of(x, C):
     """x as [N, C] rows: itself or a view; a copy only when the class dimension itself is
     strided."""
-    rows = x if x.dim() == 2 else x.reshape(-1, C)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return unit_stride(x if x.dim() == 2 else x.reshape(-1, C))
 
 
 def teacher_rows(teacher, C):

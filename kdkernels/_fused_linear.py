@@ -33,6 +33,7 @@ from ._core import (
     temperature_plan,
 )
 from ._options import DynamicTemperature, SparseTeacher
+from .ops._rows import unit_stride
 
 MIB = 1 << 20
 
@@ -240,8 +241,7 @@ class _TeacherSource:
         if self.indices is not None:
             return self.values[i:j].contiguous(), self.indices[i:j].contiguous()
         if self.logits is not None:
-            rows = self.logits[i:j]
-            return (rows if rows.stride(-1) == 1 else rows.contiguous()), None
+            return unit_stride(self.logits[i:j]), None
         return None, None
 
 

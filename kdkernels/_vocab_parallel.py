@@ -240,6 +240,8 @@ class _Rows:
     """Where a pass reads its rows: this rank's [N, V_local] logits shards (and the rows'
     labels and given temperatures), in chunks that keep temporaries in cache."""
 
+    temporary = False  # whether student_rows() makes a new tensor each pass (may be overwritten)
+
     def __init__(self, N, width, like, target, temperature, vocab_start, vocab_size, virtual,
                  chunk):
         self.N, self.width, self.device, self.dtype = N, width, like.device, like.dtype
@@ -249,7 +251,6 @@ class _Rows:
                           if isinstance(temperature, torch.Tensor) else None)
         self.vocab_start, self.vocab_size, self.virtual = vocab_start, vocab_size, virtual
         self.chunk = chunk
-        self.temporary = False  # whether student_rows() makes a new tensor each pass
 
     @classmethod
     def from_logits(cls, s, t, target, temperature, vocab_start, vocab_size, hyper):
@@ -281,6 +282,8 @@ class _LinearRows(_Rows):
     """Rows from hidden states and this rank's shard of each lm_head, a chunk at a time (the
     fused linear path): the logits are computed again by each pass."""
 
+    temporary = True
+
     def __init__(self, h, W, b, teacher, teacher_weight, teacher_bias, target, temperature,
                  vocab_start, vocab_size, virtual, chunk):
         super().__init__(h.shape[0], W.shape[0], h, target, temperature, vocab_start,
@@ -289,7 +292,6 @@ class _LinearRows(_Rows):
         self.t_weight = None if teacher_weight is None else teacher_weight.detach()
         self.t_bias = None if teacher_bias is None else teacher_bias.detach()
         self.teacher = None if teacher is None else teacher.detach()  # logits, or hidden states
-        self.temporary = True
 
     def student_rows(self, i, j):
         with torch.no_grad():

@@ -12,6 +12,7 @@ import os
 import torch
 
 from .._options import ENUMS, OPTION_INDEX, OPTION_NAMES, REDUCTION_NONE, SHARD_STATS
+from ._rows import unit_stride
 
 NAME = "cpp"
 VARIANTS = ("avx512", "avx2", "default")  # best first
@@ -134,14 +135,10 @@ if _C is not None:
         return student.new_empty(student.shape[0], 2, dtype=torch.float64)
 
 
-def _unit_stride(x):
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
-
-
 def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o):
     """The torch backend's shard_statistics (kdkernels/ops/torch_distill.py), in C++."""
     return torch.ops.kdkernels.shard_stats_cpu.default(
-        _unit_stride(student.detach()), _unit_stride(None if teacher is None else teacher.detach()),
+        unit_stride(student.detach()), unit_stride(None if teacher is None else teacher.detach()),
         None if target is None else target.long(), temps.double().contiguous(), vocab_start,
         vocab_size, o.pack())
 
@@ -151,6 +148,6 @@ def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=
     """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in C++ (into a new
     tensor: ``overwrite`` is not taken)."""
     return torch.ops.kdkernels.shard_pass_cpu.default(
-        _unit_stride(student.detach()), _unit_stride(None if teacher is None else teacher.detach()),
+        unit_stride(student.detach()), unit_stride(None if teacher is None else teacher.detach()),
         None if target is None else target.long(), rows.double().contiguous(), vocab_start,
         vocab_size, o.pack(), grad)

@@ -26,6 +26,7 @@ import os
 import torch
 
 from .._options import CORRECTION_NONE, DIVERGENCE_KL, TEMP_ROWS, TEMP_SCALAR
+from ._rows import unit_stride
 
 NAME = "triton"
 
@@ -175,14 +176,10 @@ def forward(student, teacher, target, temp_rows, o, teacher_indices=None, overwr
 GRAD_OVER_STUDENT = True  # forward(overwrite=True) writes the gradient over the logits
 
 
-def _unit_stride(x):
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
-
-
 def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o):
     """The torch backend's shard_statistics (kdkernels/ops/torch_distill.py), in Triton."""
     return torch.ops.kdkernels.shard_stats_triton.default(
-        _unit_stride(student.detach()), _unit_stride(None if teacher is None else teacher.detach()),
+        unit_stride(student.detach()), unit_stride(None if teacher is None else teacher.detach()),
         target, temps.double(), vocab_start, vocab_size, o.pack())
 
 
@@ -190,14 +187,14 @@ def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=
                overwrite=False):
     """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in Triton;
     ``overwrite=True`` writes the gradient over ``student`` (unit class stride) and returns it."""
-    teacher = _unit_stride(None if teacher is None else teacher.detach())
+    teacher = unit_stride(None if teacher is None else teacher.detach())
     rows = rows.double().contiguous()
     if overwrite and grad and student.stride(-1) == 1:
         torch.ops.kdkernels.shard_pass_triton_.default(student, teacher, target, rows,
                                                        vocab_start, vocab_size, o.pack())
         return student
     return torch.ops.kdkernels.shard_pass_triton.default(
-        _unit_stride(student.detach()), teacher, target, rows, vocab_start, vocab_size, o.pack(),
+        unit_stride(student.detach()), teacher, target, rows, vocab_start, vocab_size, o.pack(),
         grad)
 
 
