@@ -72,11 +72,12 @@ void widen(const in_t* src, acc_t* dst, int64_t n) {
   }
 }
 
-// A row as acc_t: the input itself when it already is, else converted into buf.
+// C values of a row from column `from` as acc_t: the input itself when it already is, else
+// converted into buf.
 template <typename acc_t>
-const acc_t* load_row(const at::Tensor& x, int64_t row, int64_t C, acc_t* buf) {
+const acc_t* load_row(const at::Tensor& x, int64_t row, int64_t C, acc_t* buf, int64_t from = 0) {
   const char* base = static_cast<const char*>(x.const_data_ptr()) +
-                     row * x.stride(0) * static_cast<int64_t>(x.element_size());
+                     (row * x.stride(0) + from) * static_cast<int64_t>(x.element_size());
   switch (x.scalar_type()) {
     case at::kFloat:
       if constexpr (std::is_same_v<acc_t, float>) return reinterpret_cast<const float*>(base);
@@ -97,13 +98,15 @@ const acc_t* load_row(const at::Tensor& x, int64_t row, int64_t C, acc_t* buf) {
   }
 }
 
+// C values into a row of out from column `from` (unit class stride), converted.
 template <typename acc_t>
-void store_row(const acc_t* src, at::Tensor& out, int64_t row, int64_t C) {
+void store_row(const acc_t* src, at::Tensor& out, int64_t row, int64_t C, int64_t from = 0) {
+  const int64_t first = row * out.stride(0) + from;
   switch (out.scalar_type()) {
-    case at::kFloat: at::vec::convert(src, out.data_ptr<float>() + row * C, C); break;
-    case at::kDouble: at::vec::convert(src, out.data_ptr<double>() + row * C, C); break;
-    case at::kBFloat16: at::vec::convert(src, out.data_ptr<at::BFloat16>() + row * C, C); break;
-    case at::kHalf: at::vec::convert(src, out.data_ptr<at::Half>() + row * C, C); break;
+    case at::kFloat: at::vec::convert(src, out.data_ptr<float>() + first, C); break;
+    case at::kDouble: at::vec::convert(src, out.data_ptr<double>() + first, C); break;
+    case at::kBFloat16: at::vec::convert(src, out.data_ptr<at::BFloat16>() + first, C); break;
+    case at::kHalf: at::vec::convert(src, out.data_ptr<at::Half>() + first, C); break;
     default: TORCH_CHECK(false, "kdkernels: unsupported dtype ", out.scalar_type());
   }
 }
@@ -1075,123 +1078,163 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill(
 }
 
 // ---- the shard entry points (kdkernels/_options.py, SHARD_STATS / SHARD_ROWS) --------------
-// A range of a row's columns [start, start + W) of a vocabulary of V classes. The merge across
-// ranges subtracts log-sums, which float sums would leave a relative error of their rounding:
-// the results are float64, the per-class math float64 too (ct = double) unless the inputs are
-// 16/32-bit and every temperature is at most kFloatShardT (ct = float, where that error stays
-// under 1e-6 of the KL); sums are flushed from vector lanes into doubles every kFlush vectors.
+// A range of a row's columns [start, start + W) of a vocabulary of V classes. Each pass reads the
+// range once, a chunk of kFlush vectors at a time (bf16 / fp16 chunks converted into buffers
+// that stay in L1): the statistics are an online softmax over the chunks, whose sums are moved
+// to each new maximum in double. The merge across ranges subtracts log-sums, which float sums
+// would leave a relative error of their rounding: the results are float64, the per-class math
+// float64 too (ct = double) unless the inputs are 16/32-bit and every temperature is at most
+// kFloatShardT (ct = float, where that error stays under 1e-6 of the KL); a chunk's vector
+// lanes are summed in ct, then into doubles.
 constexpr double kFloatShardT = 8.0;
 constexpr int kFlush = 16;
-
-// The range's teacher row: read, or the virtual teacher's columns built from the label.
 template <typename ct>
-const ct* shard_teacher(const c10::optional<at::Tensor>& teacher, int64_t i, int64_t W,
-                        int64_t ly, int64_t V, const Options& o, ct* buf) {
-  if (teacher.has_value()) return load_row<ct>(*teacher, i, W, buf);
-  const double a = o.virtual_teacher;
-  const double rest = a < 1 ? std::log((1 - a) / double(std::max<int64_t>(V - 1, 1)))
-                            : -std::numeric_limits<double>::infinity();
-  std::fill(buf, buf + W, static_cast<ct>(rest));
-  if (ly >= 0) buf[ly] = static_cast<ct>(std::log(a));
-  return buf;
-}
+constexpr int64_t kChunk = kFlush * Vectorized<ct>::size();
 
-// Vector lanes summed in ct, flushed into a double every kFlush vectors.
+// Row i's range, read a chunk at a time as ct: the input itself where it is ct, else converted
+// into sbuf / tbuf (kChunk values each); a virtual teacher's columns are built from the label.
 template <typename ct>
-struct LaneSum {
-  Vectorized<ct> lanes{ct(0)};
-  double total = 0;
-  void add(const Vectorized<ct>& v, int64_t n) { lanes = lanes + keep(v, n, ct(0)); }
-  void flush() {
-    total += static_cast<double>(hsum(lanes));
-    lanes = Vectorized<ct>(ct(0));
+struct ShardRow {
+  const at::Tensor& student;
+  const c10::optional<at::Tensor>& teacher;
+  int64_t i, W, ly;  // the row, the range's width, the label's column in it (-1: not in it)
+  ct rest, label;    // the virtual teacher's logits away from and at the label
+  ct *sbuf, *tbuf;
+
+  const ct* s(int64_t j, int64_t n) const { return load_row<ct>(student, i, n, sbuf, j); }
+  const ct* t(int64_t j, int64_t n) const {
+    if (teacher.has_value()) return load_row<ct>(*teacher, i, n, tbuf, j);
+    std::fill(tbuf, tbuf + n, rest);
+    if (ly >= j && ly < j + n) tbuf[ly - j] = label;
+    return tbuf;
   }
-  double sum() {
-    flush();
-    return total;
+  ct s_at(int64_t j) const {
+    ct v;
+    return *load_row<ct>(student, i, 1, &v, j);
   }
 };
 
-// for_vectors over [from, to), calling flush() every kFlush vectors.
-template <typename ct, typename Body, typename Flush>
-void for_vectors_flushed(int64_t from, int64_t to, Body body, Flush flush) {
-  int64_t count = 0;
-  for_vectors<ct>(to - from, [&](int64_t j, int64_t n) {
-    body(from + j, n);
-    if (++count % kFlush == 0) flush();
-  });
-}
-
 template <typename ct>
-void shard_stats_row(const ct* s, const ct* t, int64_t W, int64_t ly, double T, int64_t start,
-                     const Options& o, double* out) {
+void shard_stats_row(const ShardRow<ct>& row, double T, int64_t start, const Options& o,
+                     double* out) {
   using Vec = Vectorized<ct>;
   const ct inf = std::numeric_limits<ct>::infinity();
-  Vec vms(-inf), vmt(-inf);
-  for_vectors<ct>(W, [&](int64_t j, int64_t n) {
-    vms = at::vec::maximum(vms, keep(load(s + j, n), n, -inf));
-    vmt = at::vec::maximum(vmt, keep(load(t + j, n), n, -inf));
-  });
-  const ct ms = hmax(vms), mt = hmax(vmt);
-  const ct ms0 = ms == -inf ? ct(0) : ms, mt0 = mt == -inf ? ct(0) : mt, inv_t = ct(1 / T);
+  const int64_t W = row.W, ly = row.ly;
+  const ct inv_t = ct(1 / T);
   const bool ce = o.ce_weight != 0, smooth = o.correction == kCorrectionSmooth;
+  const bool rectify = o.correction == kCorrectionRectify;
+  const bool argmax = rectify || o.correction == kCorrectionSwap;
   // CE's exp(s - ms) is exp((s - ms) / T)^k at an integer temperature k <= 8
   const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
-  LaneSum<ct> zs, zt, cross, z1, sum;
-  for_vectors_flushed<ct>(0, W, [&](int64_t j, int64_t n) {
-    Vec vs = load(s + j, n), vt = load(t + j, n);
-    Vec es = vexp<ct>((vs - Vec(ms0)) * Vec(inv_t)), et = vexp<ct>((vt - Vec(mt0)) * Vec(inv_t));
-    zs.add(es, n);
-    zt.add(et, n);
-    cross.add(Vec::blendv(Vec(0), et * (vt - vs), et > Vec(0)), n);
-    if (ce) z1.add(int_t ? ipow(es, int_t) : vexp<ct>(vs - Vec(ms0)), n);
-    if (smooth) sum.add(vs, n);
-  }, [&] { zs.flush(); zt.flush(); cross.flush(); z1.flush(); sum.flush(); });
-  const bool owns = ly >= 0;
-  int64_t b = 0, idx1 = 0;
-  double s_b = 0, tx1 = -inf, tx2 = -inf;
-  if (o.correction == kCorrectionSwap || o.correction == kCorrectionRectify) {
-    b = find_first(t, W, mt);  // the first maximum
-    if (b == W) b = 0;
-    s_b = s[b];
-  }
-  if (o.correction == kCorrectionRectify) {  // the two largest teacher logits away from the label
-    idx1 = -1;
-    for (int64_t j = 0; j < W; ++j) {
-      if (j == ly) continue;
-      if (idx1 < 0 || t[j] > tx1) {
-        tx2 = tx1;
-        tx1 = t[j];
-        idx1 = j;
-      } else if (t[j] > tx2) {
-        tx2 = t[j];
+  ct ms = -inf, mt = -inf;  // the maxima so far: each chunk's exps are taken against them
+  double zs = 0, zt = 0, cross = 0, z1 = 0, s_sum = 0, s_y = 0, t_y = 0, s_b = 0;
+  double tx1 = -inf, tx2 = -inf;
+  int64_t b = 0, idx1 = -1;
+  for (int64_t c = 0; c < W; c += kChunk<ct>) {
+    const int64_t n = std::min(kChunk<ct>, W - c);
+    const ct *s = row.s(c, n), *t = row.t(c, n);
+    Vec vms(-inf), vmt(-inf);
+    for_vectors<ct>(n, [&](int64_t j, int64_t m) {
+      vms = at::vec::maximum(vms, keep(load(s + j, m), m, -inf));
+      vmt = at::vec::maximum(vmt, keep(load(t + j, m), m, -inf));
+    });
+    const ct cms = hmax(vms), cmt = hmax(vmt);
+    if (argmax && (c == 0 || cmt > mt)) {  // the first maximum (column 0 if none is finite)
+      const int64_t k = cmt > mt ? find_first(t, n, cmt) : 0;
+      b = c + k;
+      s_b = s[k];
+    }
+    // the sums so far moved to a new maximum (or poisoned by a NaN); while the maximum is -inf
+    // every exp was 0
+    if (!(cms <= ms)) {
+      if (ms > -inf) {
+        zs *= std::exp((double(ms) - double(cms)) / T);
+        z1 *= std::exp(double(ms) - double(cms));
+      }
+      ms = cms;
+    }
+    if (!(cmt <= mt)) {
+      if (mt > -inf) {
+        const double moved = std::exp((double(mt) - double(cmt)) / T);
+        zt *= moved;
+        cross *= moved;
+      }
+      mt = cmt;
+    }
+    const Vec v_ms(ms == -inf ? ct(0) : ms), v_mt(mt == -inf ? ct(0) : mt), v_inv_t(inv_t);
+    Vec vzs(0), vzt(0), vcross(0), vz1(0), vsum(0);
+    for_vectors<ct>(n, [&](int64_t j, int64_t m) {
+      Vec vs = load(s + j, m), vt = load(t + j, m);
+      Vec es = vexp<ct>((vs - v_ms) * v_inv_t), et = vexp<ct>((vt - v_mt) * v_inv_t);
+      vzs = vzs + keep(es, m, ct(0));
+      vzt = vzt + keep(et, m, ct(0));
+      vcross = vcross + keep(Vec::blendv(Vec(0), et * (vt - vs), et > Vec(0)), m, ct(0));
+      if (ce) vz1 = vz1 + keep(int_t ? ipow(es, int_t) : vexp<ct>(vs - v_ms), m, ct(0));
+      if (smooth) vsum = vsum + keep(vs, m, ct(0));
+    });
+    zs += double(hsum(vzs));
+    zt += double(hsum(vzt));
+    cross += double(hsum(vcross));
+    if (ce) z1 += double(hsum(vz1));
+    if (smooth) s_sum += double(hsum(vsum));
+    if (ly >= c && ly < c + n) {
+      s_y = s[ly - c];
+      t_y = t[ly - c];
+    }
+    if (rectify) {  // the two largest teacher logits away from the label
+      for (int64_t k = 0; k < n; ++k) {
+        if (c + k == ly) continue;
+        if (idx1 < 0 || t[k] > tx1) {
+          tx2 = tx1;
+          tx1 = t[k];
+          idx1 = c + k;
+        } else if (t[k] > tx2) {
+          tx2 = t[k];
+        }
       }
     }
-    if (idx1 < 0) idx1 = 0;  // a range of one column, the label's
   }
+  if (idx1 < 0) idx1 = 0;  // a range of one column, the label's
+  const bool owns = ly >= 0;
   out[kdk::kStat_ms] = ms;
-  out[kdk::kStat_zs] = zs.sum();
+  out[kdk::kStat_zs] = zs;
   out[kdk::kStat_mt] = mt;
-  out[kdk::kStat_zt] = zt.sum();
-  out[kdk::kStat_cross] = cross.sum();
-  out[kdk::kStat_z1] = ce ? z1.sum() : 0.0;
-  out[kdk::kStat_s_y] = owns ? double(s[ly]) : 0.0;
-  out[kdk::kStat_t_y] = owns ? double(t[ly]) : 0.0;
+  out[kdk::kStat_zt] = zt;
+  out[kdk::kStat_cross] = cross;
+  out[kdk::kStat_z1] = z1;
+  out[kdk::kStat_s_y] = s_y;
+  out[kdk::kStat_t_y] = t_y;
   out[kdk::kStat_owns] = owns ? 1.0 : 0.0;
   out[kdk::kStat_b] = double(b + start);
   out[kdk::kStat_s_b] = s_b;
   out[kdk::kStat_tx1] = tx1;
   out[kdk::kStat_idx1] = double(idx1 + start);
   out[kdk::kStat_tx2] = tx2;
-  out[kdk::kStat_s_sum] = smooth ? sum.sum() : 0.0;
+  out[kdk::kStat_s_sum] = s_sum;
 }
 
-// From the row's merged values r: the range's gradient into g (grad), or its part of D and of
-// sum_j p_j G_j into sums (the divergences other than the forward KL).
+// Where a pass writes the range's gradient: straight into the output row when it is ct, else a
+// chunk at a time through buf.
 template <typename ct>
-void shard_pass_row(const ct* s, const ct* t, int64_t W, int64_t ly, int64_t start, int64_t V,
-                    const double* r, const Options& o, bool grad, ct* g, double* sums) {
+struct GradOut {
+  at::Tensor& out;
+  int64_t i;
+  ct *direct, *buf;
+  ct* chunk(int64_t c) const { return direct ? direct + c : buf; }
+  void done(int64_t c, int64_t n) const {
+    if (!direct) store_row<ct>(buf, out, i, n, c);
+  }
+};
+
+// From the row's merged values r: the range's gradient into g (grad), or its part of D and of
+// sum_j p_j G_j into sums (the divergences other than the forward KL). The gradient may be
+// written over the student's logits: each chunk is read before it is written, and the columns
+// the correction fixes are computed before any.
+template <typename ct>
+void shard_pass_row(const ShardRow<ct>& row, int64_t start, int64_t V, const double* r,
+                    const Options& o, bool grad, const GradOut<ct>* g_out, double* sums) {
   using Vec = Vectorized<ct>;
+  const int64_t W = row.W, ly = row.ly;
   const double T = r[kdk::kRow_T], inv_t = 1 / T, ms = r[kdk::kRow_ms], mt = r[kdk::kRow_mt];
   const double log_zs = r[kdk::kRow_log_zs], log_zt = r[kdk::kRow_log_zt];
   const double kd_grad = r[kdk::kRow_kd_grad], g_mean = r[kdk::kRow_g_mean];
@@ -1200,13 +1243,30 @@ void shard_pass_row(const ct* s, const ct* t, int64_t W, int64_t ly, int64_t sta
   const bool smoothed = r[kdk::kRow_smoothed] > 0, kl = o.divergence == kDivergenceKl;
   const double log_ec = o.smooth_eps > 0 ? std::log(o.smooth_eps / double(V))
                                          : -std::numeric_limits<double>::infinity();
-  if (grad && scale == 0) {
-    std::fill(g, g + W, ct(0));
+  if (grad && scale == 0) {  // a row that does not count
+    for (int64_t c = 0; c < W; c += kChunk<ct>) {
+      const int64_t n = std::min(kChunk<ct>, W - c);
+      std::fill(g_out->chunk(c), g_out->chunk(c) + n, ct(0));
+      g_out->done(c, n);
+    }
     return;
   }
-  // (gradient, d, p G) of one column against the target log_r, in double
-  auto column = [&](int64_t j, double lr) {
-    const double lp = (double(s[j]) - ms) * inv_t - log_zs, p = std::exp(lp), q = std::exp(lr);
+  // the correction's targets at the label and the argmax, where this range holds them: their
+  // (gradient, d, p G), in double, against the target log r
+  struct Fixed {
+    int64_t j;
+    double g, d, pG;
+  };
+  std::array<Fixed, 2> fixed{};
+  int nfixed = 0;
+  const int64_t lb = static_cast<int64_t>(r[kdk::kRow_b]) - start;
+  const std::array<std::pair<int64_t, double>, 2> fixes = {{
+      {r[kdk::kRow_fix_y] > 0 ? ly : -1, r[kdk::kRow_lr_y]},
+      {r[kdk::kRow_fix_b] > 0 && lb >= 0 && lb < W ? lb : -1, r[kdk::kRow_lr_b]}}};
+  for (const auto& [j, lr] : fixes) {
+    if (j < 0) continue;
+    const double sj = double(row.s_at(j));
+    const double lp = (sj - ms) * inv_t - log_zs, p = std::exp(lp), q = std::exp(lr);
     double dir = p - q, d = 0, pG = 0;
     if (!kl) {
       auto [dj, Gj] = div_term<double>(o.divergence, param, p, lp, q, lr);
@@ -1215,70 +1275,72 @@ void shard_pass_row(const ct* s, const ct* t, int64_t W, int64_t ly, int64_t sta
       dir = p > 0 ? p * (Gj - g_mean) : 0.0;
     }
     double gj = kd_grad != 0 ? kd_grad * dir : 0.0;
-    if (ce_w != 0) gj += c1 * std::exp(double(s[j]) - ms) - (j == ly ? ce_w : 0.0);
-    return std::array<double, 3>{gj * scale, d, pG};
-  };
-  // the correction's targets at the label and the argmax, where this range holds them
-  const int64_t lb = static_cast<int64_t>(r[kdk::kRow_b]) - start;
-  std::array<std::pair<int64_t, double>, 2> fixes = {{
-      {r[kdk::kRow_fix_y] > 0 ? ly : -1, r[kdk::kRow_lr_y]},
-      {r[kdk::kRow_fix_b] > 0 && lb >= 0 && lb < W ? lb : -1, r[kdk::kRow_lr_b]}}};
-  if (fixes[0].first > fixes[1].first) std::swap(fixes[0], fixes[1]);
+    if (ce_w != 0) gj += c1 * std::exp(sj - ms) - (j == ly ? ce_w : 0.0);
+    fixed[nfixed++] = {j, gj * scale, d, pG};
+  }
   const int int_t = (T >= 1 && T <= 8 && T == std::floor(T)) ? static_cast<int>(T) : 0;
   auto splat = [](double x) { return Vec(static_cast<ct>(x)); };
   const Vec v_ms = splat(ms), v_inv_t = splat(inv_t), v_log_zs = splat(log_zs);
   const Vec v_inv_zs = splat(std::exp(-log_zs)), v_mt = splat(mt), v_log_zt = splat(log_zt);
   const Vec v_log_ec = splat(log_ec), v_kd = splat(kd_grad), v_c1 = splat(c1);
-  const Vec v_scale = splat(scale), v_g_mean = splat(g_mean);
-  LaneSum<ct> D, pG;
-  auto block = [&](int64_t j, int64_t n) {
-    Vec vs = load(s + j, n), ds = (vs - v_ms) * v_inv_t, es = vexp<ct>(ds);
-    Vec lP = ds - v_log_zs, P = es * v_inv_zs;
-    Vec lR = smoothed ? v_log_ec : (load(t + j, n) - v_mt) * v_inv_t - v_log_zt;
-    Vec R = vexp<ct>(lR), dir = P - R;
-    if (!kl) {
-      auto terms = div_terms<ct>(o.divergence, ct(param), P, lP, R, lR);
-      if (!grad) {
-        D.add(terms.d, n);
-        pG.add(P * terms.G, n);
-        return;
+  const Vec v_scale = splat(scale), v_g_mean = splat(g_mean), lanes = Vec::arange(0, 1);
+  double total_D = 0, total_pG = 0;
+  for (int64_t c = 0; c < W; c += kChunk<ct>) {
+    const int64_t n = std::min(kChunk<ct>, W - c);
+    const ct* s = row.s(c, n);
+    const ct* t = smoothed ? nullptr : row.t(c, n);
+    ct* g = grad ? g_out->chunk(c) : nullptr;
+    // the sums skip the fixed columns (their base term may be infinite)
+    auto skip_fixed = [&](Vec v, int64_t j) {
+      for (int k = 0; k < nfixed; ++k) {
+        const int64_t lane = fixed[k].j - (c + j);
+        if (lane >= 0 && lane < Vec::size()) v = Vec::blendv(v, Vec(0), lanes == Vec(ct(lane)));
       }
-      dir = Vec::blendv(Vec(0), P * (terms.G - v_g_mean), P > Vec(0));
+      return v;
+    };
+    Vec vD(0), vpG(0);
+    for_vectors<ct>(n, [&](int64_t j, int64_t m) {
+      Vec vs = load(s + j, m), ds = (vs - v_ms) * v_inv_t, es = vexp<ct>(ds);
+      Vec lP = ds - v_log_zs, P = es * v_inv_zs;
+      Vec lR = smoothed ? v_log_ec : (load(t + j, m) - v_mt) * v_inv_t - v_log_zt;
+      Vec R = vexp<ct>(lR), dir = P - R;
+      if (!kl) {
+        auto terms = div_terms<ct>(o.divergence, ct(param), P, lP, R, lR);
+        if (!grad) {
+          vD = vD + keep(skip_fixed(terms.d, j), m, ct(0));
+          vpG = vpG + keep(skip_fixed(P * terms.G, j), m, ct(0));
+          return;
+        }
+        dir = Vec::blendv(Vec(0), P * (terms.G - v_g_mean), P > Vec(0));
+      }
+      if (!grad) return;
+      Vec gv = kd_grad != 0 ? v_kd * dir : Vec(0);
+      if (ce_w != 0) gv = gv + v_c1 * (int_t ? ipow(es, int_t) : vexp<ct>(vs - v_ms));
+      (gv * v_scale).store(g + j, m);
+    });
+    if (!grad) {
+      total_D += double(hsum(vD));
+      total_pG += double(hsum(vpG));
+      continue;
     }
-    if (!grad) return;
-    Vec gv = kd_grad != 0 ? v_kd * dir : Vec(0);
-    if (ce_w != 0) gv = gv + v_c1 * (int_t ? ipow(es, int_t) : vexp<ct>(vs - v_ms));
-    (gv * v_scale).store(g + j, n);
-  };
-  auto flush = [&] { D.flush(); pG.flush(); };
-  // the sums skip the fixed columns (their base term may be infinite); the gradient's are
-  // written over below
-  int64_t from = 0;
-  for (const auto& fix : fixes) {
-    if (grad || fix.first < 0) continue;
-    for_vectors_flushed<ct>(from, fix.first, block, flush);
-    from = fix.first + 1;
-  }
-  for_vectors_flushed<ct>(from, W, block, flush);
-  double total_D = D.sum(), total_pG = pG.sum();
-  if (grad && ly >= 0 && ce_w != 0) g[ly] -= ct(ce_w * scale);
-  for (const auto& [j, lr] : fixes) {
-    if (j < 0) continue;
-    const auto fixed = column(j, lr);
-    if (grad) {
-      g[j] = ct(fixed[0]);
-    } else {
-      total_D += fixed[1];
-      total_pG += fixed[2];
+    if (ly >= c && ly < c + n && ce_w != 0) g[ly - c] -= ct(ce_w * scale);
+    for (int k = 0; k < nfixed; ++k) {
+      if (fixed[k].j >= c && fixed[k].j < c + n) g[fixed[k].j - c] = ct(fixed[k].g);
     }
+    g_out->done(c, n);
   }
   if (!grad) {
+    for (int k = 0; k < nfixed; ++k) {
+      total_D += fixed[k].d;
+      total_pG += fixed[k].pG;
+    }
     sums[0] = r[kdk::kRow_has_teacher] > 0 ? total_D : 0.0;
     sums[1] = total_pG;
   }
 }
 
-// Rows in parallel: each row's range loaded as ct, its label made local to the range.
+// Rows in parallel, each as a ShardRow (its label made local to the range); body(row, gbuf)
+// with a chunk of scratch for a gradient that needs converting.
 template <typename ct, typename Body>
 void shard_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
                 const c10::optional<at::Tensor>& target, int64_t start, int64_t V,
@@ -1286,17 +1348,18 @@ void shard_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teac
   const int64_t N = student.size(0), W = student.size(1);
   const int64_t* y = target.has_value() ? target->const_data_ptr<int64_t>() : nullptr;
   const int64_t y_stride = target.has_value() ? target->stride(0) : 0;
+  const double a = o.virtual_teacher;
+  const ct rest = static_cast<ct>(a < 1 ? std::log((1 - a) / double(std::max<int64_t>(V - 1, 1)))
+                                        : -std::numeric_limits<double>::infinity());
+  const ct label = static_cast<ct>(std::log(a));
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(W, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
-    std::vector<ct> scratch(3 * W);
-    ct *sbuf = scratch.data(), *tbuf = sbuf + W, *gbuf = tbuf + W;
+    alignas(64) ct sbuf[kChunk<ct>], tbuf[kChunk<ct>], gbuf[kChunk<ct>];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t local = y ? y[i * y_stride] - start : -1;
       const int64_t ly = local >= 0 && local < W ? local : -1;
-      const ct* s = load_row<ct>(student, i, W, sbuf);
-      const ct* t = shard_teacher<ct>(teacher, i, W, ly, V, o, tbuf);
-      body(i, s, t, ly, gbuf);
+      body(ShardRow<ct>{student, teacher, i, W, ly, rest, label, sbuf, tbuf}, gbuf);
     }
   });
 }
@@ -1329,11 +1392,9 @@ template <typename ct>
 void shard_stats_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
                       const c10::optional<at::Tensor>& target, const double* T, int64_t start,
                       int64_t V, const Options& o, double* out) {
-  const int64_t W = student.size(1);
-  shard_rows<ct>(student, teacher, target, start, V, o,
-                 [&](int64_t i, const ct* s, const ct* t, int64_t ly, ct*) {
-                   shard_stats_row<ct>(s, t, W, ly, T[i], start, o, out + i * kdk::kNumStats);
-                 });
+  shard_rows<ct>(student, teacher, target, start, V, o, [&](const ShardRow<ct>& row, ct*) {
+    shard_stats_row<ct>(row, T[row.i], start, o, out + row.i * kdk::kNumStats);
+  });
 }
 
 at::Tensor shard_stats_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
@@ -1355,38 +1416,51 @@ at::Tensor shard_stats_cpu(const at::Tensor& student, const c10::optional<at::Te
   return out;
 }
 
+// The pass into out: the gradient (grad; out may be the student itself) or the sums [N, 2].
 template <typename ct>
 void shard_pass_rows(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
                      const c10::optional<at::Tensor>& target, const double* r, int64_t start,
                      int64_t V, const Options& o, bool grad, at::Tensor& out) {
-  const int64_t W = student.size(1);
   const bool direct = grad && out.scalar_type() == c10::CppTypeToScalarType<ct>::value;
-  shard_rows<ct>(student, teacher, target, start, V, o,
-                 [&](int64_t i, const ct* s, const ct* t, int64_t ly, ct* gbuf) {
-                   ct* g = direct ? out.data_ptr<ct>() + i * W : gbuf;
-                   double* sums = grad ? nullptr : out.data_ptr<double>() + 2 * i;
-                   shard_pass_row<ct>(s, t, W, ly, start, V, r + i * kdk::kNumRows, o, grad, g,
-                                      sums);
-                   if (grad && !direct) store_row<ct>(gbuf, out, i, W);
-                 });
+  shard_rows<ct>(student, teacher, target, start, V, o, [&](const ShardRow<ct>& row, ct* gbuf) {
+    const int64_t i = row.i;
+    const GradOut<ct> g{out, i, direct ? out.data_ptr<ct>() + i * out.stride(0) : nullptr, gbuf};
+    double* sums = grad ? nullptr : out.data_ptr<double>() + 2 * i;
+    shard_pass_row<ct>(row, start, V, r + i * kdk::kNumRows, o, grad, &g, sums);
+  });
+}
+
+void shard_pass_into(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                     const c10::optional<at::Tensor>& target, const at::Tensor& rows,
+                     int64_t vocab_start, int64_t vocab_size, c10::ArrayRef<double> options,
+                     bool grad, at::Tensor& out) {
+  const Options o = kdk::unpack_options(options);
+  check_shard(student, teacher, target, rows, kdk::kNumRows);
+  const double* r = rows.const_data_ptr<double>();
+  if (float_shard(student, r + kdk::kRow_T, student.size(0), kdk::kNumRows)) {
+    shard_pass_rows<float>(student, teacher, target, r, vocab_start, vocab_size, o, grad, out);
+  } else {
+    shard_pass_rows<double>(student, teacher, target, r, vocab_start, vocab_size, o, grad, out);
+  }
 }
 
 at::Tensor shard_pass_cpu(const at::Tensor& student, const c10::optional<at::Tensor>& teacher,
                           const c10::optional<at::Tensor>& target, const at::Tensor& rows,
                           int64_t vocab_start, int64_t vocab_size,
                           c10::ArrayRef<double> options, bool grad) {
-  const Options o = kdk::unpack_options(options);
-  check_shard(student, teacher, target, rows, kdk::kNumRows);
   const int64_t N = student.size(0), W = student.size(1);
   auto out = grad ? at::empty({N, W}, student.options())
                   : at::empty({N, 2}, student.options().dtype(at::kDouble));
-  const double* r = rows.const_data_ptr<double>();
-  if (float_shard(student, r + kdk::kRow_T, N, kdk::kNumRows)) {
-    shard_pass_rows<float>(student, teacher, target, r, vocab_start, vocab_size, o, grad, out);
-  } else {
-    shard_pass_rows<double>(student, teacher, target, r, vocab_start, vocab_size, o, grad, out);
-  }
+  shard_pass_into(student, teacher, target, rows, vocab_start, vocab_size, options, grad, out);
   return out;
+}
+
+// shard_pass_cpu's gradient written over `student` (the fused lm_head's chunk logits)
+void shard_pass_cpu_(at::Tensor& student, const c10::optional<at::Tensor>& teacher,
+                     const c10::optional<at::Tensor>& target, const at::Tensor& rows,
+                     int64_t vocab_start, int64_t vocab_size, c10::ArrayRef<double> options) {
+  shard_pass_into(student, teacher, target, rows, vocab_start, vocab_size, options, true,
+                  student);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill_cpu(
@@ -1417,6 +1491,8 @@ TORCH_LIBRARY(kdkernels, m) {
         "int vocab_start, int vocab_size, float[] options) -> Tensor");
   m.def("shard_pass_cpu(Tensor student, Tensor? teacher, Tensor? target, Tensor rows, "
         "int vocab_start, int vocab_size, float[] options, bool grad) -> Tensor");
+  m.def("shard_pass_cpu_(Tensor(a!) student, Tensor? teacher, Tensor? target, Tensor rows, "
+        "int vocab_start, int vocab_size, float[] options) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
@@ -1424,6 +1500,7 @@ TORCH_LIBRARY_IMPL(kdkernels, CPU, m) {
   m.impl("distill_cpu_", &distill_cpu_);
   m.impl("shard_stats_cpu", &shard_stats_cpu);
   m.impl("shard_pass_cpu", &shard_pass_cpu);
+  m.impl("shard_pass_cpu_", &shard_pass_cpu_);
 }
 
 // A plain Python module per CPU variant (kdkernels._C_default, _C_avx2, _C_avx512: setup.py

@@ -190,7 +190,9 @@ def vocab_parallel_fused_linear_distillation_loss(
     h2 = h.reshape(-1, H)
     N = h2.shape[0]
     teacher_bytes = width * teacher.element_size() if teacher_weight is not None else 0
-    chunk_size = chunk_rows(N, h, W, teacher_bytes, chunk_size, memory_budget)
+    runner = ops.resolve("auto", h.device)  # the kernels write a chunk's gradient over its logits
+    over = hasattr(runner, "shard_pass") and getattr(runner, "GRAD_OVER_STUDENT", False)
+    chunk_size = chunk_rows(N, h, W, teacher_bytes, chunk_size, memory_budget, over)
     t2 = None
     if teacher is not None:
         t2 = teacher.reshape(-1, teacher.shape[-1])

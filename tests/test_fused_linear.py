@@ -113,9 +113,14 @@ def _check(backend, student, teacher, y, reduction="mean", dtype=torch.float32, 
         rtol, atol = rtol * 2, atol * 10
     torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=rtol,
                                atol=atol * _scale(ref_loss))
-    for grad, ref in zip(grads, ref_grads):
+    rows = student[0].reshape(-1, student[0].shape[-1]).shape[0]
+    for k, (grad, ref) in enumerate(zip(grads, ref_grads)):
         assert grad.dtype == dtype
-        torch.testing.assert_close(grad.double().cpu(), ref, rtol=rtol, atol=atol * _scale(ref))
+        # the weight's and the bias's gradients sum a rounded 16-bit gradient row per row:
+        # those roundings add up as a random walk over the rows
+        walk = rows ** 0.5 if k > 0 and dtype in (torch.bfloat16, torch.float16) else 1.0
+        torch.testing.assert_close(grad.double().cpu(), ref, rtol=rtol,
+                                   atol=atol * walk * _scale(ref))
     if y is not None and y.numel():
         assert torch.equal(stats.teacher_correct.cpu(), ref_stats["teacher_correct"])
     return loss

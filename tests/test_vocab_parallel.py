@@ -262,6 +262,47 @@ def test_sharded_loss_and_gradients_match_the_unsharded_oracle(world, backend):
     assert not errors, "\n".join(errors)
 
 
+def test_the_fused_form_budgets_its_chunks_for_the_kernels_overwriting_their_logits(
+        monkeypatch):
+    """Under one memory budget the C++ kernel, which writes each chunk's gradient over its
+    logits, gets chunks of twice the rows the torch backend (a new gradient tensor) gets, and
+    its gradients are those of the torch backend."""
+    from kdkernels import _vocab_parallel, ops
+    from kdkernels.ops import cpp_distill, torch_distill
+    if not kdkernels.backends()["cpp"].available:
+        pytest.skip(f"cpp: {kdkernels.backends()['cpp'].reason}")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        g = torch.Generator().manual_seed(5)
+        h = torch.randn(40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        W = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        t = torch.randn(40, 50, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 50, (40,), generator=g)
+        results = {}
+        for backend in (cpp_distill, torch_distill):
+            widths, original = [], backend.shard_pass
+
+            def counting(student, *args, _original=original, _widths=widths, **kwargs):
+                _widths.append(student.shape[0])
+                return _original(student, *args, **kwargs)
+            monkeypatch.setattr(backend, "shard_pass", counting)
+            monkeypatch.setattr(_vocab_parallel.ops, "resolve", lambda name, device, b=backend: b)
+            loss = kdkernels.vocab_parallel_fused_linear_distillation_loss(
+                h, W, t, y, vocab_start=0, vocab_size=50, memory_budget=8 * 50 * 2 * 5)
+            grads = torch.autograd.grad(loss, (h, W))
+            results[backend.__name__] = (widths, loss, grads)
+        monkeypatch.setattr(_vocab_parallel.ops, "resolve", ops.resolve)
+        cpp_widths, cpp_loss, cpp_grads = results[cpp_distill.__name__]
+        torch_widths, torch_loss, torch_grads = results[torch_distill.__name__]
+        assert max(cpp_widths) == 10 and max(torch_widths) == 5  # 2 buffers of 8 x 50 per row
+        torch.testing.assert_close(cpp_loss, torch_loss, rtol=1e-12, atol=1e-12)
+        for a, b in zip(cpp_grads, torch_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_bad_input_is_refused_before_any_collective():
     s = torch.zeros(3, 5)
     y = torch.tensor([0, 4, 9])

@@ -134,6 +134,10 @@ if _C is not None:
             return torch.empty_like(student)
         return student.new_empty(student.shape[0], 2, dtype=torch.float64)
 
+    @torch.library.register_fake("kdkernels::shard_pass_cpu_")
+    def _fake_pass_over(student, teacher, target, rows, vocab_start, vocab_size, options):
+        return None
+
 
 def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o):
     """The torch backend's shard_statistics (kdkernels/ops/torch_distill.py), in C++."""
@@ -145,9 +149,15 @@ def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o
 
 def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True,
                overwrite=False):
-    """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in C++ (into a new
-    tensor: ``overwrite`` is not taken)."""
+    """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in C++;
+    ``overwrite=True`` writes the gradient over ``student`` (unit class stride) and returns it."""
+    teacher = unit_stride(None if teacher is None else teacher.detach())
+    target = None if target is None else target.long()
+    rows = rows.double().contiguous()
+    if overwrite and grad and student.stride(-1) == 1:
+        torch.ops.kdkernels.shard_pass_cpu_.default(student, teacher, target, rows, vocab_start,
+                                                    vocab_size, o.pack())
+        return student
     return torch.ops.kdkernels.shard_pass_cpu.default(
-        unit_stride(student.detach()), unit_stride(None if teacher is None else teacher.detach()),
-        None if target is None else target.long(), rows.double().contiguous(), vocab_start,
-        vocab_size, o.pack(), grad)
+        unit_stride(student.detach()), teacher, target, rows, vocab_start, vocab_size, o.pack(),
+        grad)
