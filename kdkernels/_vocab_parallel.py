@@ -310,6 +310,7 @@ class _Job:
     """One call: the passes over the rows, their collectives, the gradient of this shard."""
 
     def __init__(self, rows, hyper, temperature, vocab_size, group, reduction):
+        _raise_pending()
         self.rows, self.hyper, self.temperature = rows, hyper, temperature
         self.C, self.group, self.reduction = vocab_size, group, reduction
         h = hyper
@@ -393,22 +394,21 @@ class _Job:
     def _check_header(self, heads):
         """[world, len(_HEADER)]: the same error on every rank where the ranks disagree on
         what must agree, or their shards do not tile the vocabulary. Read on the host where
-        that costs no sync (CPU); elsewhere a disagreement makes every row's loss NaN."""
-        agree = (heads[:, :_AGREE] == heads[:1, :_AGREE]).all()
+        that costs no sync (CPU). Elsewhere a disagreement makes every row's loss NaN, and
+        (eager) the header is copied to the host behind the collective and read by the next
+        call, which raises the error on every rank."""
         if not _host_scalars(heads):
-            self.agree = agree
+            starts, widths = heads[:, _HEADER.index("vocab_start")], heads[:, -1]
+            order = starts.argsort()
+            first, ends = starts[order], (starts + widths)[order]
+            tiles = (first[0] == 0) & (first[1:] == ends[:-1]).all() & (ends[-1] == self.C)
+            self.agree = (heads[:, :_AGREE] == heads[:1, :_AGREE]).all() & tiles
+            if not torch.compiler.is_compiling():
+                _defer_check(heads, self.C)
             return
-        if not bool(agree):
-            table = heads.tolist()
-            names = [name for k, name in enumerate(_HEADER[:_AGREE])
-                     if len({row[k] for row in table}) > 1]
-            raise ValueError(
-                "the ranks of the vocab-parallel group disagree on " + ", ".join(names)
-                + " (every rank must pass the same rows, labels, temperature and options): "
-                + "; ".join(f"rank {r}: " + ", ".join(
-                    f"{name} {row[_HEADER.index(name)]:.17g}" for name in names)
-                    for r, row in enumerate(table)))
-        self._check_tiling(heads)
+        message = _disagreement(heads, self.C)
+        if message is not None:
+            raise ValueError(message)
 
     # ---- the forward -----------------------------------------------------------------------
 
@@ -482,15 +482,6 @@ class _Job:
         if rows.temp_rows is not None:
             return rows.temp_rows
         return torch.full((N,), float(temp), dtype=acc, device=dev)
-
-    def _check_tiling(self, heads):
-        starts, widths = heads[:, _HEADER.index("vocab_start")], heads[:, -1]
-        order = starts.argsort()
-        ends = (starts + widths)[order]
-        if starts[order][0] != 0 or bool((starts[order][1:] != ends[:-1]).any()) \
-                or ends[-1] != self.C:
-            raise ValueError(f"the ranks' shards do not tile [0, vocab_size={self.C}): starts "
-                             f"{starts.long().tolist()}, widths {widths.long().tolist()}")
 
     def _combine(self, g, T, valid):
         """Every rank's statistics into the row's: normalisers, the label's and argmax's
@@ -582,6 +573,59 @@ class _Job:
             flags = (torch.where(valid & ~c["wrong"], FLAG_TEACHER_CORRECT, 0)
                      + torch.where(c["still_wrong"], FLAG_STILL_WRONG, 0)).to(torch.int8)
         return loss.to(self.rows.acc), flags
+
+def _disagreement(heads, C):
+    """The error where the ranks' headers ([world, len(_HEADER)], on the host) disagree on what
+    must agree, or their shards do not tile [0, C); None where all is well."""
+    table = heads.tolist()
+    names = [name for k, name in enumerate(_HEADER[:_AGREE])
+             if len({row[k] for row in table}) > 1]
+    if names:
+        return ("the ranks of the vocab-parallel group disagree on " + ", ".join(names)
+                + " (every rank must pass the same rows, labels, temperature and options): "
+                + "; ".join(f"rank {r}: " + ", ".join(
+                    f"{name} {row[_HEADER.index(name)]:.17g}" for name in names)
+                    for r, row in enumerate(table)))
+    starts, widths = heads[:, _HEADER.index("vocab_start")], heads[:, -1]
+    order = starts.argsort()
+    ends = (starts + widths)[order]
+    if starts[order][0] != 0 or bool((starts[order][1:] != ends[:-1]).any()) or ends[-1] != C:
+        return (f"the ranks' shards do not tile [0, vocab_size={C}): starts "
+                f"{starts.long().tolist()}, widths {widths.long().tolist()}")
+    return None
+
+
+# Headers of calls whose tensors live on a device (docs/METHODS.md, "Ranks checked"): copied to
+# the host behind their collective, read when the next call starts, when the copy has long
+# finished, so that reading them waits for nothing.
+_PENDING = []
+
+
+def _defer_check(heads, C):
+    if heads.device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return  # a CUDA graph replays without this Python: its calls go unchecked
+        host = torch.empty(heads.shape, dtype=heads.dtype, pin_memory=True)
+        host.copy_(heads.contiguous(), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    else:
+        host, done = heads.clone(), None
+    _PENDING.append((host, done, C))
+
+
+def _raise_pending():
+    """The error of an earlier call's header, on every rank (all read the same headers)."""
+    while _PENDING:
+        host, done, C = _PENDING.pop(0)
+        if done is not None:
+            done.synchronize()
+        message = _disagreement(host, C)
+        if message is not None:
+            _PENDING.clear()
+            raise ValueError(message + " (found in the previous call, whose loss is NaN: on "
+                             "the GPU the header is read one call late, without a sync)")
+
 
 def _mean_scale(count, N):
     """The rows' upstream factor a "mean" folds into the forward's gradient (1 / count), so

@@ -312,3 +312,22 @@ def test_vocab_parallel_on_the_triton_shard_kernels(one_rank_group, dtype, optio
     temperature = options.pop("temperature", 4.0)
     _check_rows(slice(0, 64), s, t, y, loss.detach(), grad, upstream, temperature=temperature,
                 **options)
+
+
+def test_vocab_parallel_ranks_checked_one_call_late_on_the_gpu(one_rank_group):
+    """On CUDA tensors the ranks' header is not read at the call (that would sync): a
+    disagreement (here one rank whose shard does not cover the vocabulary) makes that call's
+    loss NaN, and the next call raises; the header's copy to the host costs no sync."""
+    s, t, y = _lm_inputs(64, 1000, torch.float32, seed=3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = kdkernels.vocab_parallel_distillation_loss(
+            s[:, :999], t[:, :999], y.clamp(max=998), vocab_start=0, vocab_size=1000)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isnan(loss).item()
+    with pytest.raises(ValueError, match="do not tile.*previous call"):
+        kdkernels.vocab_parallel_distillation_loss(s, t, y, vocab_start=0, vocab_size=1000)
+    loss = kdkernels.vocab_parallel_distillation_loss(s, t, y, vocab_start=0, vocab_size=1000)
+    assert torch.isfinite(loss).item()

@@ -380,10 +380,36 @@ def _mismatch_worker(rank, world, port, results):
             except ValueError as error:
                 outcome = str(error)
             results.put((name, rank, outcome, time.monotonic() - began))
+        _deferred_check(rank, start, end, results)
     except Exception:  # noqa: BLE001 -- reported by the parent with the rank
         results.put(("crash", rank, traceback.format_exc(), 0.0))
     finally:
         dist.destroy_process_group()
+
+
+def _deferred_check(rank, start, end, results):
+    """The device path (the header not read on the host at the call): rank 1 passes another
+    temperature; that call's loss is NaN without an error, the next call raises on every rank,
+    the one after runs."""
+    from kdkernels import _vocab_parallel
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(12, V, generator=g, dtype=torch.float64)
+    t = torch.randn(12, V, generator=g, dtype=torch.float64)
+    y = torch.randint(0, V, (12,), generator=g)
+    on_host = _vocab_parallel._host_scalars
+    _vocab_parallel._host_scalars = lambda tensor: False
+    try:
+        for step, temperature in enumerate([4.0 if rank == 0 else 3.0, 4.0, 4.0]):
+            try:
+                loss = kdkernels.vocab_parallel_distillation_loss(
+                    s[:, start:end], t[:, start:end], y, vocab_start=start, vocab_size=V,
+                    temperature=temperature)
+                outcome = f"loss {float(loss)}"
+            except ValueError as error:
+                outcome = str(error)
+            results.put((f"deferred-{step}", rank, outcome, 0.0))
+    finally:
+        _vocab_parallel._host_scalars = on_host
 
 
 def test_ranks_that_disagree_raise_the_same_error_on_every_rank():
@@ -409,3 +435,10 @@ def test_ranks_that_disagree_raise_the_same_error_on_every_rank():
         assert "disagree on" in first and names in first, f"{name}: {first!r}"
         assert max(t0, t1) < 10, f"{name}: took {max(t0, t1):.1f} s"
     assert got["agreeing"][0][0] == got["agreeing"][1][0] == "no error"
+    # the device path: NaN at the call, the error on every rank at the next, then back to work
+    outcomes = [(got[f"deferred-{k}"][0][0], got[f"deferred-{k}"][1][0]) for k in range(3)]
+    assert outcomes[0] == ("loss nan", "loss nan"), outcomes[0]
+    assert outcomes[1][0] == outcomes[1][1], outcomes[1]
+    assert "disagree on temperature" in outcomes[1][0] and "previous call" in outcomes[1][0]
+    assert outcomes[2][0] == outcomes[2][1] and outcomes[2][0].startswith("loss ") \
+        and outcomes[2][0] != "loss nan", outcomes[2]
