@@ -574,6 +574,7 @@ class _Job:
                      + torch.where(c["still_wrong"], FLAG_STILL_WRONG, 0)).to(torch.int8)
         return loss.to(self.rows.acc), flags
 
+
 def _disagreement(heads, C):
     """The error where the ranks' headers ([world, len(_HEADER)], on the host) disagree on what
     must agree, or their shards do not tile [0, C); None where all is well."""
@@ -623,8 +624,9 @@ def _raise_pending():
         message = _disagreement(host, C)
         if message is not None:
             _PENDING.clear()
-            raise ValueError(message + " (found in the previous call, whose loss is NaN: on "
-                             "the GPU the header is read one call late, without a sync)")
+            raise ValueError(message + " (found in the previous call, whose loss is NaN: "
+                             "with CUDA tensors the header is read at the next call, which "
+                             "costs no sync)")
 
 
 def _mean_scale(count, N):
