@@ -1079,7 +1079,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill(
 
 // ---- the shard entry points (kdkernels/_options.py, SHARD_STATS / SHARD_ROWS) --------------
 // A range of a row's columns [start, start + W) of a vocabulary of V classes. Each pass reads the
-// range once, a chunk of kFlush vectors at a time (bf16 / fp16 chunks converted into buffers
+// range once, a chunk of kChunkVectors vectors at a time (bf16 / fp16 chunks converted into buffers
 // that stay in L1): the statistics are an online softmax over the chunks, whose sums are moved
 // to each new maximum in double. The merge across ranges subtracts log-sums, which float sums
 // would leave a relative error of their rounding: the results are float64, the per-class math
@@ -1087,9 +1087,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> distill(
 // kFloatShardT (ct = float, where that error stays under 1e-6 of the KL); a chunk's vector
 // lanes are summed in ct, then into doubles.
 constexpr double kFloatShardT = 8.0;
-constexpr int kFlush = 16;
+constexpr int kChunkVectors = 16;
 template <typename ct>
-constexpr int64_t kChunk = kFlush * Vectorized<ct>::size();
+constexpr int64_t kChunk = kChunkVectors * Vectorized<ct>::size();
 
 // Row i's range, read a chunk at a time as ct: the input itself where it is ct, else converted
 // into sbuf / tbuf (kChunk values each); a virtual teacher's columns are built from the label.

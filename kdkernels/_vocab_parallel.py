@@ -398,11 +398,7 @@ class _Job:
         (eager) the header is copied to the host behind the collective and read by the next
         call, which raises the error on every rank."""
         if not _host_scalars(heads):
-            starts, widths = heads[:, _HEADER.index("vocab_start")], heads[:, -1]
-            order = starts.argsort()
-            first, ends = starts[order], (starts + widths)[order]
-            tiles = (first[0] == 0) & (first[1:] == ends[:-1]).all() & (ends[-1] == self.C)
-            self.agree = (heads[:, :_AGREE] == heads[:1, :_AGREE]).all() & tiles
+            self.agree = (heads[:, :_AGREE] == heads[:1, :_AGREE]).all() & _tiles(heads, self.C)
             if not torch.compiler.is_compiling():
                 _defer_check(heads, self.C)
             return
@@ -587,13 +583,19 @@ def _disagreement(heads, C):
                 + "; ".join(f"rank {r}: " + ", ".join(
                     f"{name} {row[_HEADER.index(name)]:.17g}" for name in names)
                     for r, row in enumerate(table)))
+    if not bool(_tiles(heads, C)):
+        return (f"the ranks' shards do not tile [0, vocab_size={C}): starts "
+                f"{heads[:, _HEADER.index('vocab_start')].long().tolist()}, widths "
+                f"{heads[:, -1].long().tolist()}")
+    return None
+
+
+def _tiles(heads, C):
+    """A bool tensor (no host read): whether the ranks' shards tile [0, C)."""
     starts, widths = heads[:, _HEADER.index("vocab_start")], heads[:, -1]
     order = starts.argsort()
-    ends = (starts + widths)[order]
-    if starts[order][0] != 0 or bool((starts[order][1:] != ends[:-1]).any()) or ends[-1] != C:
-        return (f"the ranks' shards do not tile [0, vocab_size={C}): starts "
-                f"{starts.long().tolist()}, widths {widths.long().tolist()}")
-    return None
+    first, ends = starts[order], (starts + widths)[order]
+    return (first[0] == 0) & (first[1:] == ends[:-1]).all() & (ends[-1] == C)
 
 
 # Headers of calls whose tensors live on a device (docs/METHODS.md, "Ranks checked"): copied to

@@ -12,7 +12,7 @@ import os
 import torch
 
 from .._options import ENUMS, OPTION_INDEX, OPTION_NAMES, REDUCTION_NONE, SHARD_STATS
-from ._rows import unit_stride
+from . import _rows
 
 NAME = "cpp"
 VARIANTS = ("avx512", "avx2", "default")  # best first
@@ -141,23 +141,14 @@ if _C is not None:
 
 def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o):
     """The torch backend's shard_statistics (kdkernels/ops/torch_distill.py), in C++."""
-    return torch.ops.kdkernels.shard_stats_cpu.default(
-        unit_stride(student.detach()), unit_stride(None if teacher is None else teacher.detach()),
-        None if target is None else target.long(), temps.double().contiguous(), vocab_start,
-        vocab_size, o.pack())
+    return _rows.shard_statistics(torch.ops.kdkernels.shard_stats_cpu.default, student,
+                                  teacher, target, temps, vocab_start, vocab_size, o)
 
 
 def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True,
                overwrite=False):
     """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in C++;
     ``overwrite=True`` writes the gradient over ``student`` (unit class stride) and returns it."""
-    teacher = unit_stride(None if teacher is None else teacher.detach())
-    target = None if target is None else target.long()
-    rows = rows.double().contiguous()
-    if overwrite and grad and student.stride(-1) == 1:
-        torch.ops.kdkernels.shard_pass_cpu_.default(student, teacher, target, rows, vocab_start,
-                                                    vocab_size, o.pack())
-        return student
-    return torch.ops.kdkernels.shard_pass_cpu.default(
-        unit_stride(student.detach()), teacher, target, rows, vocab_start, vocab_size, o.pack(),
-        grad)
+    return _rows.shard_pass(torch.ops.kdkernels.shard_pass_cpu.default,
+                            torch.ops.kdkernels.shard_pass_cpu_.default, student, teacher,
+                            target, rows, vocab_start, vocab_size, o, grad, overwrite)

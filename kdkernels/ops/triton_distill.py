@@ -26,7 +26,7 @@ import os
 import torch
 
 from .._options import CORRECTION_NONE, DIVERGENCE_KL, TEMP_ROWS, TEMP_SCALAR
-from ._rows import unit_stride
+from . import _rows
 
 NAME = "triton"
 
@@ -178,24 +178,17 @@ GRAD_OVER_STUDENT = True  # forward(overwrite=True) writes the gradient over the
 
 def shard_statistics(student, teacher, target, temps, vocab_start, vocab_size, o):
     """The torch backend's shard_statistics (kdkernels/ops/torch_distill.py), in Triton."""
-    return torch.ops.kdkernels.shard_stats_triton.default(
-        unit_stride(student.detach()), unit_stride(None if teacher is None else teacher.detach()),
-        target, temps.double(), vocab_start, vocab_size, o.pack())
+    return _rows.shard_statistics(torch.ops.kdkernels.shard_stats_triton.default, student,
+                                  teacher, target, temps, vocab_start, vocab_size, o)
 
 
 def shard_pass(student, teacher, target, rows, vocab_start, vocab_size, o, grad=True,
                overwrite=False):
     """The torch backend's shard_pass (kdkernels/ops/torch_distill.py), in Triton;
     ``overwrite=True`` writes the gradient over ``student`` (unit class stride) and returns it."""
-    teacher = unit_stride(None if teacher is None else teacher.detach())
-    rows = rows.double().contiguous()
-    if overwrite and grad and student.stride(-1) == 1:
-        torch.ops.kdkernels.shard_pass_triton_.default(student, teacher, target, rows,
-                                                       vocab_start, vocab_size, o.pack())
-        return student
-    return torch.ops.kdkernels.shard_pass_triton.default(
-        unit_stride(student.detach()), teacher, target, rows, vocab_start, vocab_size, o.pack(),
-        grad)
+    return _rows.shard_pass(torch.ops.kdkernels.shard_pass_triton.default,
+                            torch.ops.kdkernels.shard_pass_triton_.default, student, teacher,
+                            target, rows, vocab_start, vocab_size, o, grad, overwrite)
 
 
 if _INSTALLED and (_interpreting() or torch.cuda.is_available()):
